@@ -1,0 +1,24 @@
+"""mlx-qwen35: the Qwen3.5 family on Apple Silicon with MLX.
+
+Public API: ``load``, ``generate``, ``stream_generate``. Imported lazily so that the command line
+starts instantly and the package imports without MLX-heavy work.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["load", "generate", "stream_generate", "Qwen35Error"]
+
+from .errors import Qwen35Error
+
+
+def __getattr__(name: str):
+    if name == "load":
+        from .loading import load
+
+        return load
+    if name in ("generate", "stream_generate"):
+        from . import generate as _generate
+
+        return getattr(_generate, name)
+    raise AttributeError(f"module 'mlx_qwen35' has no attribute {name!r}")

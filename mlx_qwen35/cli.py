@@ -1,0 +1,126 @@
+"""The ``mlx-qwen35`` command line (Typer). Thin: every command calls the package's Python API.
+
+Heavy modules (mlx, the model, tokenizers) are imported inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import Qwen35Error
+
+app = typer.Typer(
+    name="mlx-qwen35",
+    help="Run the Qwen3.5 family (397B-A17B and siblings) on Apple Silicon with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    hf_path: str = typer.Option(..., "--hf-path", help="Hugging Face checkpoint: a local directory or a Hub repo id."),
+    mlx_path: Path = typer.Option(..., "--mlx-path", help="Output directory for the MLX checkpoint."),
+    recipe: str = typer.Option("4bit", "--recipe", "-q", help="Quantisation recipe (see --list-recipes)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Dtype of unquantised tensors: float32, bfloat16, float16."),
+    shard_size_gb: float = typer.Option(5.0, "--shard-size-gb", help="Largest output shard, in GB."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision when --hf-path is a repo id."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --mlx-path."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the predicted size of each recipe."),
+) -> None:
+    """Convert a Hugging Face Qwen3.5 checkpoint (bf16, fused or per-expert, or block-FP8) to MLX."""
+    from .convert import convert as run_convert
+
+    run_convert(
+        hf_path=hf_path,
+        mlx_path=mlx_path,
+        recipe=recipe,
+        dtype=dtype,
+        shard_size_gb=shard_size_gb,
+        revision=revision,
+        overwrite=overwrite,
+        dry_run=dry_run,
+    )
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="MLX checkpoint directory or Hub repo id."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads standard input)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate."),
+    temp: Optional[float] = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
+) -> None:
+    """Generate a reply to one prompt, streaming it to the terminal."""
+    from . import generation_cli
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    generation_cli.run_generate(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=dict(
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+        ),
+        seed=seed,
+        system=system,
+        enable_thinking=think,
+        raw=raw,
+        as_json=as_json,
+    )
+
+
+@app.command()
+def demo(
+    max_tokens: int = typer.Option(48, "--max-tokens", help="Tokens to generate."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the embedded demo checkpoint."),
+) -> None:
+    """Build a small random-weight Qwen3.5 checkpoint (no download) and run it through the whole stack."""
+    from .demo import run_demo
+
+    run_demo(max_tokens=max_tokens, rebuild=rebuild)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except Qwen35Error as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory; use a smaller recipe (e.g. --recipe 3bit) or a smaller model", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
