@@ -1,0 +1,179 @@
+"""Gated DeltaNet recurrence (ARCHITECTURE.md §4.3–4.8): the pure-MLX specification and the Metal dispatch.
+
+Both public functions take the raw conv outputs q, k [B, T, Hk, Dk], v [B, T, Hv, Dv] and the raw
+gate projections a, b [B, T, Hv]; they fuse the q/k L2-normalisation, the gates and the recurrence
+    S ← α S;  u = β (v − S k̂);  S ← S + u k̂ᵀ;  o = S q̂
+with the fp32 state S [B, Hv, Dv, Dk] (value rows × key columns). Value head h reads q/k head h // (Hv/Hk).
+"""
+
+import mlx.core as mx
+
+from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.kernels import resolve_use_kernel
+
+CHUNK = 64  # tokens per chunk of the WY/UT form (HF and FLA use 64)
+_NORM_EPS = 1e-6  # added to Σx² inside the sqrt of the q/k L2-norm
+
+
+def _normalize_qk(q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+    """q̂ = q/‖q‖·Dk^-½, k̂ = k/‖k‖ in fp32, eps inside the sqrt of the sum."""
+    q, k = q.astype(mx.float32), k.astype(mx.float32)
+    scale = q.shape[-1] ** -0.5
+    q = q * (mx.rsqrt((q * q).sum(-1, keepdims=True) + _NORM_EPS) * scale)
+    k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + _NORM_EPS)
+    return q, k
+
+
+def _gates(a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array) -> tuple[mx.array, mx.array]:
+    """β = sigmoid(b) and the log-decay g = −exp(A_log)·softplus(a + dt_bias), both fp32."""
+    x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
+    g = -mx.exp(A_log.astype(mx.float32)) * mx.logaddexp(x, 0.0)
+    return mx.sigmoid(b.astype(mx.float32)), g
+
+
+def _check_shapes(q, k, v, a, b, A_log, dt_bias, state) -> None:
+    B, T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[-2:]
+    problems = []
+    if q.shape != k.shape:
+        problems.append(f"q {q.shape} != k {k.shape}")
+    if v.shape[:2] != (B, T):
+        problems.append(f"v {v.shape} does not start with [B, T] = {[B, T]}")
+    if Hv % Hk:
+        problems.append(f"Hv = {Hv} is not a multiple of Hk = {Hk}")
+    for name, x in (("a", a), ("b", b)):
+        if x.shape != (B, T, Hv):
+            problems.append(f"{name} {x.shape} != [B, T, Hv] = {[B, T, Hv]}")
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if x.shape != (Hv,):
+            problems.append(f"{name} {x.shape} != [Hv] = {[Hv]}")
+    if state is not None and (state.shape != (B, Hv, Dv, Dk) or state.dtype != mx.float32):
+        problems.append(f"state {state.shape} {state.dtype} != [B, Hv, Dv, Dk] = {[B, Hv, Dv, Dk]} float32")
+    if problems:
+        raise Qwen35Error("gated delta: " + "; ".join(problems))
+
+
+@mx.compile
+def _step_pure(q, k, v, a, b, A_log, dt_bias, state):
+    q, k = _normalize_qk(q[:, 0], k[:, 0])  # [B, Hk, Dk]
+    beta, g = _gates(a[:, 0], b[:, 0], A_log, dt_bias)  # [B, Hv]
+    r = v.shape[2] // k.shape[1]
+    q, k = mx.repeat(q, r, axis=1), mx.repeat(k, r, axis=1)  # [B, Hv, Dk]
+    state = state * mx.exp(g)[..., None, None]
+    u = beta[..., None] * (v[:, 0].astype(mx.float32) - (state @ k[..., None])[..., 0])  # [B, Hv, Dv]
+    state = state + u[..., :, None] * k[..., None, :]
+    o = (state @ q[..., None])[..., 0]  # [B, Hv, Dv]
+    return o[:, None].astype(v.dtype), state
+
+
+def gated_delta_step(q, k, v, a, b, A_log, dt_bias, state, *, use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
+    """One decode token: (o [B, 1, Hv, Dv] in v.dtype, new state [B, Hv, Dv, Dk] fp32)."""
+    _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
+    if q.shape[1] != 1:
+        raise Qwen35Error(f"gated_delta_step takes one token, got T = {q.shape[1]}: use gated_delta_prefill")
+    if resolve_use_kernel(use_kernel):
+        return _decode_kernel(q, k, v, a, b, A_log, dt_bias, state)
+    return _step_pure(q, k, v, a, b, A_log, dt_bias, state)
+
+
+def _unit_lower_inverse(A: mx.array) -> mx.array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C]: A is nilpotent, so the inverse is the
+    finite product (I − A)(I + A²)(I + A⁴)… — log2(C) batched matmuls instead of C sequential row updates."""
+    C = A.shape[-1]
+    eye = mx.eye(C, dtype=A.dtype)
+    inv = eye - A
+    power = A @ A
+    span = 2
+    while span < C:
+        inv = inv + inv @ power  # inv·(I + A^span)
+        power = power @ power
+        span *= 2
+    return inv
+
+
+@mx.compile
+def _chunk_prepare(q, k, v, beta, g):
+    """Everything within a chunk that does not depend on the incoming state, all chunks at once.
+
+    q, k: [B, Hk, 1, N, C, Dk]; v: [B, Hk, r, N, C, Dv]; beta, g: [B, Hk, r, N, C].
+    """
+    C = g.shape[-1]
+    gamma = mx.cumsum(g, axis=-1)  # inclusive cumulative log-decay
+    diff = gamma[..., :, None] - gamma[..., None, :]  # γ_i − γ_j
+    causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    decay = mx.exp(mx.where(causal, diff, -mx.inf))  # Γ_ij for j ≤ i, else 0; never exp of a positive
+    strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
+    kk = k @ k.swapaxes(-1, -2)  # [B, Hk, 1, N, C, C], shared by the r value heads
+    A = mx.where(strict, beta[..., None] * kk * decay, 0.0)
+    M = _unit_lower_inverse(A)
+    U = M @ (beta[..., None] * v)  # [B, Hk, r, N, C, Dv]
+    W = M @ ((beta * mx.exp(gamma))[..., None] * k)  # [B, Hk, r, N, C, Dk]
+    qk = (q @ k.swapaxes(-1, -2)) * decay  # [B, Hk, r, N, C, C]
+    q_decayed = mx.exp(gamma)[..., None] * q  # e^{γ_i} q̂_i
+    k_decayed = mx.exp(gamma[..., -1:] - gamma)[..., None] * k  # e^{γ_last − γ_j} k̂_j
+    return U, W, qk, q_decayed, k_decayed, mx.exp(gamma[..., -1])
+
+
+@mx.compile
+def _chunk_advance(state, U, W, qk, q_decayed, k_decayed, chunk_decay):
+    """Carry the state [B, Hk, r, Dv, Dk] across one chunk; returns (o [B, Hk, r, C, Dv], new state)."""
+    state_t = state.swapaxes(-1, -2)  # [.., Dk, Dv]
+    v_new = U - W @ state_t  # [.., C, Dv]
+    o = q_decayed @ state_t + qk @ v_new
+    state = chunk_decay[..., None, None] * state + v_new.swapaxes(-1, -2) @ k_decayed
+    return o, state
+
+
+def _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask):
+    B, T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[-2:]
+    r = Hv // Hk
+    q, k = _normalize_qk(q, k)
+    beta, g = _gates(a, b, A_log, dt_bias)
+    if mask is not None:  # β = 0 and g = 0 make a token a no-op on the state
+        beta, g = beta * mask[..., None], g * mask[..., None]
+    N = -(-T // CHUNK)
+    pad = [(0, 0), (0, N * CHUNK - T)]
+    # padding tokens have q = k = v = 0, β = g = 0: they leave the state untouched
+    q, k = (mx.pad(x, pad + [(0, 0), (0, 0)]) for x in (q, k))
+    v = mx.pad(v.astype(mx.float32), pad + [(0, 0), (0, 0)])
+    beta, g = (mx.pad(x, pad + [(0, 0)]) for x in (beta, g))
+    q, k = (x.reshape(B, N, CHUNK, Hk, 1, Dk).transpose(0, 3, 4, 1, 2, 5) for x in (q, k))  # [B, Hk, 1, N, C, Dk]
+    v = v.reshape(B, N, CHUNK, Hk, r, Dv).transpose(0, 3, 4, 1, 2, 5)  # [B, Hk, r, N, C, Dv]
+    beta, g = (x.reshape(B, N, CHUNK, Hk, r).transpose(0, 3, 4, 1, 2) for x in (beta, g))  # [B, Hk, r, N, C]
+    prepared = _chunk_prepare(q, k, v, beta, g)
+
+    S = mx.zeros((B, Hk, r, Dv, Dk), mx.float32) if state is None else state.reshape(B, Hk, r, Dv, Dk)
+    outs = []
+    for n in range(N):
+        o, S = _chunk_advance(S, *(x[:, :, :, n] for x in prepared))
+        outs.append(o)
+    o = mx.stack(outs, axis=3)  # [B, Hk, r, N, C, Dv]
+    o = o.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * CHUNK, Hv, Dv)[:, :T]
+    if mask is not None:
+        o = o * mask[..., None, None]
+    return o, S.reshape(B, Hv, Dv, Dk)  # o fp32
+
+
+def gated_delta_prefill(
+    q, k, v, a, b, A_log, dt_bias, state=None, *, mask=None, use_kernel: bool | None = None
+) -> tuple[mx.array, mx.array]:
+    """T tokens (any T ≥ 1): (o [B, T, Hv, Dv] in v.dtype, final state [B, Hv, Dv, Dk] fp32); state None = zeros.
+
+    mask [B, T] bool: where False the token leaves the state untouched and its output is 0.
+    """
+    _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
+    if mask is not None and mask.shape != q.shape[:2]:
+        raise Qwen35Error(f"gated_delta_prefill: mask {mask.shape} != [B, T] = {list(q.shape[:2])}")
+    if resolve_use_kernel(use_kernel):
+        return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
+    o, state = _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask)
+    return o.astype(v.dtype), state
+
+
+def _decode_kernel(q, k, v, a, b, A_log, dt_bias, state):
+    raise NotImplementedError("the gated-delta decode kernel lands in the next commit; use use_kernel=False")
+
+
+def _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask):
+    raise NotImplementedError("the gated-delta prefill kernel lands in the next commit; use use_kernel=False")
