@@ -1,0 +1,75 @@
+"""The Qwen3.5 language model: embedding → hybrid decoder layers → final norm → lm_head (ARCHITECTURE.md §3)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import TextConfig
+from .attention import GatedAttention
+from .deltanet import GatedDeltaNet
+from .moe import feed_forward
+from .norms import RMSNorm1p
+from .rope import MRoPE, text_positions
+
+
+class DecoderLayer(nn.Module):
+    """h = x + Mixer(norm(x)); out = h + FFN(norm(h)). Mixer: Gated DeltaNet or gated attention."""
+
+    def __init__(self, cfg: TextConfig, layer_type: str, rope: MRoPE):
+        super().__init__()
+        self.is_linear = layer_type == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = GatedAttention(cfg, rope)
+        self.input_layernorm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = feed_forward(cfg)
+
+    def __call__(self, x: mx.array, cos_sin, cache=None) -> mx.array:
+        if self.is_linear:
+            h = x + self.linear_attn(self.input_layernorm(x), cache)
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), cos_sin, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LanguageModel(nn.Module):
+    """Token ids (or embeddings) + cache → hidden states after the final norm; ``logits`` applies lm_head."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.rope = MRoPE(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, kind, self.rope) for kind in cfg.layer_types]
+        self.norm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._first_attention = cfg.layer_types.index("full_attention")
+
+    def __call__(
+        self,
+        input_ids: mx.array | None = None,
+        cache: list | None = None,
+        inputs_embeds: mx.array | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        """Hidden states [B, T, H] after the final norm. position_ids [3, B, T]; default: text after the cache."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if position_ids is None:
+            offset = cache[self._first_attention].offset if cache is not None else 0
+            position_ids = text_positions(B, T, offset)
+        cos_sin = self.rope.cos_sin(position_ids, x.dtype)
+        cache = cache if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, cos_sin, layer_cache)
+        return self.norm(x)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """lm_head (or the tied embedding matrix) on final-norm hidden states."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)

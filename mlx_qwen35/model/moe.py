@@ -1,0 +1,56 @@
+"""Feed-forward blocks: the sparse MoE of the MoE members and the dense SwiGLU MLP (ARCHITECTURE.md §6)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ..config import TextConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x)). The dense members' FFN and the MoE's shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k of num_experts routed SwiGLU experts (renormalised fp32 softmax) + one gated shared expert.
+
+    Experts are stacked [E, out, in] and run through MLX's gather matmuls; with many tokens
+    (prefill) SwitchGLU sorts them by expert so each expert's weights are read once.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Expert indices [..., k] and their renormalised weights [..., k] (selection in fp32)."""
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        indices = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        return indices, (weights / weights.sum(axis=-1, keepdims=True)).astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = self.route(x)
+        routed = (self.experts(x, indices) * weights[..., None]).sum(axis=-2)  # [B, T, H]
+        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed + shared
+
+
+def feed_forward(cfg: TextConfig) -> nn.Module:
+    """The FFN of a decoder layer: sparse MoE for MoE members, SwiGLU MLP for dense ones."""
+    return SparseMoE(cfg) if cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
