@@ -23,11 +23,6 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 @app.command()
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Hugging Face checkpoint: a local directory or a Hub repo id."),
@@ -72,28 +67,51 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
 ) -> None:
     """Generate a reply to one prompt, streaming it to the terminal."""
-    from . import generation_cli
+    from . import load
+    from .generate import recommended_sampling, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    generation_cli.run_generate(
-        model=model,
-        prompt=prompt,
+    sampling = recommended_sampling(think)
+    overrides = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty)
+    sampling.update({k: v for k, v in overrides.items() if v is not None})
+    model_obj, processor = load(model)
+    if raw:
+        request = prompt
+    else:
+        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text, last = [], None
+    for last in stream_generate(
+        model_obj,
+        processor,
+        request,
         max_tokens=max_tokens,
-        sampling=dict(
-            temp=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty,
-        ),
+        repetition_penalty=repetition_penalty,
         seed=seed,
-        system=system,
         enable_thinking=think,
-        raw=raw,
-        as_json=as_json,
-    )
+        **sampling,
+    ):
+        text.append(last.text)
+        if not as_json:
+            typer.echo(last.text, nl=False)
+    if as_json:
+        stats = dict(
+            text="".join(text),
+            prompt_tokens=last.prompt_tokens,
+            generation_tokens=last.generation_tokens,
+            prompt_tps=round(last.prompt_tps, 3),
+            generation_tps=round(last.generation_tps, 3),
+            peak_memory_gb=round(last.peak_memory, 3),
+            finish_reason=last.finish_reason,
+        )
+        typer.echo(json.dumps(stats, ensure_ascii=False))
+    else:
+        typer.echo(
+            f"\n\n[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, "
+            f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s, "
+            f"peak memory {last.peak_memory:.2f} GB]",
+            err=True,
+        )
 
 
 @app.command()

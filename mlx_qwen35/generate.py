@@ -1,0 +1,164 @@
+"""Prefill / decode loop: chunked prefill, mlx-lm sampling, streaming detokenisation, stop conditions.
+
+``stream_generate`` yields one mlx-lm ``GenerationResponse`` per token (text segment, token id,
+logprobs, running statistics, finish reason); ``generate`` collects the text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .cache import make_cache
+from .errors import Qwen35Error
+
+Prompt = str | list[dict] | list[int] | mx.array
+
+
+@dataclass(frozen=True)
+class SamplingPreset:
+    """Sampling settings recommended by the Qwen3.5 model card (ARCHITECTURE.md §14)."""
+
+    temp: float
+    top_p: float
+    top_k: int
+    min_p: float
+    presence_penalty: float
+
+
+THINKING_PRESET = SamplingPreset(temp=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5)
+NON_THINKING_PRESET = SamplingPreset(temp=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5)
+
+
+def recommended_sampling(enable_thinking: bool) -> dict:
+    """The model card's general-purpose sampling for thinking or non-thinking mode, as keyword arguments."""
+    return dict(vars(THINKING_PRESET if enable_thinking else NON_THINKING_PRESET))
+
+
+def prompt_token_ids(processor, prompt: Prompt, enable_thinking: bool = True, tools: list | None = None) -> list[int]:
+    """Token ids for a raw string, a list of chat messages (rendered with the template) or ids."""
+    if isinstance(prompt, mx.array):
+        return prompt.reshape(-1).tolist()
+    if isinstance(prompt, str):
+        return processor.encode(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return processor.encode(processor.apply_chat_template(prompt, enable_thinking=enable_thinking, tools=tools))
+    return list(prompt)
+
+
+def _vocab_mask(model, processor) -> mx.array | None:
+    """-inf on the padding rows of the LM head (ids past the tokenizer's last token); None if there are none."""
+    vocab = model.config.text.vocab_size
+    real = len(processor.tokenizer._tokenizer)
+    if real >= vocab:
+        return None
+    return mx.where(mx.arange(vocab) < real, 0.0, -mx.inf)
+
+
+def prefill(model, tokens: mx.array, cache: list, step_size: int = 2048) -> None:
+    """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length."""
+    for start in range(0, tokens.shape[0], step_size):
+        model(tokens[None, start : start + step_size], cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt: Prompt,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    cache: list | None = None,
+    prefill_step_size: int = 2048,
+    enable_thinking: bool = True,
+    tools: list[dict] | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate from ``prompt``, yielding a response per token. A caller-owned ``cache`` continues from its contents."""
+    tokens = prompt_token_ids(processor, prompt, enable_thinking, tools)
+    if not tokens:
+        raise Qwen35Error("the prompt is empty; give some text")
+    if seed is not None:
+        mx.random.seed(seed)
+    cache = cache if cache is not None else make_cache(model)
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+    vocab_mask = _vocab_mask(model, processor)
+    eos = processor.eos_token_ids
+    detokenizer = processor.tokenizer.detokenizer
+    detokenizer.reset()
+    history = mx.array(tokens)
+
+    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
+        if vocab_mask is not None:
+            logits = logits + vocab_mask
+        for process in processors:
+            logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        return token, logprobs.squeeze(0)
+
+    start = time.perf_counter()
+    prefill(model, history[:-1], cache, prefill_step_size)
+    token, logprobs = step(history[-1:])
+    mx.eval(token, logprobs)
+    prompt_tps = len(tokens) / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    text = ""
+    for n in range(1, max_tokens + 1):
+        token_id = token.item()
+        history = mx.concatenate([history, token])
+        finish = None
+        if token_id in eos:
+            finish = "stop"
+        else:
+            detokenizer.add_token(token_id)
+            if n == max_tokens:
+                finish = "length"
+        if finish is None:  # start the next step while this token is being printed
+            next_token, next_logprobs = step(token)
+            mx.async_eval(next_token, next_logprobs)
+        else:
+            detokenizer.finalize()
+        segment = detokenizer.last_segment
+        if stop:
+            text += segment
+            hit = min((i for s in stop if (i := text.find(s)) != -1), default=-1)
+            if hit != -1:
+                segment = segment[: max(0, len(segment) - (len(text) - hit))]
+                finish = "stop"
+        yield GenerationResponse(
+            text=segment,
+            token=token_id,
+            logprobs=logprobs,
+            from_draft=False,
+            prompt_tokens=len(tokens),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / (time.perf_counter() - start),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+        )
+        if finish is not None:
+            return
+        token, logprobs = next_token, next_logprobs
+
+
+def generate(model, processor, prompt: Prompt, **kwargs) -> str:
+    """Generate from ``prompt`` and return the text (see ``stream_generate`` for the arguments)."""
+    return "".join(response.text for response in stream_generate(model, processor, prompt, **kwargs))

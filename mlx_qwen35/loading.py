@@ -1,0 +1,153 @@
+"""Load a Qwen3.5 MLX checkpoint (ours, or mlx-lm's / mlx-vlm's) from a directory or the Hub.
+
+Weights are memory-mapped lazily by ``mx.load``: a 200 GB model is never copied. Quantised layers
+are built from the ``quantization`` map in config.json before the weights are assigned.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .config import ModelConfig, load_config
+from .errors import Qwen35Error
+from .model.qwen35 import Qwen35Model
+from .peer_formats import detect_format, translate_peer_checkpoint
+from .processing.processor import Processor
+
+log = logging.getLogger(__name__)
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model_path(path_or_repo: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hub repo id, from the local HF cache first, then downloaded."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+        raise Qwen35Error(f"{path_or_repo}: no such model directory; pass a checkpoint dir or a Hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise Qwen35Error(
+            f"{path_or_repo}: could not download from the Hugging Face Hub ({type(e).__name__}); "
+            "check the repo id and your connection, or pass a local directory"
+        ) from None
+
+
+def read_weights(model_dir: Path) -> dict[str, mx.array]:
+    """All tensors of the checkpoint's safetensors shards, lazily (memory-mapped on evaluation)."""
+    files = sorted(glob.glob(str(model_dir / "*.safetensors")))
+    if not files:
+        raise Qwen35Error(f"{model_dir}: no *.safetensors files; is this a complete checkpoint download?")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            weights.update(mx.load(file))
+        except Exception as e:  # mlx raises RuntimeError/ValueError for truncated or corrupt files
+            raise Qwen35Error(f"{file}: unreadable safetensors shard ({e}); re-download or re-convert it") from None
+    return weights
+
+
+def _quantize_from_map(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Swap in quantised modules where the config map (or the presence of ``.scales``) says so."""
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _compute_on_cpu_in_fp32(model: nn.Module) -> None:
+    """Off Metal, run in float32: MLX's CPU gather_mm takes fp32 only and quantised matmuls are ~8× faster in fp32."""
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+
+
+def _set_wired_limit(model: nn.Module) -> None:
+    """On Metal, wire the model's memory so macOS does not page it out between tokens; warn if it cannot fit."""
+    info = mx.device_info()
+    limit = info.get("max_recommended_working_set_size")
+    if not limit:
+        return
+    size = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    if size > 0.9 * limit:
+        log.warning(
+            "the model (%.1f GB) is close to or above the GPU wired-memory limit (%.1f GB); raise it with "
+            "'sudo sysctl iogpu.wired_limit_mb=<MB>' (e.g. %d for this model) or use a smaller quantisation",
+            size / 1e9,
+            limit / 1e9,
+            int(size / 2**20 * 1.1) + 8192,
+        )
+    mx.set_wired_limit(limit)
+
+
+def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Model:
+    """Build the model for ``model_dir`` and assign its weights (lazily)."""
+    config = config or load_config(model_dir)
+    weights = read_weights(model_dir)
+    fmt = detect_format(weights)
+    if fmt == "hf":
+        raise Qwen35Error(
+            f"{model_dir}: this is a Hugging Face checkpoint, not an MLX one; convert it first: "
+            f"mlx-qwen35 convert --hf-path {model_dir} --mlx-path <out>"
+        )
+    if fmt != "ours":
+        weights, config = translate_peer_checkpoint(weights, config, fmt)
+
+    model = Qwen35Model(config)
+    if config.quantization:
+        _quantize_from_map(model, config.quantization, weights)
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(k for k in expected if k not in weights and not k.startswith("mtp."))
+    if missing:
+        raise Qwen35Error(
+            f"{model_dir}: checkpoint is missing {len(missing)} tensors (first: {missing[0]}); re-convert it"
+        )
+    if "mtp.fc.weight" not in weights and hasattr(model, "mtp"):
+        del model.mtp  # peer conversions drop the MTP head; generation works without it
+    extra = sorted(k for k in weights if k not in expected and not k.startswith("visual."))
+    if extra:
+        raise Qwen35Error(f"{model_dir}: unexpected tensor {extra[0]} (and {len(extra) - 1} more); wrong model_type?")
+    for key, array in weights.items():
+        if key in expected and array.shape != expected[key].shape:
+            raise Qwen35Error(
+                f"{model_dir}: tensor {key} has shape {tuple(array.shape)}, the config implies "
+                f"{tuple(expected[key].shape)}; config.json and the weights disagree"
+            )
+    model.load_weights([(k, v) for k, v in weights.items() if k in expected], strict=False)
+    if not mx.metal.is_available():
+        _compute_on_cpu_in_fp32(model)
+    else:
+        _set_wired_limit(model)
+    model.eval()
+    return model
+
+
+def load(path_or_repo: str, revision: str | None = None) -> tuple[Qwen35Model, Processor]:
+    """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor)."""
+    model_dir = resolve_model_path(str(path_or_repo), revision)
+    config = load_config(model_dir)
+    model = load_model(model_dir, config)
+    return model, Processor.from_dir(model_dir, config)
