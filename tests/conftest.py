@@ -1,0 +1,56 @@
+"""Session-wide fixtures: the tiny checkpoints every parity test runs on, built once per session.
+
+Each fixture returns a ``tests.checkpoints.TinyCheckpoint``: ``.path`` (the checkpoint dir), ``.layout``,
+``.config`` (config.json as a dict), ``.tokens`` (tokenizer size and special ids), ``.reference_path``
+and ``.load_reference()`` (transformers model, float32, eval) and ``.prompt_ids(n)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from checkpoints import (
+    TinyCheckpoint,
+    build_per_expert_checkpoint,
+    rewrite_fp8,
+    rewrite_fused,
+)
+
+# The FP8 checkpoint is wider than the others so its 128×128 scale blocks come in full and partial
+# sizes on both axes (hidden 144 = 128 + 16, expert intermediate 160 = 128 + 32).
+FP8_HIDDEN_SIZE = 144
+FP8_MOE_INTERMEDIATE_SIZE = 160
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    """MoE (``qwen3_5_moe``), per-expert keys as transformers' save_pretrained writes them, plus ``mtp.*``."""
+    return build_per_expert_checkpoint(tmp_path_factory.mktemp("tiny-moe"), moe=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    """Dense (``qwen3_5``) with tied embeddings like the 0.8B, plus ``mtp.*`` (dense MLP)."""
+    return build_per_expert_checkpoint(tmp_path_factory.mktemp("tiny-dense"), moe=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_fused_checkpoint(
+    tiny_moe_checkpoint: TinyCheckpoint, tmp_path_factory: pytest.TempPathFactory
+) -> TinyCheckpoint:
+    """The MoE checkpoint rewritten into the fused-expert layout of the BF16 release (same weights)."""
+    return rewrite_fused(tiny_moe_checkpoint, tmp_path_factory.mktemp("tiny-moe-fused"))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_fp8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
+    """A (wider) MoE checkpoint in the block-FP8 layout; ``reference_path`` holds its exact dequantised fp32 twin."""
+    source = build_per_expert_checkpoint(
+        tmp_path_factory.mktemp("tiny-moe-fp8-source"),
+        moe=True,
+        seed=2,
+        hidden_size=FP8_HIDDEN_SIZE,
+        moe_intermediate_size=FP8_MOE_INTERMEDIATE_SIZE,
+    )
+    return rewrite_fp8(
+        source, tmp_path_factory.mktemp("tiny-moe-fp8"), tmp_path_factory.mktemp("tiny-moe-fp8-dequantized")
+    )
