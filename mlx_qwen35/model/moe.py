@@ -7,6 +7,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import TextConfig
+from ..kernels.expert_dispatch import routed_experts
 
 
 class MLP(nn.Module):
@@ -46,7 +47,7 @@ class SparseMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.route(x)
-        routed = (self.experts(x, indices) * weights[..., None]).sum(axis=-2)  # [B, T, H]
+        routed = routed_experts(x, indices, weights, self.experts)  # [B, T, H]
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared
 
