@@ -1,0 +1,581 @@
+"""Convert a Hugging Face Qwen3.5 checkpoint (per-expert, fused-expert or block-FP8) to an MLX directory.
+
+Memory stays bounded by a chunk of one tensor, never a shard or the model: tensors are read from the
+safetensors files by byte range (rows along the first axis) and written into output files whose
+headers are laid out before any data is written. ``mx.load`` would read a whole tensor to take a slice
+of it, and a stacked expert tensor of the 397B is 4 GB. The output goes into a temporary directory
+beside the target and is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig, parse_config
+from .errors import Qwen35Error
+from .quantize import (
+    DTYPE_BYTES,
+    RECIPES,
+    SAFETENSORS_DTYPE,
+    QuantSpec,
+    Recipe,
+    SizePrediction,
+    expected_tensors,
+    get_recipe,
+    is_zero_centred_norm,
+    nbytes,
+    predict_size,
+    quantization_config,
+    stored_tensors,
+)
+
+FORMAT_VERSION = 1
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt"]
+# Elements per processing chunk (512 MB in fp32 would be too much on top of the I/O buffers).
+CHUNK_ELEMENTS = 32 * 2**20
+FP8_BLOCK = (128, 128)
+GB = 1e9
+
+# Raw storage of each safetensors dtype we read: numpy dtype of the bytes, then the MLX dtype they decode to.
+_SOURCE_DTYPES = {
+    "F32": (np.float32, None),
+    "F16": (np.float16, None),
+    "BF16": (np.uint16, mx.bfloat16),
+    "F8_E4M3": (np.uint8, None),  # decoded with its block scales by mx.from_fp8
+    "I64": (np.int64, None),
+    "I32": (np.int32, None),
+}
+_MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "uint32": mx.uint32}
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+_FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_up|down)_proj(\.weight)?$")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+@dataclass
+class SourceTensor:
+    """One tensor of an input safetensors file, read by byte range."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute file offset of the first byte
+    scale: SourceTensor | None = None  # block-FP8: the weight_scale_inv tensor
+
+    def read_rows(self, start: int, stop: int) -> mx.array:
+        """Rows [start, stop) along axis 0, decoded (FP8 dequantised to fp32)."""
+        raw_dtype, view = _SOURCE_DTYPES[self.dtype]
+        row_shape = self.shape[1:]
+        row_bytes = np.dtype(raw_dtype).itemsize * math.prod(row_shape)
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * row_bytes)
+            buf = f.read((stop - start) * row_bytes)
+        if len(buf) != (stop - start) * row_bytes:
+            raise Qwen35Error(f"{self.file}: truncated inside tensor '{self.key}'; re-download this shard")
+        x = mx.array(np.frombuffer(buf, dtype=raw_dtype).reshape((stop - start,) + row_shape))
+        if view is not None:
+            x = x.view(view)
+        if self.dtype == "F8_E4M3":
+            x = self._dequantize(x, start, stop)
+        return x
+
+    def read(self) -> mx.array:
+        """The whole tensor, decoded."""
+        return self.read_rows(0, self.shape[0])
+
+    def _dequantize(self, x: mx.array, start: int, stop: int) -> mx.array:
+        # w = fp8 × scale_inv[i // 128, j // 128]; chunks start on a block row (see _chunk_rows).
+        bh, bw = FP8_BLOCK
+        s = self.scale.read_rows(start // bh, math.ceil(stop / bh)).astype(mx.float32)
+        s = mx.repeat(mx.repeat(s, bh, axis=0), bw, axis=1)[: stop - start, : x.shape[1]]
+        return mx.from_fp8(x, dtype=mx.float32) * s
+
+
+def _read_header(path: Path) -> dict[str, SourceTensor]:
+    """Parse and check a safetensors header: a truncated or corrupt file is caught before any output."""
+    size = path.stat().st_size
+    fix = "re-download this shard"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise Qwen35Error(f"{path}: truncated ({size} bytes, no safetensors header); {fix}")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise Qwen35Error(f"{path}: truncated or corrupt (header of {header_len} bytes in a {size}-byte file); {fix}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise Qwen35Error(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
+    data_start = 8 + header_len
+    tensors: dict[str, SourceTensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if data_start + end > size:
+            raise Qwen35Error(f"{path}: truncated ({size} bytes, tensor '{key}' ends at byte {data_start + end}); {fix}")
+        if info["dtype"] not in _SOURCE_DTYPES:
+            raise Qwen35Error(f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}; expected BF16, F16, F32 or F8_E4M3")
+        tensors[key] = SourceTensor(path, key, info["dtype"], tuple(info["shape"]), data_start + begin)
+    return tensors
+
+
+def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
+    """Every tensor of the checkpoint by HF name, and the file that lists them (for error messages)."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            raise Qwen35Error(f"{index}: not a valid safetensors index (no weight_map); re-download it") from None
+        files = sorted(set(weight_map.values()))
+        listing = index
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+        listing = src
+        if not files:
+            raise Qwen35Error(f"{src}: no *.safetensors files; point --hf-path at a Hugging Face checkpoint directory")
+    sources: dict[str, SourceTensor] = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise Qwen35Error(f"{path}: listed in {index.name} but missing; re-download the checkpoint")
+        sources.update(_read_header(path))
+    if index.is_file():
+        missing = sorted(set(weight_map) - set(sources))
+        if missing:
+            raise Qwen35Error(f"{src / weight_map[missing[0]]}: tensor '{missing[0]}' listed in {index.name} is not in it; re-download this shard")
+
+    # Attach block-FP8 scales to their weights.
+    for key in [k for k in sources if k.endswith(".weight_scale_inv")]:
+        scale = sources.pop(key)
+        weight = sources.get(key[: -len("_scale_inv")])
+        if weight is None:
+            raise Qwen35Error(f"{scale.file}: '{key}' has no matching weight; the checkpoint is incomplete, re-download it")
+        weight.scale = scale
+    for t in sources.values():
+        if t.dtype == "F8_E4M3" and (t.scale is None or len(t.shape) != 2):
+            raise Qwen35Error(f"{t.file}: FP8 tensor '{t.key}' needs a 2-D weight with a '{t.key}_scale_inv'; re-download the checkpoint")
+    return sources, listing
+
+
+def resolve_checkpoint(hf_path: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
+    """A local checkpoint directory, or a Hub snapshot (the local cache first, offline when it is there)."""
+    path = Path(hf_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise Qwen35Error(f"--hf-path {hf_path}: not a directory; give the checkpoint directory or a Hub repo id")
+        return path
+    if not _REPO_ID.match(hf_path):
+        raise Qwen35Error(f"--hf-path {hf_path}: no such directory; give a local checkpoint directory or a Hub repo id like Qwen/Qwen3.5-35B-A3B")
+    from huggingface_hub import snapshot_download
+
+    patterns = patterns or HUB_PATTERNS
+    try:
+        local = Path(snapshot_download(hf_path, revision=revision, allow_patterns=patterns, local_files_only=True))
+        if patterns != HUB_PATTERNS or any(local.glob("*.safetensors")):
+            return local
+    except Exception:  # not (fully) cached: download below
+        pass
+    try:
+        return Path(snapshot_download(hf_path, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise Qwen35Error(
+            f"--hf-path {hf_path}: could not fetch it from the Hugging Face Hub ({type(e).__name__}); check the repo id "
+            f"and your network, or log in with `hf auth login` for a gated repo"
+        ) from None
+
+
+def read_source_config(src: Path) -> tuple[dict, ModelConfig]:
+    """The raw and parsed ``config.json`` of an HF checkpoint."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise Qwen35Error(f"{path}: not found; --hf-path must be a Hugging Face Qwen3.5 checkpoint directory (it holds config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Qwen35Error(f"{path}: not valid JSON ({e.__class__.__name__}); re-download the checkpoint") from None
+    if "quantization" in raw or "mlx_qwen35" in raw:
+        raise Qwen35Error(f"{path}: this is already an MLX checkpoint; load it directly instead of converting it")
+    return raw, parse_config(raw, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the converted checkpoint (our name, unquantised shape) and how to read its rows."""
+
+    name: str
+    shape: tuple[int, ...]
+    read_rows: Callable[[int, int], mx.array]  # rows [start, stop) along axis 0, in output layout
+    fp8: bool = False  # chunks must start on an FP8 block row
+
+
+def our_name(hf_name: str) -> str | None:
+    """HF tensor name → ours (ARCHITECTURE.md §2); None for a name outside the four prefixes."""
+    if hf_name.startswith("model.language_model."):
+        return "language_model." + hf_name[len("model.language_model.") :]
+    if hf_name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if hf_name.startswith("model.visual."):
+        return "visual." + hf_name[len("model.visual.") :]
+    if hf_name.startswith("mtp."):
+        return hf_name
+    return None
+
+
+def _plain(src: SourceTensor) -> Callable[[int, int], mx.array]:
+    return src.read_rows
+
+
+def _conv1d(src: SourceTensor) -> Callable[[int, int], mx.array]:
+    # HF [C, 1, K] → MLX depthwise [C, K, 1]
+    return lambda a, b: mx.swapaxes(src.read_rows(a, b), 1, 2)
+
+
+def _fused_half(src: SourceTensor, half: int) -> Callable[[int, int], mx.array]:
+    # gate_up_proj [E, 2I, H]: rows 0..I-1 are gate, I..2I-1 up
+    inter = src.shape[1] // 2
+    return lambda a, b: src.read_rows(a, b)[:, half * inter : (half + 1) * inter]
+
+
+def _stacked(experts: list[SourceTensor]) -> Callable[[int, int], mx.array]:
+    return lambda a, b: mx.stack([e.read() for e in experts[a:b]])
+
+
+def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Path) -> tuple[list[OutputTensor], bool]:
+    """Map HF tensors to our output tensors, check them against the config; also say whether MTP is present."""
+    outputs: dict[str, OutputTensor] = {}
+    per_expert: dict[str, dict[int, SourceTensor]] = {}
+    for key, src in sources.items():
+        name = our_name(key)
+        if name is None:
+            if key.startswith("language_model."):
+                raise Qwen35Error(f"{listing}: tensor names are already MLX-style ('{key}'); load this checkpoint directly")
+            raise Qwen35Error(f"{src.file}: unexpected tensor '{key}' (not model.language_model/model.visual/lm_head/mtp); is this a Qwen3.5 checkpoint?")
+        if m := _PER_EXPERT.match(name):
+            per_expert.setdefault(f"{m['prefix']}.{m['proj']}_proj.weight", {})[int(m["e"])] = src
+        elif m := _FUSED.match(name):
+            if m["proj"] == "down":
+                outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(f"{m['prefix']}.down_proj.weight", src.shape, _plain(src))
+            else:
+                E, two_i, H = src.shape
+                for half, proj in enumerate(("gate", "up")):
+                    out = f"{m['prefix']}.{proj}_proj.weight"
+                    outputs[out] = OutputTensor(out, (E, two_i // 2, H), _fused_half(src, half))
+        elif name.endswith(".conv1d.weight"):
+            C, one, K = src.shape
+            outputs[name] = OutputTensor(name, (C, K, one), _conv1d(src))
+        else:
+            outputs[name] = OutputTensor(name, src.shape, _plain(src), fp8=src.dtype == "F8_E4M3")
+
+    num_experts = cfg.text.num_experts
+    for name, experts in per_expert.items():
+        missing = [e for e in range(num_experts) if e not in experts]
+        if missing:
+            hf = _hf_name(name).replace("experts.", f"experts.{missing[0]}.")
+            raise Qwen35Error(f"{listing}: tensor '{hf}' (expert {missing[0]} of {num_experts}) is missing; the checkpoint is incomplete, re-download it")
+        ordered = [experts[e] for e in range(num_experts)]
+        outputs[name] = OutputTensor(name, (num_experts,) + ordered[0].shape, _stacked(ordered))
+
+    has_mtp = any(n.startswith("mtp.") for n in outputs)
+    expected = expected_tensors(cfg, include_vision=False)
+    for name, shape in expected.items():
+        if name.startswith("mtp.") and not has_mtp:
+            continue
+        if name not in outputs:
+            raise Qwen35Error(f"{listing}: tensor '{_hf_name(name)}' is missing; the checkpoint is incomplete, re-download it")
+        if outputs[name].shape != shape:
+            raise Qwen35Error(
+                f"{listing}: tensor '{_hf_name(name)}' has shape {list(outputs[name].shape)} but config.json implies "
+                f"{list(shape)}; the config does not belong to these weights"
+            )
+    if not has_mtp and cfg.text.mtp_num_hidden_layers:
+        print(f"warning: {listing} has no mtp.* tensors; converting without the MTP block (no speculative decoding)", file=sys.stderr)
+    return sorted(outputs.values(), key=lambda o: _natural_key(o.name)), has_mtp
+
+
+def _hf_name(name: str) -> str:
+    """Our name → the HF name a user would find in the index (for messages)."""
+    if name == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    if name.startswith(("language_model.", "visual.")):
+        return "model." + name
+    return name
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def checkpoint_dtype(sources: dict[str, SourceTensor]) -> str:
+    """The checkpoint's own floating dtype: that of the embedding table (never FP8 in any release)."""
+    embed = sources.get("model.language_model.embed_tokens.weight")
+    return _DTYPE_NAMES.get(embed.dtype, "bfloat16") if embed else "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+@dataclass
+class Shard:
+    """One output file: the tensors it holds, with byte offsets fixed before anything is written."""
+
+    filename: str
+    units: list[tuple[OutputTensor, QuantSpec | None]]
+    entries: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+    def header(self) -> bytes:
+        """The safetensors header (8-byte length + JSON padded to 8 bytes)."""
+        meta: dict = {"__metadata__": {"format": "mlx"}}
+        offset = 0
+        for name, shape, dtype in self.entries:
+            size = nbytes(shape, dtype)
+            meta[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(meta, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(nbytes(s, d) for _, s, d in self.entries)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header()) + self.data_bytes
+
+
+def plan_shards(outputs: list[OutputTensor], recipe: Recipe, dtype: str, shard_bytes: int) -> list[Shard]:
+    """Pack the output tensors (a quantised weight with its scales and biases) into shards of at most shard_bytes."""
+    groups: list[list] = [[]]
+    size = 0
+    for out in outputs:
+        spec = recipe.spec_for(out.name, out.shape)
+        stored = stored_tensors(out.name, out.shape, spec, dtype)
+        unit_bytes = sum(nbytes(s, d) for _, s, d in stored)
+        if groups[-1] and size + unit_bytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((out, spec, stored))
+        size += unit_bytes
+    shards = []
+    for i, group in enumerate(groups):
+        shard = Shard(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", [(o, s) for o, s, _ in group])
+        shard.entries = [e for _, _, stored in group for e in stored]
+        shards.append(shard)
+    return shards
+
+
+def _chunk_rows(out: OutputTensor) -> int:
+    rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(out.shape[1:])))
+    if out.fp8:
+        rows = max(FP8_BLOCK[0], rows // FP8_BLOCK[0] * FP8_BLOCK[0])
+    return rows
+
+
+def _to_bytes(x: mx.array) -> memoryview:
+    if x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
+    return memoryview(np.ascontiguousarray(np.asarray(x))).cast("B")
+
+
+def write_shard(path: Path, shard: Shard, dtype: str) -> None:
+    """Write one shard chunk by chunk: each chunk is converted, quantised and written at its final offset."""
+    header = shard.header()
+    offsets, pos = {}, len(header)
+    for name, shape, dt in shard.entries:
+        offsets[name] = pos
+        pos += nbytes(shape, dt)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(pos)
+        for out, spec in shard.units:
+            rows = _chunk_rows(out)
+            for start in range(0, out.shape[0], rows):
+                stop = min(start + rows, out.shape[0])
+                for name, x in _convert_chunk(out, spec, dtype, out.read_rows(start, stop)):
+                    mx.eval(x)
+                    row_bytes = x.nbytes // x.shape[0]
+                    f.seek(offsets[name] + start * row_bytes)
+                    f.write(_to_bytes(x))
+
+
+def _convert_chunk(out: OutputTensor, spec: QuantSpec | None, dtype: str, x: mx.array) -> list[tuple[str, mx.array]]:
+    """The stored tensors of a chunk of rows: +1 on zero-centred norms (in fp32), cast, quantise."""
+    if is_zero_centred_norm(out.name):
+        x = x.astype(mx.float32) + 1.0
+    if spec is None:
+        (name, _, stored), = stored_tensors(out.name, out.shape, None, dtype)
+        return [(name, x.astype(_MX_DTYPES[stored]))]
+    w, scales, biases = mx.quantize(x.astype(_MX_DTYPES[dtype]), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    prefix = out.name[: -len(".weight")]
+    return [(f"{prefix}.weight", w), (f"{prefix}.scales", scales), (f"{prefix}.biases", biases)]
+
+
+def _output_config(raw: dict, recipe: Recipe, outputs: list[OutputTensor], has_mtp: bool, source: str) -> dict:
+    config = json.loads(json.dumps(raw))
+    config.pop("quantization_config", None)  # FP8 sources: we dequantised
+    config.get("text_config", {}).pop("quantization_config", None)
+    if not has_mtp:
+        config.setdefault("text_config", {})["mtp_num_hidden_layers"] = 0
+    quant = quantization_config(recipe, {o.name: o.shape for o in outputs})
+    if quant:
+        config["quantization"] = quant
+    config["mlx_qwen35"] = {"format_version": FORMAT_VERSION, "recipe": recipe.name, "source": source}
+    return config
+
+
+def _staging_dir(target: Path) -> Path:
+    """A fresh directory beside the target (same filesystem, so the final rename is atomic)."""
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{target.name}.partial-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as e:
+        raise Qwen35Error(f"--mlx-path {target}: cannot write in {parent} ({e.strerror}); choose a writable --mlx-path") from None
+    return staging
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def _check_arguments(recipe: str, dtype: str | None, shard_size_gb: float) -> Recipe:
+    if dtype is not None and dtype not in DTYPE_BYTES:
+        raise Qwen35Error(f"--dtype '{dtype}' is unknown; choose one of {', '.join(DTYPE_BYTES)}")
+    if not shard_size_gb > 0:
+        raise Qwen35Error(f"--shard-size-gb {shard_size_gb}: must be a positive number of GB")
+    return get_recipe(recipe)
+
+
+def _human(n: int) -> str:
+    return f"{n / GB:,.2f} GB" if n >= GB / 10 else f"{n / 1e6:,.2f} MB"
+
+
+def _describe(p: SizePrediction, file_bytes: int) -> str:
+    return f"{_human(file_bytes)}, {p.bits_per_weight:.2f} bits/weight"
+
+
+def predict_recipes(hf_path: str, dtype: str | None = None, shard_size_gb: float = 5.0, revision: str | None = None) -> dict[str, int]:
+    """Print and return the predicted bytes on disk of every recipe, reading only the shard headers.
+
+    For a Hub repo only config.json is fetched and the prediction counts tensor data (headers excluded).
+    """
+    local = Path(hf_path).expanduser().exists()
+    src = resolve_checkpoint(hf_path, revision, None if local else ["config.json"])
+    raw, cfg = read_source_config(src)
+    if local:
+        sources, listing = _collect_sources(src)
+        outputs, _ = plan_outputs(sources, cfg, listing)
+        dtype = dtype or checkpoint_dtype(sources)
+        tensors = {o.name: o.shape for o in outputs}
+    else:
+        outputs, dtype = [], dtype or "bfloat16"
+        tensors = expected_tensors(cfg)
+    print(f"{hf_path}: {sum(math.prod(s) for s in tensors.values()) / 1e9:,.3f} B parameters; unquantised tensors in {dtype}")
+    sizes = {}
+    for recipe in RECIPES.values():
+        p = predict_size(tensors, recipe, dtype)
+        shards = plan_shards(outputs, recipe, dtype, int(shard_size_gb * GB)) if local else []
+        sizes[recipe.name] = sum(s.file_bytes for s in shards) if local else p.bytes
+        print(f"  {recipe.name:<10} {_describe(p, sizes[recipe.name]):>34}   {recipe.description}")
+    return sizes
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str | Path,
+    recipe: str = "4bit",
+    dtype: str | None = None,
+    shard_size_gb: float = 5.0,
+    revision: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> Path | None:
+    """Convert an HF Qwen3.5 checkpoint (dir or Hub id) to an MLX dir with ``recipe``; returns the dir (None on dry run)."""
+    the_recipe = _check_arguments(recipe, dtype, shard_size_gb)
+    if dry_run:
+        predict_recipes(hf_path, dtype, shard_size_gb, revision)
+        return None
+    target = Path(mlx_path).expanduser()
+    if target.exists() and not overwrite:
+        raise Qwen35Error(f"--mlx-path {target}: already exists; pass --overwrite to replace it or choose another path")
+
+    src = resolve_checkpoint(hf_path, revision)
+    raw, cfg = read_source_config(src)
+    sources, listing = _collect_sources(src)
+    outputs, has_mtp = plan_outputs(sources, cfg, listing)
+    dtype = dtype or checkpoint_dtype(sources)
+    shards = plan_shards(outputs, the_recipe, dtype, int(shard_size_gb * GB))
+    predicted = predict_size({o.name: o.shape for o in outputs}, the_recipe, dtype)
+    predicted_bytes = sum(s.file_bytes for s in shards)
+    print(f"{hf_path} → {target}: recipe {recipe}, unquantised tensors in {dtype}; predicted {_describe(predicted, predicted_bytes)} in {len(shards)} shard(s)")
+
+    staging = _staging_dir(target)
+    try:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            write_shard(staging / shard.filename, shard, dtype)
+            weight_map.update({name: shard.filename for name, _, _ in shard.entries})
+            print(f"  [{i + 1}/{len(shards)}] {shard.filename} ({_human(shard.file_bytes)})")
+        index = {"metadata": {"total_size": sum(s.data_bytes for s in shards)}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, staging / name)
+        # config.json last: a directory without it is never mistaken for a finished checkpoint.
+        config = _output_config(raw, the_recipe, outputs, has_mtp, hf_path)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        _move_into_place(staging, target)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise Qwen35Error(f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    print(f"wrote {target}: {_human(written)} ({written / predicted_bytes - 1:+.2%} vs predicted)")
+    return target

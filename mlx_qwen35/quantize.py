@@ -1,0 +1,261 @@
+"""Precision policy: how every tensor of a converted checkpoint is stored, and the named recipes.
+
+A recipe decides, per quantisable weight, its bits and group size; everything else is stored in the
+requested dtype, except the tensors whose math is fp32 in the reference (zero-centred norm weights
+after the +1 shift, ``A_log``, ``dt_bias``). The same functions drive the converter and the size
+prediction, so the predicted size is the written size.
+
+Tensor names here are ours (``language_model.…``, ``mtp.…``, ``visual.…``; ARCHITECTURE.md §2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .errors import Qwen35Error
+
+QUANT_MODE = "affine"
+PREFERRED_GROUP_SIZE = 64
+# When the last dim is not a multiple of 64, a smaller group still quantises it; else it stays unquantised.
+FALLBACK_GROUP_SIZES = (64, 32)
+# Router and shared-expert gate: tiny, and a flipped expert choice costs more than their bytes
+# (the mlx-community convention for Qwen MoE conversions).
+ROUTER_SPEC_BITS = 8
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "uint32": "U32"}
+
+_ZERO_CENTRED_NORM = re.compile(
+    r"(^language_model\.norm|^mtp\.norm|\.input_layernorm|\.post_attention_layernorm|\.q_norm|\.k_norm"
+    r"|^mtp\.pre_fc_norm_embedding|^mtp\.pre_fc_norm_hidden)\.weight$"
+)
+_ROUTER = re.compile(r"\.mlp\.(gate|shared_expert_gate)\.weight$")
+# The bulk of the parameters: routed experts in MoE members, the MLP in dense members.
+_BULK = re.compile(r"\.mlp\.experts\.(gate|up|down)_proj\.weight$|\.mlp\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight is quantised (the mlx-lm per-module entry)."""
+
+    bits: int
+    group_size: int
+    mode: str = QUANT_MODE
+
+    def as_dict(self) -> dict:
+        """The ``config.json`` entry for this module."""
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named quantisation recipe: bits for the bulk weights and for every other quantisable weight."""
+
+    name: str
+    description: str
+    bulk_bits: int | None
+    other_bits: int | None
+
+    @property
+    def quantizes(self) -> bool:
+        return self.bulk_bits is not None
+
+    def spec_for(self, name: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        """The quantisation of tensor ``name`` (ours) of ``shape``, or None to store it unquantised."""
+        if not self.quantizes or not is_quantizable(name, shape):
+            return None
+        if _ROUTER.search(name):
+            bits = ROUTER_SPEC_BITS
+        elif _BULK.search(name):
+            bits = self.bulk_bits
+        else:
+            bits = self.other_bits
+        group_size = next((g for g in FALLBACK_GROUP_SIZES if shape[-1] % g == 0), None)
+        return QuantSpec(bits, group_size) if group_size else None
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("bf16", "no quantisation (tensors in --dtype)", None, None),
+        Recipe("8bit", "every quantisable weight 8-bit", 8, 8),
+        Recipe("4bit", "every quantisable weight 4-bit; router gates 8-bit", 4, 4),
+        Recipe("3bit", "every quantisable weight 3-bit; router gates 8-bit", 3, 3),
+        Recipe("mixed-4-6", "routed experts 4-bit; attention, DeltaNet, shared expert, embeddings 6-bit", 4, 6),
+        Recipe("mixed-3-6", "routed experts 3-bit; attention, DeltaNet, shared expert, embeddings 6-bit", 3, 6),
+        Recipe("mixed-3-4", "routed experts 3-bit; attention, DeltaNet, shared expert, embeddings 4-bit", 3, 4),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; a clear error lists the valid names."""
+    if name not in RECIPES:
+        raise Qwen35Error(f"--recipe '{name}' is unknown; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def is_zero_centred_norm(name: str) -> bool:
+    """True for the RMSNorm weights HF stores as w and applies as (1 + w) (not the DeltaNet gated norm)."""
+    return bool(_ZERO_CENTRED_NORM.search(name))
+
+
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Linear, stacked-expert and embedding weights of the LM and MTP; never vision, norms, conv1d, A_log, dt_bias."""
+    return (
+        name.startswith(("language_model.", "mtp."))
+        and name.endswith(".weight")
+        and len(shape) in (2, 3)
+        and ".conv1d." not in name
+    )
+
+
+def stored_dtype(name: str, dtype: str) -> str:
+    """The dtype an unquantised tensor is written in: fp32 where the reference computes in fp32."""
+    if is_zero_centred_norm(name) or name.endswith((".A_log", ".dt_bias")):
+        return "float32"
+    return dtype
+
+
+def stored_tensors(name: str, shape: tuple[int, ...], spec: QuantSpec | None, dtype: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of what tensor ``name`` becomes on disk: itself, or weight + scales + biases."""
+    if spec is None:
+        return [(name, tuple(shape), stored_dtype(name, dtype))]
+    prefix, last = name[: -len(".weight")], shape[-1]
+    lead = tuple(shape[:-1])
+    groups = lead + (last // spec.group_size,)
+    return [
+        (f"{prefix}.weight", lead + (last * spec.bits // 32,), "uint32"),
+        (f"{prefix}.scales", groups, dtype),
+        (f"{prefix}.biases", groups, dtype),
+    ]
+
+
+def nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a dense tensor."""
+    n = 4 if dtype == "uint32" else DTYPE_BYTES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def quantization_config(recipe: Recipe, tensors: dict[str, tuple[int, ...]]) -> dict | None:
+    """The mlx-lm style ``quantization`` block: defaults plus every quantisable module, explicitly."""
+    if not recipe.quantizes:
+        return None
+    block: dict = QuantSpec(recipe.bulk_bits, PREFERRED_GROUP_SIZE).as_dict()
+    for name, shape in tensors.items():
+        if is_quantizable(name, shape):
+            spec = recipe.spec_for(name, shape)
+            block[name[: -len(".weight")]] = spec.as_dict() if spec else False
+    return block
+
+
+@dataclass(frozen=True)
+class SizePrediction:
+    """Predicted weight bytes of a converted checkpoint."""
+
+    recipe: str
+    bytes: int
+    parameters: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.parameters
+
+
+def predict_size(tensors: dict[str, tuple[int, ...]], recipe: Recipe, dtype: str) -> SizePrediction:
+    """Bytes of tensor data the converter writes for ``tensors`` (ours, unquantised shapes) under ``recipe``."""
+    total = params = 0
+    for name, shape in tensors.items():
+        params += nbytes(shape, "float32") // 4
+        for _, s, d in stored_tensors(name, shape, recipe.spec_for(name, shape), dtype):
+            total += nbytes(s, d)
+    return SizePrediction(recipe.name, total, params)
+
+
+def expected_tensors(cfg: ModelConfig, include_vision: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a converted checkpoint (our names, unquantised shapes), derived from the config alone."""
+    t = cfg.text
+    H, V = t.hidden_size, t.vocab_size
+    out: dict[str, tuple[int, ...]] = {"language_model.embed_tokens.weight": (V, H)}
+
+    def decoder_layer(p: str, layer_type: str) -> None:
+        out[f"{p}.input_layernorm.weight"] = (H,)
+        out[f"{p}.post_attention_layernorm.weight"] = (H,)
+        if layer_type == "linear_attention":
+            a = f"{p}.linear_attn"
+            out[f"{a}.in_proj_qkv.weight"] = (t.linear_conv_dim, H)
+            out[f"{a}.in_proj_z.weight"] = (t.linear_value_dim, H)
+            out[f"{a}.in_proj_b.weight"] = (t.linear_num_value_heads, H)
+            out[f"{a}.in_proj_a.weight"] = (t.linear_num_value_heads, H)
+            out[f"{a}.conv1d.weight"] = (t.linear_conv_dim, t.linear_conv_kernel_dim, 1)
+            out[f"{a}.dt_bias"] = (t.linear_num_value_heads,)
+            out[f"{a}.A_log"] = (t.linear_num_value_heads,)
+            out[f"{a}.norm.weight"] = (t.linear_value_head_dim,)
+            out[f"{a}.out_proj.weight"] = (H, t.linear_value_dim)
+        else:
+            a, q = f"{p}.self_attn", t.num_attention_heads * t.head_dim
+            out[f"{a}.q_proj.weight"] = (2 * q, H)  # query and output gate, per head
+            out[f"{a}.k_proj.weight"] = (t.num_key_value_heads * t.head_dim, H)
+            out[f"{a}.v_proj.weight"] = (t.num_key_value_heads * t.head_dim, H)
+            out[f"{a}.o_proj.weight"] = (H, q)
+            out[f"{a}.q_norm.weight"] = (t.head_dim,)
+            out[f"{a}.k_norm.weight"] = (t.head_dim,)
+        m = f"{p}.mlp"
+        if t.is_moe:
+            E, I, S = t.num_experts, t.moe_intermediate_size, t.shared_expert_intermediate_size
+            out[f"{m}.gate.weight"] = (E, H)
+            out[f"{m}.experts.gate_proj.weight"] = (E, I, H)
+            out[f"{m}.experts.up_proj.weight"] = (E, I, H)
+            out[f"{m}.experts.down_proj.weight"] = (E, H, I)
+            out[f"{m}.shared_expert.gate_proj.weight"] = (S, H)
+            out[f"{m}.shared_expert.up_proj.weight"] = (S, H)
+            out[f"{m}.shared_expert.down_proj.weight"] = (H, S)
+            out[f"{m}.shared_expert_gate.weight"] = (1, H)
+        else:
+            I = t.intermediate_size
+            out[f"{m}.gate_proj.weight"] = (I, H)
+            out[f"{m}.up_proj.weight"] = (I, H)
+            out[f"{m}.down_proj.weight"] = (H, I)
+
+    for i, layer_type in enumerate(t.layer_types):
+        decoder_layer(f"language_model.layers.{i}", layer_type)
+    out["language_model.norm.weight"] = (H,)
+    if not t.tie_word_embeddings:
+        out["language_model.lm_head.weight"] = (V, H)
+    if t.mtp_num_hidden_layers:
+        out["mtp.fc.weight"] = (H, 2 * H)
+        out["mtp.pre_fc_norm_embedding.weight"] = (H,)
+        out["mtp.pre_fc_norm_hidden.weight"] = (H,)
+        for j in range(t.mtp_num_hidden_layers):
+            decoder_layer(f"mtp.layers.{j}", "full_attention")
+        out["mtp.norm.weight"] = (H,)
+    if include_vision and cfg.vision is not None:
+        out.update(_vision_tensors(cfg))
+    return out
+
+
+def _vision_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The ViT's tensors in HF layout (the converter carries them through unchanged)."""
+    v = cfg.vision
+    W, M = v.hidden_size, v.hidden_size * v.spatial_merge_size**2
+    out = {
+        "visual.patch_embed.proj.weight": (W, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
+        "visual.patch_embed.proj.bias": (W,),
+        "visual.pos_embed.weight": (v.num_position_embeddings, W),
+    }
+    for b in range(v.depth):
+        p = f"visual.blocks.{b}"
+        for norm in ("norm1", "norm2"):
+            out[f"{p}.{norm}.weight"] = out[f"{p}.{norm}.bias"] = (W,)
+        out[f"{p}.attn.qkv.weight"], out[f"{p}.attn.qkv.bias"] = (3 * W, W), (3 * W,)
+        out[f"{p}.attn.proj.weight"], out[f"{p}.attn.proj.bias"] = (W, W), (W,)
+        out[f"{p}.mlp.linear_fc1.weight"], out[f"{p}.mlp.linear_fc1.bias"] = (v.intermediate_size, W), (v.intermediate_size,)
+        out[f"{p}.mlp.linear_fc2.weight"], out[f"{p}.mlp.linear_fc2.bias"] = (W, v.intermediate_size), (W,)
+    out["visual.merger.norm.weight"] = out["visual.merger.norm.bias"] = (W,)
+    out["visual.merger.linear_fc1.weight"], out["visual.merger.linear_fc1.bias"] = (M, M), (M,)
+    out["visual.merger.linear_fc2.weight"], out["visual.merger.linear_fc2.bias"] = (v.out_hidden_size, M), (v.out_hidden_size,)
+    return out
