@@ -1,0 +1,381 @@
+"""The converter: three HF layouts → one MLX layout, value rules, recipes, size prediction, failure modes.
+
+Runs on the session's tiny checkpoints (tests/checkpoints.py), saved in float32, converted with
+``--dtype float32`` unless a test is about dtypes, so every "identical" below is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import mlx_qwen35.convert as convert_module
+from mlx_qwen35.config import parse_config
+from mlx_qwen35.convert import convert, predict_recipes
+from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.quantize import RECIPES, expected_tensors, get_recipe, is_zero_centred_norm, nbytes, stored_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+# Relative error of a dequantised weight against the original (Gaussian weights, group 64 or 32).
+DEQUANT_REL_ERROR = {8: 0.01, 6: 0.04, 4: 0.15, 3: 0.3}
+
+
+def hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint dir (float32 layouts only)."""
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def mlx_tensors(path: Path) -> dict[str, mx.array]:
+    """All tensors of a converted dir."""
+    out: dict[str, mx.array] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def converted(source: Path, out: Path, recipe: str = "bf16", dtype: str = "float32", **kw) -> dict[str, mx.array]:
+    convert(str(source), out, recipe=recipe, dtype=dtype, **kw)
+    return mlx_tensors(out)
+
+
+def assert_identical(a: dict[str, mx.array], b: dict[str, mx.array]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert mx.array_equal(a[k], b[k]).item(), k
+
+
+@pytest.fixture(scope="module")
+def per_expert_fp32(tiny_moe_checkpoint, tmp_path_factory) -> dict[str, mx.array]:
+    return converted(tiny_moe_checkpoint.path, tmp_path_factory.mktemp("c") / "per-expert")
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def test_fused_layout_converts_to_the_same_tensors(tiny_moe_fused_checkpoint, per_expert_fp32, tmp_path):
+    assert_identical(converted(tiny_moe_fused_checkpoint.path, tmp_path / "fused"), per_expert_fp32)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "4bit"])
+def test_fp8_layout_converts_like_its_dequantised_weights(tiny_moe_fp8_checkpoint, recipe, tmp_path):
+    fp8 = converted(tiny_moe_fp8_checkpoint.path, tmp_path / "fp8", recipe)
+    reference = converted(tiny_moe_fp8_checkpoint.reference_path, tmp_path / "ref", recipe)
+    assert_identical(fp8, reference)
+
+
+def test_chunked_streaming_gives_the_same_tensors(tiny_moe_fp8_checkpoint, tmp_path, monkeypatch):
+    # Default chunks hold whole tiny tensors; tiny chunks split rows (FP8: at 128-row scale blocks).
+    whole = converted(tiny_moe_fp8_checkpoint.path, tmp_path / "whole", "4bit")
+    monkeypatch.setattr(convert_module, "CHUNK_ELEMENTS", 512)
+    assert_identical(converted(tiny_moe_fp8_checkpoint.path, tmp_path / "chunked", "4bit"), whole)
+
+
+def test_experts_are_stacked_in_order(tiny_moe_checkpoint, per_expert_fp32):
+    src = hf_tensors(tiny_moe_checkpoint.path)
+    for prefix in ("language_model.layers.2.mlp.experts", "mtp.layers.0.mlp.experts"):
+        hf_prefix = prefix.replace("language_model.", "model.language_model.")
+        for proj in ("gate", "up", "down"):
+            stacked = np.array(per_expert_fp32[f"{prefix}.{proj}_proj.weight"])
+            for e in range(stacked.shape[0]):
+                np.testing.assert_array_equal(stacked[e], src[f"{hf_prefix}.{e}.{proj}_proj.weight"])
+
+
+# ------------------------------------------------------------------------------------------ value rules
+
+
+def test_zero_centred_norms_are_shifted_once_in_fp32(tiny_moe_checkpoint, per_expert_fp32):
+    src = hf_tensors(tiny_moe_checkpoint.path)
+    shifted = [n for n in per_expert_fp32 if is_zero_centred_norm(n)]
+    # 6 layers × 2 + final + 2 attention layers × (q, k) + MTP: 2 pre-fc + norm + 2 layer norms + q, k
+    assert len(shifted) == 12 + 1 + 4 + 3 + 4
+    for name in shifted:
+        hf = "model." + name if name.startswith("language_model.") else name
+        np.testing.assert_array_equal(np.array(per_expert_fp32[name]), src[hf].astype(np.float32) + np.float32(1))
+    for plain in ("language_model.layers.0.linear_attn.norm.weight", "visual.blocks.0.norm1.weight", "visual.merger.norm.weight"):
+        np.testing.assert_array_equal(np.array(per_expert_fp32[plain]), src["model." + plain])
+
+
+def test_dtype_applies_except_to_fp32_tensors(tiny_moe_checkpoint, per_expert_fp32, tmp_path):
+    bf16 = converted(tiny_moe_checkpoint.path, tmp_path / "bf16", dtype="bfloat16")
+    for name, x in bf16.items():
+        if is_zero_centred_norm(name) or name.endswith((".A_log", ".dt_bias")):
+            assert x.dtype == mx.float32, name
+            assert mx.array_equal(x, per_expert_fp32[name]).item(), name  # shifted from the fp32 source
+        else:
+            assert x.dtype == mx.bfloat16, name
+
+
+def test_conv1d_takes_the_mlx_depthwise_layout(tiny_moe_checkpoint, per_expert_fp32):
+    src = hf_tensors(tiny_moe_checkpoint.path)["model.language_model.layers.0.linear_attn.conv1d.weight"]  # [C, 1, K]
+    out = np.array(per_expert_fp32["language_model.layers.0.linear_attn.conv1d.weight"])  # [C, K, 1]
+    assert out.shape == (src.shape[0], src.shape[2], 1)
+    np.testing.assert_array_equal(out, np.swapaxes(src, 1, 2))
+
+
+def test_mtp_and_vision_are_carried_through(tiny_moe_checkpoint, per_expert_fp32):
+    src = hf_tensors(tiny_moe_checkpoint.path)
+    mtp = {k for k in src if k.startswith("mtp.") and ".experts." not in k}
+    assert mtp and mtp <= set(per_expert_fp32)
+    assert {"mtp.layers.0.mlp.experts.gate_proj.weight", "mtp.fc.weight"} <= set(per_expert_fp32)
+    for name in (k for k in src if k.startswith("model.visual.")):
+        np.testing.assert_array_equal(np.array(per_expert_fp32[name[len("model.") :]]), src[name])
+
+
+def test_output_dir_has_config_index_and_side_files(tiny_moe_fp8_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    tensors = converted(tiny_moe_fp8_checkpoint.path, out, "4bit")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config  # we dequantised the FP8 source
+    assert config["mlx_qwen35"] == {"format_version": 1, "recipe": "4bit", "source": str(tiny_moe_fp8_checkpoint.path)}
+    assert config["text_config"]["layer_types"] == tiny_moe_fp8_checkpoint.config["text_config"]["layer_types"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(x.nbytes for x in tensors.values())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json"):
+        assert (out / name).read_bytes() == (tiny_moe_fp8_checkpoint.path / name).read_bytes()
+    assert not list(tmp_path.glob(".*"))  # no staging dir left behind
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipe_predicates():
+    r4, mixed = get_recipe("4bit"), get_recipe("mixed-3-6")
+    assert r4.spec_for("language_model.layers.0.mlp.gate.weight", (8, 64)).bits == 8
+    assert r4.spec_for("mtp.layers.0.mlp.shared_expert_gate.weight", (1, 64)).bits == 8
+    assert mixed.spec_for("language_model.layers.0.mlp.experts.up_proj.weight", (8, 32, 64)).bits == 3
+    assert mixed.spec_for("language_model.layers.3.self_attn.o_proj.weight", (64, 64)).bits == 6
+    assert mixed.spec_for("language_model.embed_tokens.weight", (512, 64)).bits == 6
+    assert r4.spec_for("language_model.layers.0.mlp.experts.down_proj.weight", (8, 64, 32)).group_size == 32
+    assert r4.spec_for("language_model.layers.0.mlp.experts.down_proj.weight", (8, 64, 48)) is None  # no group fits
+    for never in (
+        ("language_model.layers.0.linear_attn.conv1d.weight", (128, 4, 1)),
+        ("language_model.layers.0.linear_attn.A_log", (4,)),
+        ("language_model.layers.0.input_layernorm.weight", (64,)),
+        ("visual.blocks.0.mlp.linear_fc1.weight", (64, 64)),
+    ):
+        assert r4.spec_for(*never) is None
+    assert get_recipe("bf16").spec_for("language_model.embed_tokens.weight", (512, 64)) is None
+    with pytest.raises(Qwen35Error, match="--recipe"):
+        get_recipe("2bit")
+
+
+@pytest.fixture(scope="module")
+def predictions(tiny_moe_checkpoint) -> dict[str, int]:
+    return predict_recipes(str(tiny_moe_checkpoint.path), dtype="float32", shard_size_gb=0.0005)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_matches_its_prediction_and_map(tiny_moe_checkpoint, per_expert_fp32, predictions, recipe, tmp_path):
+    out = tmp_path / recipe
+    tensors = converted(tiny_moe_checkpoint.path, out, recipe, shard_size_gb=0.0005)
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert abs(written - predictions[recipe]) <= 0.01 * predictions[recipe]
+    # From config.json alone (the README's numbers) the tensor data is predicted exactly.
+    cfg = parse_config(tiny_moe_checkpoint.config)
+    expected = sum(
+        nbytes(s, d)
+        for n, shape in expected_tensors(cfg).items()
+        for _, s, d in stored_tensors(n, shape, RECIPES[recipe].spec_for(n, shape), "float32")
+    )
+    assert expected == sum(x.nbytes for x in tensors.values())
+
+    quant = json.loads((out / "config.json").read_text()).get("quantization")
+    if recipe == "bf16":
+        assert quant is None and all(x.dtype == mx.float32 for x in tensors.values())
+        return
+    for path, spec in ((k, v) for k, v in quant.items() if isinstance(v, (dict, bool))):
+        if spec is False:
+            assert f"{path}.scales" not in tensors and tensors[f"{path}.weight"].dtype == mx.float32
+            continue
+        w, s, b = (tensors[f"{path}.{p}"] for p in ("weight", "scales", "biases"))
+        original = per_expert_fp32[f"{path}.weight"]
+        deq = mx.dequantize(w, s, b, group_size=spec["group_size"], bits=spec["bits"], mode=spec["mode"])
+        rel = (mx.linalg.norm((deq - original).flatten()) / mx.linalg.norm(original.flatten())).item()
+        assert rel < DEQUANT_REL_ERROR[spec["bits"]], (path, spec, rel)
+    quantised = {k[: -len(".scales")] for k in tensors if k.endswith(".scales")}
+    assert quantised == {k for k, v in quant.items() if isinstance(v, dict)}
+    assert quant["language_model.layers.0.mlp.gate"]["bits"] == 8
+
+
+def test_dense_member_converts(tiny_dense_checkpoint, tmp_path):
+    tensors = converted(tiny_dense_checkpoint.path, tmp_path / "dense", "mixed-4-6")
+    assert "language_model.lm_head.weight" not in tensors  # tied embeddings
+    quant = json.loads((tmp_path / "dense" / "config.json").read_text())["quantization"]
+    assert quant["language_model.layers.0.mlp.down_proj"]["bits"] == 4
+    assert quant["language_model.layers.0.linear_attn.out_proj"]["bits"] == 6
+    assert quant["mtp.layers.0.mlp.up_proj"]["bits"] == 4
+
+
+def test_shards_are_bounded_and_indexed(tiny_moe_checkpoint, tmp_path):
+    out = tmp_path / "sharded"
+    limit_gb = 0.0003
+    converted(tiny_moe_checkpoint.path, out, "4bit", shard_size_gb=limit_gb)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) >= 3
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for f in files:
+        names = list(mx.load(str(f)))
+        assert all(weight_map[n] == f.name for n in names)
+        data = sum(x.nbytes for x in mx.load(str(f)).values())
+        assert data <= limit_gb * 1e9 or len(names) <= 3  # only a single oversized weight may exceed it
+
+
+def test_size_table_for_the_released_flagship():
+    from mlx_qwen35.quantize import RELEASED_MOE_CONFIGS, size_table
+
+    cfg = parse_config(RELEASED_MOE_CONFIGS["Qwen3.5-397B-A17B"])
+    params = expected_tensors(cfg)
+    lm = sum(int(np.prod(s)) for n, s in params.items() if n.startswith("language_model."))
+    vision = sum(int(np.prod(s)) for n, s in params.items() if n.startswith("visual."))
+    mtp = sum(int(np.prod(s)) for n, s in params.items() if n.startswith("mtp."))
+    # ARCHITECTURE.md §1.2, measured on transformers' meta-device model
+    assert (round(lm / 1e9, 2), round(vision / 1e9, 3), round(mtp / 1e9, 2)) == (396.35, 0.456, 6.60)
+    table = size_table()
+    assert "Qwen3.5-397B-A17B" in table and "mixed-3-6" in table
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def test_interrupted_convert_leaves_nothing(tiny_moe_checkpoint, tmp_path, monkeypatch):
+    real_write = convert_module.write_shard
+    calls = []
+
+    def write_then_interrupt(*args, **kwargs):
+        real_write(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "write_shard", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(tiny_moe_checkpoint.path), tmp_path / "out", recipe="4bit", shard_size_gb=0.0003)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_convert_never_leaves_a_finished_looking_dir(tiny_moe_checkpoint, tmp_path):
+    # SIGKILL after the second shard: no cleanup runs, and still nothing sits at the target path.
+    script = f"""
+import os, signal, mlx_qwen35.convert as c
+real, n = c.write_shard, []
+def write(*a, **k):
+    real(*a, **k); n.append(1)
+    if len(n) == 2: os.kill(os.getpid(), signal.SIGKILL)
+c.write_shard = write
+c.convert({str(tiny_moe_checkpoint.path)!r}, {str(tmp_path / "out")!r}, recipe="4bit", shard_size_gb=0.0003)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == -9
+    assert not (tmp_path / "out").exists()
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".out.partial-") and not (p / "config.json").exists() for p in leftovers)
+
+
+def test_existing_target_needs_overwrite(tiny_moe_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(Qwen35Error, match="--overwrite"):
+        convert(str(tiny_moe_checkpoint.path), out, recipe="bf16")
+    convert(str(tiny_moe_checkpoint.path), out, recipe="bf16", overwrite=True)
+    assert (out / "config.json").exists() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _broken_copy(source: Path, dest: Path, break_it) -> Path:
+    shutil.copytree(source, dest)
+    break_it(dest)
+    return dest
+
+
+def _drop_tensors(path: Path, doomed: set[str]) -> None:
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in {index["weight_map"][n] for n in doomed}:
+        tensors = load_file(path / shard)
+        save_file({k: v for k, v in tensors.items() if k not in doomed}, path / shard)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in doomed}
+    index_path.write_text(json.dumps(index))
+
+
+def _set_model_type(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _truncate_a_shard(path: Path) -> None:
+    shard = path / "model-00002-of-00006.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+BAD_INPUTS = {
+    # case: (how to break a copy of the checkpoint, extra CLI args, text the one-line error must contain)
+    "missing config.json": (lambda p: (p / "config.json").unlink(), [], "config.json: not found"),
+    "unknown model_type": (_set_model_type, [], "config.json: model_type 'llama'"),
+    "truncated shard": (_truncate_a_shard, [], "model-00002-of-00006.safetensors: truncated"),
+    "missing tensor": (
+        lambda p: _drop_tensors(p, {"model.language_model.layers.0.linear_attn.in_proj_qkv.weight"}),
+        [],
+        "model.safetensors.index.json: tensor 'model.language_model.layers.0.linear_attn.in_proj_qkv.weight' is missing",
+    ),
+    "missing expert": (
+        lambda p: _drop_tensors(p, {"model.language_model.layers.4.mlp.experts.5.up_proj.weight"}),
+        [],
+        "'model.language_model.layers.4.mlp.experts.5.up_proj.weight' (expert 5 of 8) is missing",
+    ),
+    "unknown recipe": (lambda p: None, ["--recipe", "2bit"], "--recipe '2bit' is unknown"),
+    "unknown dtype": (lambda p: None, ["--dtype", "int8"], "--dtype 'int8' is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_the_file(tiny_moe_checkpoint, tmp_path, case):
+    break_it, args, message = BAD_INPUTS[case]
+    source = _broken_copy(tiny_moe_checkpoint.path, tmp_path / "src", break_it)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    command = [sys.executable, "-m", "mlx_qwen35.cli", "convert", "--hf-path", str(source), "--mlx-path", str(outputs / "mlx")]
+    result = subprocess.run(command + args, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr
+    assert list(outputs.iterdir()) == []
+
+
+def test_unwritable_output_via_the_script(tiny_moe_checkpoint, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    command = [sys.executable, "convert.py", "--hf-path", str(tiny_moe_checkpoint.path), "--mlx-path", str(blocker / "mlx")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and f"--mlx-path {blocker / 'mlx'}: cannot write in {blocker}" in result.stderr
+
+
+def test_dry_run_predicts_every_recipe_and_writes_nothing(tiny_moe_checkpoint, tmp_path):
+    command = [sys.executable, "convert.py", "--hf-path", str(tiny_moe_checkpoint.path), "--mlx-path", str(tmp_path / "x"), "--dry-run"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for recipe in RECIPES:
+        assert f"  {recipe} " in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_converting_an_mlx_dir_is_refused(tiny_moe_checkpoint, tmp_path):
+    converted(tiny_moe_checkpoint.path, tmp_path / "once")
+    with pytest.raises(Qwen35Error, match="already an MLX checkpoint"):
+        convert(str(tmp_path / "once"), tmp_path / "twice")
