@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return load
     if name in ("generate", "stream_generate"):
-        from . import generate as _generate
+        from . import generation as _generation
 
-        return getattr(_generate, name)
+        return getattr(_generation, name)
     raise AttributeError(f"module 'mlx_qwen35' has no attribute {name!r}")

@@ -68,7 +68,7 @@ def generate(
 ) -> None:
     """Generate a reply to one prompt, streaming it to the terminal."""
     from . import load
-    from .generate import recommended_sampling, stream_generate
+    from .generation import recommended_sampling, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()

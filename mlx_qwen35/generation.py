@@ -119,7 +119,8 @@ def stream_generate(
     prompt_tps = len(tokens) / (time.perf_counter() - start)
 
     start = time.perf_counter()
-    text = ""
+    text, emitted = "", 0  # with stop strings: all text so far, and how much of it was yielded
+    hold = max((len(s) for s in stop or []), default=1) - 1
     for n in range(1, max_tokens + 1):
         token_id = token.item()
         history = mx.concatenate([history, token])
@@ -136,12 +137,13 @@ def stream_generate(
         else:
             detokenizer.finalize()
         segment = detokenizer.last_segment
-        if stop:
+        if stop:  # hold back text that may be the start of a stop string until it is decided
             text += segment
-            hit = min((i for s in stop if (i := text.find(s)) != -1), default=-1)
+            hit = min((i for s in stop if (i := text.find(s, max(0, emitted - hold))) != -1), default=-1)
             if hit != -1:
-                segment = segment[: max(0, len(segment) - (len(text) - hit))]
                 finish = "stop"
+            end = hit if hit != -1 else len(text) if finish else max(emitted, len(text) - hold)
+            segment, emitted = text[emitted:end], end
         yield GenerationResponse(
             text=segment,
             token=token_id,

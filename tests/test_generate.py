@@ -1,0 +1,112 @@
+"""The generation API and ``mlx-qwen35 generate``: finish reasons, stop strings, EOS, padding rows, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlx_qwen35 import generate, load, stream_generate
+from mlx_qwen35.convert import convert
+from mlx_qwen35.generation import prompt_token_ids
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_moe_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "model"
+    convert(
+        hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
+        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+    return load(str(converted))
+
+
+def test_stream_reports_each_token_and_stops_at_max_tokens(loaded, tiny_moe_checkpoint):
+    model, processor = loaded
+    prompt = tiny_moe_checkpoint.prompt_ids(12)
+    responses = list(stream_generate(model, processor, prompt, max_tokens=10))
+    assert [r.generation_tokens for r in responses] == list(range(1, 11))
+    assert [r.finish_reason for r in responses] == [None] * 9 + ["length"]
+    assert all(r.prompt_tokens == 12 for r in responses)
+    assert "".join(r.text for r in responses) == processor.decode([r.token for r in responses])
+    assert responses[-1].logprobs.shape == (model.config.text.vocab_size,)
+    assert abs(float(mx.logsumexp(responses[-1].logprobs)) ) < 1e-4  # normalised log-probabilities
+
+
+def test_stop_string_truncates_text(loaded, tiny_moe_checkpoint):
+    model, processor = loaded
+    prompt = tiny_moe_checkpoint.prompt_ids(12)
+    full = generate(model, processor, prompt, max_tokens=24)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    responses = list(stream_generate(model, processor, prompt, max_tokens=24, stop=[stop]))
+    assert "".join(r.text for r in responses) == full[: full.index(stop)]
+    assert responses[-1].finish_reason == "stop"
+
+
+def test_eos_token_ends_generation_without_text(loaded, tiny_moe_checkpoint):
+    model, processor = loaded
+    prompt = tiny_moe_checkpoint.prompt_ids(12)
+    first = next(iter(stream_generate(model, processor, prompt, max_tokens=1))).token
+    processor.tokenizer.add_eos_token(first)
+    try:
+        responses = list(stream_generate(model, processor, prompt, max_tokens=8))
+    finally:
+        processor.tokenizer._eos_token_ids.discard(first)
+    assert [(r.token, r.text, r.finish_reason) for r in responses] == [(first, "", "stop")]
+
+
+def test_stop_ids_include_im_end_and_endoftext(loaded, tiny_moe_checkpoint):
+    _, processor = loaded
+    tokens = tiny_moe_checkpoint.tokens
+    assert {tokens.im_end_id, tokens.endoftext_id} <= processor.eos_token_ids
+
+
+def test_padding_rows_of_the_lm_head_are_never_sampled(loaded, tiny_moe_checkpoint):
+    model, processor = loaded
+    real = tiny_moe_checkpoint.tokens.size
+    head = model.language_model.lm_head
+    saved = head.weight
+    assert head.weight.shape[0] > real, "the tiny checkpoint must have padding rows"
+    head.weight = mx.concatenate([saved[:real], saved[real:] * 1000.0])  # padding rows would win the argmax
+    try:
+        tokens = [r.token for r in stream_generate(model, processor, tiny_moe_checkpoint.prompt_ids(8), max_tokens=6)]
+    finally:
+        head.weight = saved
+    assert all(t < real for t in tokens)
+
+
+def test_chat_messages_go_through_the_template(loaded):
+    _, processor = loaded
+    messages = [{"role": "user", "content": "hello there"}]
+    ids = prompt_token_ids(processor, messages, enable_thinking=False)
+    text = processor.decode(ids)
+    assert text.startswith("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith("<think>\n\n</think>\n\n")
+    assert processor.decode(prompt_token_ids(processor, messages)).endswith("<|im_start|>assistant\n<think>\n")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_qwen35.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_generate_json(converted):
+    result = run_cli("generate", "--model", str(converted), "--prompt", "hello", "--max-tokens", "5", "--temp", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) >= {"text", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "peak_memory_gb"}
+    assert out["generation_tokens"] == 5 and out["prompt_tokens"] > 5
+
+
+def test_cli_missing_model_is_one_line(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "nope" in result.stderr and "Traceback" not in result.stderr
