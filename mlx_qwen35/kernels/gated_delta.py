@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.kernels import resolve_use_kernel
+from mlx_qwen35.kernels.metal_source import metal_kernel
 
 CHUNK = 64  # tokens per chunk of the WY/UT form (HF and FLA use 64)
 _NORM_EPS = 1e-6  # added to Σx² inside the sqrt of the q/k L2-norm
@@ -178,9 +179,41 @@ def gated_delta_prefill(
     return o.astype(v.dtype), state
 
 
+
+def _kernel_inputs(q, k, v, a, b, A_log, dt_bias):
+    """Kernel operand dtypes: q, k, v share one (the output's), gates and their parameters are fp32."""
+    dtype = v.dtype
+    f32 = mx.float32
+    return [q.astype(dtype), k.astype(dtype), v, a.astype(f32), b.astype(f32), A_log.astype(f32), dt_bias.astype(f32)]
+
+
+def _kernel_launch(name, inputs, B, T, Hk, Hv, Dk, Dv, dtype):
+    if Dk % 32:
+        raise Qwen35Error(f"gated delta kernels need Dk a multiple of 32, got {Dk}: use use_kernel=False")
+    return metal_kernel(name)(
+        inputs=inputs,
+        template=[("InT", dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
+        grid=(32, Dv, B * Hv),  # one SIMD group per value row of each (batch, head)
+        threadgroup=(32, 4, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[dtype, mx.float32],
+    )
+
+
 def _decode_kernel(q, k, v, a, b, A_log, dt_bias, state):
-    raise NotImplementedError("the gated-delta decode kernel lands in the next commit; use use_kernel=False")
+    B, _, Hk, Dk = k.shape
+    Hv, Dv = v.shape[-2:]
+    inputs = _kernel_inputs(q, k, v, a, b, A_log, dt_bias) + [state]
+    o, state = _kernel_launch("gated_delta_decode", inputs, B, 1, Hk, Hv, Dk, Dv, v.dtype)
+    return o, state
 
 
 def _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask):
-    raise NotImplementedError("the gated-delta prefill kernel lands in the next commit; use use_kernel=False")
+    B, T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[-2:]
+    if state is None:
+        state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
+    mask = mx.ones((B, T), mx.bool_) if mask is None else mask.astype(mx.bool_)
+    inputs = _kernel_inputs(q, k, v, a, b, A_log, dt_bias) + [state, mask, T]
+    o, state = _kernel_launch("gated_delta_prefill", inputs, B, T, Hk, Hv, Dk, Dv, v.dtype)
+    return o, state

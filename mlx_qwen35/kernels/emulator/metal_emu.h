@@ -143,8 +143,10 @@ constexpr int kLanes = 32;
 constexpr int kSlotBytes = 16;
 
 struct SimdGroup {
-  alignas(16) unsigned char slot[2][kLanes][kSlotBytes];  // double-buffered by op parity
+  alignas(16) unsigned char slot[2][kLanes][kSlotBytes];  // operands, double-buffered by op parity
+  alignas(16) unsigned char result[2][kLanes][kSlotBytes];  // reductions, computed once per op
   uint32_t arrived[2];
+  bool reduced[2];
 };
 
 struct Scheduler {
@@ -234,6 +236,7 @@ inline bool run_threadgroup(Scheduler& s, int n) {
       if (alive) all_done = false;
       if (alive && waiting == alive) {
         s.simdgroups[g].arrived[ops & 1] = mask;
+        s.simdgroups[g].reduced[ops & 1] = false;
         for (int i = lo; i < hi; ++i)
           if (s.fibers[i].wait == AT_SIMD) s.fibers[i].wait = RUNNABLE;
         released = true;
@@ -335,20 +338,28 @@ inline T lane_value(const unsigned char* slot, int lane) {
 
 template <typename T, typename Op>
 inline T butterfly(T x, Op op) {
+  Scheduler& s = *active;
+  Fiber& f = s.fibers[s.current];
+  int parity = int(f.simd_ops & 1);
   uint32_t mask;
   int lane;
   const unsigned char* slot = simd_exchange(x, mask, lane);
-  T v[kLanes];
-  for (int i = 0; i < kLanes; ++i) v[i] = lane_value<T>(slot, i);
-  for (int m = 1; m < kLanes; m <<= 1) {
-    T next[kLanes];
-    for (int i = 0; i < kLanes; ++i) {
-      bool a = mask >> i & 1, b = mask >> (i ^ m) & 1;
-      next[i] = a && b ? op(v[i], v[i ^ m]) : (a ? v[i] : v[i ^ m]);
+  SimdGroup& g = s.simdgroups[f.ids.simdgroup_index_in_threadgroup];
+  if (!g.reduced[parity]) {  // the first lane to resume reduces for the whole SIMD group
+    T v[kLanes];
+    for (int i = 0; i < kLanes; ++i) v[i] = lane_value<T>(slot, i);
+    for (int m = 1; m < kLanes; m <<= 1) {
+      T next[kLanes];
+      for (int i = 0; i < kLanes; ++i) {
+        bool a = mask >> i & 1, b = mask >> (i ^ m) & 1;
+        next[i] = a && b ? op(v[i], v[i ^ m]) : (a ? v[i] : v[i ^ m]);
+      }
+      std::memcpy(v, next, sizeof(v));
     }
-    std::memcpy(v, next, sizeof(v));
+    for (int i = 0; i < kLanes; ++i) std::memcpy(g.result[parity][i], &v[i], sizeof(T));
+    g.reduced[parity] = true;
   }
-  return v[lane];
+  return lane_value<T>(&g.result[parity][0][0], lane);
 }
 
 }  // namespace metal_emu
