@@ -1,4 +1,4 @@
-// Routed experts, step 2 of 2 for prefill (pairs sorted by expert):
+// expert_dispatch_down_sorted — routed experts, step 2 of 2 for prefill (pairs sorted by expert):
 // y[slot] = w[slot] · W_down,e h[p] for sorted pair p of original slot pair_slot[p] (= t·K + j),
 // with an expert's down rows read once per pass of PAIRS_PER_PASS of its pairs. The wrapper sums
 // y [T_tokens, K, H] over K (fixed order j = 0..K-1, so the result does not depend on the sort).
@@ -7,15 +7,17 @@
 // One SIMD group owns output feature `row` of one segment (one expert's pairs); one lane owns the
 // 32-value blocks lane, lane + 32, … of the expert's down row, dequantises each once and dots it
 // with the h rows of every pair of the pass; simd_sum then gives the pair's value.
-// Template: T (weights), S (scales and biases), H, I, BITS, GROUP_SIZE.
+// @inputs  h down_w down_s down_b seg_expert seg_start pair_slot weights
+// @outputs y
+// @template T (weights), S (scales and biases), H, I, BITS, GROUP_SIZE.
 // Inputs: h [P, I] float32 (sorted pairs); down_w [E, H, I·BITS/32] uint32; down_{s,b} [E, H, I/GROUP_SIZE];
 // seg_expert [S], seg_start [S + 1], pair_slot [P] (int32); weights [P] T (by slot).
 // Output: y [P, H] float32 (by slot).
 
-// [header]
+// @header
 constant constexpr int PAIRS_PER_PASS = 8;  // pairs sharing one dequantised block (registers per lane)
 
-// [body]
+// @body
 const uint lane = thread_position_in_grid.x;
 const uint row = thread_position_in_grid.y;
 const uint seg = thread_position_in_grid.z;
@@ -30,13 +32,13 @@ const device S* ds = down_s + (expert * H + row) * GROUPS;
 const device S* db = down_b + (expert * H + row) * GROUPS;
 
 for (int first = begin; first < end; first += PAIRS_PER_PASS) {
-  const int n = min(PAIRS_PER_PASS, end - first);
+  const int n = metal::min(PAIRS_PER_PASS, end - first);
   float acc[PAIRS_PER_PASS] = {};
   for (uint block = lane; block < I / BLOCK; block += 32) {
     float q[BLOCK];
     unpack_block<BITS>(dw + block * BITS, q);
     const uint group = block * BLOCK / GROUP_SIZE;
-    const float scale = float(ds[group]), bias = float(db[group]);
+    const float scale = static_cast<float>(ds[group]), bias = static_cast<float>(db[group]);
     for (int i = 0; i < n; ++i) {
       acc[i] += block_dot(q, scale, bias, h + (first + i) * I + block * BLOCK);
     }
@@ -45,7 +47,7 @@ for (int first = begin; first < end; first += PAIRS_PER_PASS) {
     const float value = simd_sum(acc[i]);
     if (lane == 0) {
       const uint slot = pair_slot[first + i];
-      y[slot * H + row] = float(weights[slot]) * value;
+      y[slot * H + row] = static_cast<float>(weights[slot]) * value;
     }
   }
 }

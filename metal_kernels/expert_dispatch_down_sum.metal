@@ -1,4 +1,4 @@
-// Routed experts, step 2 of 2 for decode (few tokens, pairs unsorted):
+// expert_dispatch_down_sum — routed experts, step 2 of 2 for decode (few tokens, pairs unsorted):
 // out[t] = Σ_j w[t, j] · W_down,e h[t·K + j] with e = indices[t, j] — the down projection, the
 // router weights and the sum over the token's K experts in one launch.
 //
@@ -6,14 +6,16 @@
 // One SIMD group owns output feature `row` of one token and walks its K experts; one lane owns the
 // 32-value blocks lane, lane + 32, … of each expert's down row and keeps a weighted partial sum over
 // all K experts, so a single simd_sum finishes the token's feature.
-// Template: T (h's token dtype: weights and out), S (scales and biases), H, I, K, BITS, GROUP_SIZE.
+// @inputs  h down_w down_s down_b indices weights
+// @outputs out
+// @template T (x: weights and out), S (scales and biases), H, I, K, BITS, GROUP_SIZE.
 // Inputs: h [T_tokens·K, I] float32 (pair t·K + j); down_w [E, H, I·BITS/32] uint32;
 // down_{s,b} [E, H, I/GROUP_SIZE]; indices [T_tokens·K] int32; weights [T_tokens·K] T.
 // Output: out [T_tokens, H] T.
 
-// [header]
+// @header
 
-// [body]
+// @body
 const uint lane = thread_position_in_grid.x;
 const uint row = thread_position_in_grid.y;
 const uint token = thread_position_in_grid.z;
@@ -33,11 +35,11 @@ for (uint j = 0; j < K; ++j) {
     float q[BLOCK];
     unpack_block<BITS>(dw + block * BITS, q);
     const uint group = block * BLOCK / GROUP_SIZE;
-    part += block_dot(q, float(ds[group]), float(db[group]), h + pair * I + block * BLOCK);
+    part += block_dot(q, static_cast<float>(ds[group]), static_cast<float>(db[group]), h + pair * I + block * BLOCK);
   }
-  acc += float(weights[pair]) * part;
+  acc += static_cast<float>(weights[pair]) * part;
 }
 acc = simd_sum(acc);
 if (lane == 0) {
-  out[token * H + row] = T(acc);
+  out[token * H + row] = static_cast<T>(acc);
 }

@@ -1,5 +1,6 @@
-// Shared by the expert_dispatch_*.metal kernels (their wrapper puts it in front of each kernel's
-// header): reading MLX's affine-quantised rows.
+// expert_dispatch_quant — not a kernel: the helpers the expert_dispatch_* kernels share for reading
+// MLX's affine-quantised rows. Their wrapper puts everything after `// @header` in front of each
+// kernel's own header.
 //
 // Layout (mx.quantize, mode "affine"): a row of N values is a little-endian bit stream of N·BITS bits
 // in uint32 words, value j at stream bits [j·BITS, (j+1)·BITS); w_j = scale·q_j + bias with one
@@ -7,6 +8,7 @@
 // so blocks start on word boundaries for every BITS (3-bit values do straddle words inside a block)
 // and lie inside one group (GROUP_SIZE is a multiple of 32).
 
+// @header
 constant constexpr int BLOCK = 32;  // values per block; one lane reads one block at a time
 
 // The 32 quantised integers q_j of the block starting at `words`, as floats.
@@ -22,7 +24,7 @@ inline void unpack_block(const device uint32_t* words, thread float* q) {
     if (shift + BITS > 32) {
       v |= w[word + 1] << (32 - shift);  // the value continues in the next word
     }
-    q[j] = float(v & ((1u << BITS) - 1u));
+    q[j] = static_cast<float>(v & ((1u << BITS) - 1u));
   }
 }
 
@@ -31,7 +33,7 @@ template <typename A>
 inline float block_dot(thread const float* q, float scale, float bias, const device A* a) {
   float qa = 0.0f, sa = 0.0f;
   for (int j = 0; j < BLOCK; ++j) {
-    const float v = float(a[j]);
+    const float v = static_cast<float>(a[j]);
     qa += q[j] * v;
     sa += v;
   }
