@@ -135,7 +135,8 @@ struct Fiber {
   jmp_buf resume;
   bool started = false;
   Wait wait = RUNNABLE;
-  long simd_ops = 0;  // SIMD operations reached so far, to catch divergence
+  long simd_ops = 0;  // SIMD operations reached so far, and the source line of the current one:
+  int simd_site = 0;  // lanes of a SIMD group must agree on both (no divergent SIMD calls)
   ThreadIds ids;
 };
 
@@ -156,6 +157,7 @@ struct Scheduler {
   size_t stack_bytes = 128 * 1024;
   jmp_buf home;
   int current = -1;
+  int pending_site = 0;  // source line of the SIMD call being made (set by the macros below)
   std::string error;
   std::function<void(const ThreadIds&)> body;
 };
@@ -215,6 +217,7 @@ inline bool run_threadgroup(Scheduler& s, int n) {
       int lo = g * kLanes, hi = lo + kLanes < n ? lo + kLanes : n;
       int waiting = 0, alive = 0;
       long ops = -1;
+      int site = -1;
       uint32_t mask = 0;
       for (int i = lo; i < hi; ++i) {
         Fiber& f = s.fibers[i];
@@ -223,12 +226,13 @@ inline bool run_threadgroup(Scheduler& s, int n) {
         if (f.wait == AT_SIMD) {
           ++waiting;
           mask |= 1u << (i - lo);
-          if (ops >= 0 && f.simd_ops != ops) {
+          if (ops >= 0 && (f.simd_ops != ops || f.simd_site != site)) {
             s.error = "divergent SIMD operation: lanes of SIMD group " + std::to_string(g) +
-                      " reached different SIMD calls";
+                      " wait at SIMD calls on lines " + std::to_string(site) + " and " + std::to_string(f.simd_site);
             return false;
           }
           ops = f.simd_ops;
+          site = f.simd_site;
         }
         if (f.wait == AT_BARRIER) ++at_barrier;
       }
@@ -321,6 +325,7 @@ inline const unsigned char* simd_exchange(T value, uint32_t& mask, int& lane) {
   Fiber& f = s.fibers[s.current];
   int parity = int(f.simd_ops & 1);
   lane = int(f.ids.thread_index_in_simdgroup);
+  f.simd_site = s.pending_site;
   SimdGroup& g = s.simdgroups[f.ids.simdgroup_index_in_threadgroup];
   std::memcpy(g.slot[parity][lane], &value, sizeof(T));
   yield(AT_SIMD);
@@ -368,40 +373,51 @@ inline T butterfly(T x, Op op) {
 using metal::mem_flags;
 
 template <typename T>
-inline T simd_sum(T x) { return metal_emu::butterfly(x, [](T a, T b) { return T(a + b); }); }
+inline T simd_sum_impl(T x) { return metal_emu::butterfly(x, [](T a, T b) { return T(a + b); }); }
 template <typename T>
-inline T simd_max(T x) { return metal_emu::butterfly(x, [](T a, T b) { return a > b ? a : b; }); }
+inline T simd_max_impl(T x) { return metal_emu::butterfly(x, [](T a, T b) { return a > b ? a : b; }); }
 template <typename T>
-inline T simd_min(T x) { return metal_emu::butterfly(x, [](T a, T b) { return a < b ? a : b; }); }
+inline T simd_min_impl(T x) { return metal_emu::butterfly(x, [](T a, T b) { return a < b ? a : b; }); }
 
 template <typename T>
-inline T simd_shuffle(T x, ushort src) {
+inline T simd_shuffle_impl(T x, ushort src) {
   uint32_t mask;
   int lane;
   const unsigned char* slot = metal_emu::simd_exchange(x, mask, lane);
   return metal_emu::lane_value<T>(slot, src % metal_emu::kLanes);
 }
 template <typename T>
-inline T simd_shuffle_xor(T x, ushort m) { return simd_shuffle(x, ushort(metal_emu::active->fibers[metal_emu::active->current].ids.thread_index_in_simdgroup ^ m)); }
+inline T simd_shuffle_xor_impl(T x, ushort m) { return simd_shuffle_impl(x, ushort(metal_emu::active->fibers[metal_emu::active->current].ids.thread_index_in_simdgroup ^ m)); }
 template <typename T>
-inline T simd_broadcast(T x, ushort src) { return simd_shuffle(x, src); }
+inline T simd_broadcast_impl(T x, ushort src) { return simd_shuffle_impl(x, src); }
 template <typename T>
-inline T simd_shuffle_down(T x, ushort d) {  // lanes past the end keep their own value
+inline T simd_shuffle_down_impl(T x, ushort d) {  // lanes past the end keep their own value
   uint lane = metal_emu::active->fibers[metal_emu::active->current].ids.thread_index_in_simdgroup;
-  T y = simd_shuffle(x, ushort(lane + d < 32 ? lane + d : lane));
+  T y = simd_shuffle_impl(x, ushort(lane + d < 32 ? lane + d : lane));
   return y;
 }
 template <typename T>
-inline T simd_shuffle_up(T x, ushort d) {
+inline T simd_shuffle_up_impl(T x, ushort d) {
   uint lane = metal_emu::active->fibers[metal_emu::active->current].ids.thread_index_in_simdgroup;
-  return simd_shuffle(x, ushort(lane >= d ? lane - d : lane));
+  return simd_shuffle_impl(x, ushort(lane >= d ? lane - d : lane));
 }
-inline void simdgroup_barrier(mem_flags) {
+inline void simdgroup_barrier_impl(mem_flags) {
   uint32_t mask;
   int lane;
   metal_emu::simd_exchange(0, mask, lane);
 }
 inline void threadgroup_barrier(mem_flags) { metal_emu::yield(metal_emu::AT_BARRIER); }
+
+// Each SIMD call records its source line first, so divergent calls are caught.
+#define simd_sum(...) (metal_emu::active->pending_site = __LINE__, simd_sum_impl(__VA_ARGS__))
+#define simd_max(...) (metal_emu::active->pending_site = __LINE__, simd_max_impl(__VA_ARGS__))
+#define simd_min(...) (metal_emu::active->pending_site = __LINE__, simd_min_impl(__VA_ARGS__))
+#define simd_shuffle_xor(...) (metal_emu::active->pending_site = __LINE__, simd_shuffle_xor_impl(__VA_ARGS__))
+#define simd_shuffle_down(...) (metal_emu::active->pending_site = __LINE__, simd_shuffle_down_impl(__VA_ARGS__))
+#define simd_shuffle_up(...) (metal_emu::active->pending_site = __LINE__, simd_shuffle_up_impl(__VA_ARGS__))
+#define simd_broadcast(...) (metal_emu::active->pending_site = __LINE__, simd_broadcast_impl(__VA_ARGS__))
+#define simd_shuffle(...) (metal_emu::active->pending_site = __LINE__, simd_shuffle_impl(__VA_ARGS__))
+#define simdgroup_barrier(...) (metal_emu::active->pending_site = __LINE__, simdgroup_barrier_impl(__VA_ARGS__))
 
 // ---- address spaces and attributes: C++ has one address space, so they vanish ---------------
 #define device
