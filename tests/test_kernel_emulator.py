@@ -1,6 +1,8 @@
 """The Metal CPU emulator's own semantics: SIMD-group lockstep and reductions, shuffles, barriers,
 threadgroup memory, MLX's signature rules, half / bfloat16 rounding, and its error reports."""
 
+import hashlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from mlx_qwen35.kernels.emulator import emulated_metal_kernel
 
 def run(source, inputs, out_shape, out_dtype=mx.float32, grid=(64, 1, 1), tg=(64, 1, 1), template=None, header=""):
     names = [f"in{i}" for i in range(len(inputs))]
-    kernel = emulated_metal_kernel(f"t{abs(hash(source)) % 10**8}", names, ["out"], source, header)
+    kernel = emulated_metal_kernel("t" + hashlib.sha1(source.encode()).hexdigest()[:10], names, ["out"], source, header)
     return kernel(inputs=inputs, grid=grid, threadgroup=tg, output_shapes=[out_shape], output_dtypes=[out_dtype], template=template)[0]
 
 
