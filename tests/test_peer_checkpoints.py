@@ -4,17 +4,18 @@ Each tiny checkpoint is converted by the peer's own ``convert`` (unquantised, 4-
 router-8-bit overrides, mlx-lm's ``mixed_3_6`` recipe, and the mxfp4 / nvfp4 / mxfp8 modes), then
 loaded by us and by the peer (``mlx_lm.load`` / ``mlx_vlm.load``). On the peer's own weights:
 every peer parameter is ours under our name, bit for bit; logits on a 64-token prompt agree to
-max |Δ| ≤ 1e-3 (both sides in float32; observed ≤ 1.1e-4 with |logits| up to ~31); 16-token greedy continuations are identical.
+max |Δ| ≤ 1e-3 (both sides in float32; observed ≤ 1.1e-4 with |logits| up to ~31); 16-token
+greedy continuations are identical.
 
 Two things in the setup are forced by the peers or by the dtype contract:
 * The peers derive layer types from ``full_attention_interval`` and ignore ``layer_types``, so they
   reject the fixtures' explicit pattern (layer 5 is full attention). The sources here are the
   fixtures cut to their first four layers (linear ×3, full), which is the interval-4 pattern.
 * A quantised embedding in an fp mode (mxfp4/nvfp4/mxfp8) has uint8 scales, so MLX dequantises its
-  lookups to bfloat16. The values are exact in bfloat16, and mlx-lm's norms promote back to
-  float32, but our zero-centred norm casts its output to the input dtype, so our first layer would
-  run on a bfloat16 input (see ``test_fp_mode_embedding_does_not_lower_precision``). The parity
-  tests compare both models with float32 lookups, which is apples to apples.
+  lookups to bfloat16. The values are exact in bfloat16 and mlx-lm's norms promote back to
+  float32, but our zero-centred norm casts its output to the input dtype, so our first layer runs
+  on a bfloat16 input (``test_fp_mode_embedding_does_not_lower_precision``, an expected failure
+  until the model casts). The parity tests give both models float32 lookups: apples to apples.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -145,6 +148,18 @@ class Float32Lookups(nn.Module):
         return self.embedding.as_linear(x)
 
 
+@contextmanager
+def float32_lookups(ours: nn.Module, theirs: nn.Module) -> Iterator[None]:
+    """Both models with float32 embedding lookups for the duration (the shared fixture is restored after)."""
+    embed_ours, embed_theirs = ours.language_model.embed_tokens, theirs.language_model.model.embed_tokens
+    ours.language_model.embed_tokens = Float32Lookups(embed_ours)
+    theirs.language_model.model.embed_tokens = Float32Lookups(embed_theirs)
+    try:
+        yield
+    finally:
+        ours.language_model.embed_tokens, theirs.language_model.model.embed_tokens = embed_ours, embed_theirs
+
+
 def peer_logits(model: nn.Module, ids: mx.array) -> mx.array:
     out = model(ids)
     return getattr(out, "logits", out)  # mlx-vlm returns an output object
@@ -184,14 +199,9 @@ def test_every_peer_parameter_is_ours(pair):
 def test_logits_match_peer(pair, record_property):
     case, source, _, ours, _, theirs = pair
     ids = mx.array([source.prompt_ids(PROMPT_TOKENS)])
-    embed_ours, embed_theirs = ours.language_model.embed_tokens, theirs.language_model.model.embed_tokens
-    assert mx.array_equal(embed_ours(ids), embed_theirs(ids))
-    ours.language_model.embed_tokens = Float32Lookups(embed_ours)
-    theirs.language_model.model.embed_tokens = Float32Lookups(embed_theirs)
-    try:
+    assert mx.array_equal(ours.language_model.embed_tokens(ids), theirs.language_model.model.embed_tokens(ids))
+    with float32_lookups(ours, theirs):
         a, b = np.array(ours(ids)), np.array(peer_logits(theirs, ids))
-    finally:
-        ours.language_model.embed_tokens, theirs.language_model.model.embed_tokens = embed_ours, embed_theirs
     delta = float(np.abs(a - b).max())
     record_property("max_abs_delta", delta)
     print(f"{case.name}: max |Δ logits| = {delta:.2e} (max |logit| {np.abs(b).max():.1f})")
@@ -207,18 +217,13 @@ def test_greedy_continuation_matches_peer(pair):
     """16 greedy tokens through each side's own cache and decode loop (ours: ``stream_generate``)."""
     case, source, _, ours, processor, theirs = pair
     prompt = source.prompt_ids(GREEDY_PROMPT_TOKENS)
-    embed_ours, embed_theirs = ours.language_model.embed_tokens, theirs.language_model.model.embed_tokens
-    ours.language_model.embed_tokens = Float32Lookups(embed_ours)
-    theirs.language_model.model.embed_tokens = Float32Lookups(embed_theirs)
-    try:
+    with float32_lookups(ours, theirs):
         mine = [r.token for r in stream_generate(ours, processor, prompt, max_tokens=GREEDY_TOKENS, temp=0.0)]
         if case.peer == "mlx-lm":
             steps = mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=GREEDY_TOKENS, sampler=argmax)
         else:
             steps = mlx_vlm_generate_step(mx.array([prompt]), theirs, None, None, max_tokens=GREEDY_TOKENS, sampler=argmax)
         peer = [int(token) for token, _ in steps]
-    finally:
-        ours.language_model.embed_tokens, theirs.language_model.model.embed_tokens = embed_ours, embed_theirs
     assert len(mine) == GREEDY_TOKENS, "stopped on EOS early; pick a prompt with a longer continuation"
     assert mine == peer[:GREEDY_TOKENS]
 
