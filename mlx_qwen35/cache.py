@@ -22,10 +22,16 @@ from .errors import Qwen35Error
 
 
 class ModelCache(list):
-    """The per-layer cache objects of one model (a list, as mlx-lm expects), plus its snapshots."""
+    """The per-layer cache objects of one model (a list, as mlx-lm expects), plus its snapshots.
+
+    ``rope_delta``: after a multimodal prompt, positions run ahead of the token count (an image of
+    gh×gw merged tokens advances the M-RoPE counter by max(gh, gw) only); text continuing after the
+    cache's tokens is at position cache_length + rope_delta on all three components.
+    """
 
     def __init__(self, layers: list):
         super().__init__(layers)
+        self.rope_delta = 0
         self._snapshots: list[weakref.ref] = []
 
 
@@ -48,6 +54,7 @@ class Snapshot:
 
     length: int
     recurrent: list  # per layer: [conv window, state] for DeltaNet layers, None for attention layers
+    rope_delta: int
     owner: weakref.ref
     stale: bool = False
 
@@ -55,7 +62,7 @@ class Snapshot:
 def snapshot(cache: ModelCache) -> Snapshot:
     """Capture the cache's current state (no copy of K/V)."""
     recurrent = [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache]
-    snap = Snapshot(length=cache_length(cache), recurrent=recurrent, owner=weakref.ref(cache))
+    snap = Snapshot(cache_length(cache), recurrent, cache.rope_delta, weakref.ref(cache))
     cache._snapshots.append(weakref.ref(snap))
     return snap
 
@@ -74,6 +81,7 @@ def restore(cache: ModelCache, snap: Snapshot) -> None:
             layer_cache.cache = list(saved)
         else:
             layer_cache.trim(current - snap.length)
+    cache.rope_delta = snap.rope_delta
     # Later K/V writes land past snap.length, over what longer snapshots relied on.
     alive = [ref for ref in cache._snapshots if ref() is not None]
     for ref in alive:

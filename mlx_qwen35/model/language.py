@@ -56,11 +56,11 @@ class LanguageModel(nn.Module):
         inputs_embeds: mx.array | None = None,
         position_ids: mx.array | None = None,
     ) -> mx.array:
-        """Hidden states [B, T, H] after the final norm. position_ids [3, B, T]; default: text after the cache."""
+        """Hidden states [B, T, H] after the final norm. position_ids [3, B, T]; default: text after the cache's tokens."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if position_ids is None:
-            offset = cache[self._first_attention].offset if cache is not None else 0
+            offset = cache[self._first_attention].offset + getattr(cache, "rope_delta", 0) if cache is not None else 0
             position_ids = text_positions(B, T, offset)
         cos_sin = self.rope.cos_sin(position_ids, x.dtype)
         cache = cache if cache is not None else [None] * len(self.layers)
