@@ -572,6 +572,8 @@ def convert(
         _move_into_place(staging, target)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if e.filename and not str(e.filename).startswith(str(staging)):
+            raise Qwen35Error(f"{e.filename}: cannot read it ({e.strerror or e}); check the checkpoint download") from None
         raise Qwen35Error(f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -379,3 +379,34 @@ def test_converting_an_mlx_dir_is_refused(tiny_moe_checkpoint, tmp_path):
     converted(tiny_moe_checkpoint.path, tmp_path / "once")
     with pytest.raises(Qwen35Error, match="already an MLX checkpoint"):
         convert(str(tmp_path / "once"), tmp_path / "twice")
+
+
+def test_checkpoint_without_mtp_converts_and_says_so(tiny_moe_checkpoint, tmp_path, capfd):
+    def drop_mtp(p: Path) -> None:
+        index = json.loads((p / "model.safetensors.index.json").read_text())
+        _drop_tensors(p, {k for k in index["weight_map"] if k.startswith("mtp.")})
+
+    source = _broken_copy(tiny_moe_checkpoint.path, tmp_path / "src", drop_mtp)
+    tensors = converted(source, tmp_path / "out")
+    assert not any(k.startswith("mtp.") for k in tensors)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"] == 0
+    assert "no mtp.* tensors" in capfd.readouterr().err
+
+
+def test_hub_ids_use_the_local_cache_first_and_dry_run_fetches_only_the_config(tiny_moe_checkpoint, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only))
+        return str(tiny_moe_checkpoint.path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    sizes = predict_recipes("Qwen/Qwen3.5-Tiny")
+    assert calls == [("Qwen/Qwen3.5-Tiny", ("config.json",), True)]
+    assert set(sizes) == set(RECIPES)
+    assert convert_module.resolve_checkpoint("Qwen/Qwen3.5-Tiny") == tiny_moe_checkpoint.path
+    assert calls[-1] == ("Qwen/Qwen3.5-Tiny", tuple(convert_module.HUB_PATTERNS), True)
+    with pytest.raises(Qwen35Error, match="no such directory"):
+        convert_module.resolve_checkpoint("./not/a/dir")
