@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -65,8 +66,16 @@ def generate(
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
+    image: Optional[list[str]] = typer.Option(None, "--image", help="Image file to ask about (repeat for several)."),
+    video: Optional[str] = typer.Option(None, "--video", help="Video file to ask about."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest image area in pixels (default: the checkpoint's)."),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Smallest image area in pixels (default: the checkpoint's)."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2)."),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Most video frames sampled."),
+    video_start: Optional[float] = typer.Option(None, "--video-start", help="Start of the video window, in seconds (default 0)."),
+    video_end: Optional[float] = typer.Option(None, "--video-end", help="End of the video window, in seconds (default start + 60)."),
 ) -> None:
-    """Generate a reply to one prompt, streaming it to the terminal."""
+    """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
     from . import load
     from .generation import recommended_sampling, stream_generate
 
@@ -76,10 +85,29 @@ def generate(
     overrides = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty)
     sampling.update({k: v for k, v in overrides.items() if v is not None})
     model_obj, processor = load(model)
+    media = [{"type": "image", "image": path} for path in image or []] + ([{"type": "video", "video": video}] if video else [])
+    if raw and media:
+        raise Qwen35Error("--raw sends text only; drop --raw to ask about --image / --video")
+    vision_tokens, vision_seconds = 0, 0.0
     if raw:
         request = prompt
     else:
-        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        content = media + [{"type": "text", "text": prompt}] if media else prompt
+        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    if media:
+        started = time.perf_counter()
+        request = processor(
+            request,
+            enable_thinking=think,
+            max_pixels=max_pixels,
+            min_pixels=min_pixels,
+            fps=fps,
+            max_frames=max_frames,
+            video_start=video_start,
+            video_end=video_end,
+        )
+        vision_seconds = time.perf_counter() - started
+        vision_tokens = processor.vision_token_count(request)
     text, last = [], None
     for last in stream_generate(
         model_obj,
@@ -103,6 +131,8 @@ def generate(
             generation_tps=round(last.generation_tps, 3),
             peak_memory_gb=round(last.peak_memory, 3),
             finish_reason=last.finish_reason,
+            vision_tokens=vision_tokens,
+            vision_seconds=round(vision_seconds, 3),
         )
         typer.echo(json.dumps(stats, ensure_ascii=False))
     else:
