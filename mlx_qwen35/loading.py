@@ -85,6 +85,14 @@ def _compute_on_cpu_in_fp32(model: nn.Module) -> None:
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
 
 
+def _activation_dtype(model: Qwen35Model) -> mx.Dtype:
+    """The dtype of the first layer's projection weights (or their scales): what the checkpoint computes in."""
+    for name, array in tree_flatten(model.language_model.layers[0].parameters()):
+        if mx.issubdtype(array.dtype, mx.floating) and name.endswith(("proj.weight", "proj.scales")):
+            return array.dtype
+    return mx.bfloat16
+
+
 def _set_wired_limit(model: nn.Module) -> None:
     """On Metal, wire the model's memory so macOS does not page it out between tokens; warn if it cannot fit."""
     info = mx.device_info()
@@ -139,7 +147,9 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
     model.load_weights([(k, v) for k, v in weights.items() if k in expected], strict=False)
     if not mx.metal.is_available():
         _compute_on_cpu_in_fp32(model)
+        model.language_model.compute_dtype = mx.float32
     else:
+        model.language_model.compute_dtype = _activation_dtype(model)
         _set_wired_limit(model)
     model.eval()
     return model

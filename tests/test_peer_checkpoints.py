@@ -13,9 +13,9 @@ Two things in the setup are forced by the peers or by the dtype contract:
   fixtures cut to their first four layers (linear ×3, full), which is the interval-4 pattern.
 * A quantised embedding in an fp mode (mxfp4/nvfp4/mxfp8) has uint8 scales, so MLX dequantises its
   lookups to bfloat16. The values are exact in bfloat16 and mlx-lm's norms promote back to
-  float32, but our zero-centred norm casts its output to the input dtype, so our first layer runs
-  on a bfloat16 input (``test_fp_mode_embedding_does_not_lower_precision``, an expected failure
-  until the model casts). The parity tests give both models float32 lookups: apples to apples.
+  float32; our model casts the embedding rows to its compute dtype (float32 off Metal), which
+  ``test_fp_mode_embedding_does_not_lower_precision`` checks. The parity tests give both models
+  float32 lookups: apples to apples.
 """
 
 from __future__ import annotations
@@ -228,13 +228,6 @@ def test_greedy_continuation_matches_peer(pair):
     assert mine == peer[:GREEDY_TOKENS]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fp-mode quantised embeddings dequantise to bfloat16; RMSNorm1p casts back to the input dtype, so layer 0 "
-    "runs on a bfloat16 input (and the RoPE tables are built in bfloat16). Fix: cast the embedding output to the "
-    "compute dtype in LanguageModel",
-)
 def test_fp_mode_embedding_does_not_lower_precision(peer_sources, peer_dir):
     """Off Metal we compute in float32: token ids must give the logits their float32 embeddings give."""
     case = next(c for c in CASES if c.name == "mlx-lm-moe-mxfp4")

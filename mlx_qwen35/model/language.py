@@ -48,6 +48,9 @@ class LanguageModel(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._first_attention = cfg.layer_types.index("full_attention")
+        # The dtype activations run in; set by the loader (float32 off Metal). A quantised embedding in
+        # mxfp/nvfp modes returns bfloat16 rows, which would otherwise pull the first layer down to bf16.
+        self.compute_dtype: mx.Dtype | None = None
 
     def __call__(
         self,
@@ -58,6 +61,8 @@ class LanguageModel(nn.Module):
     ) -> mx.array:
         """Hidden states [B, T, H] after the final norm. position_ids [3, B, T]; default: text after the cache's tokens."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.compute_dtype is not None:
+            x = x.astype(self.compute_dtype)
         B, T, _ = x.shape
         if position_ids is None:
             offset = cache[self._first_attention].offset + getattr(cache, "rope_delta", 0) if cache is not None else 0
