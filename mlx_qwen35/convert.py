@@ -90,17 +90,28 @@ class SourceTensor:
     offset: int  # absolute file offset of the first byte
     scale: SourceTensor | None = None  # block-FP8: the weight_scale_inv tensor
 
-    def read_rows(self, start: int, stop: int) -> mx.array:
-        """Rows [start, stop) along axis 0, decoded (FP8 dequantised to fp32)."""
+    def read_rows(self, start: int, stop: int, axis1: tuple[int, int] | None = None) -> mx.array:
+        """Rows [start, stop) along axis 0, optionally only [a, b) along axis 1, decoded (FP8 dequantised to fp32)."""
         raw_dtype, view = _SOURCE_DTYPES[self.dtype]
-        row_shape = self.shape[1:]
-        row_bytes = np.dtype(raw_dtype).itemsize * math.prod(row_shape)
+        itemsize = np.dtype(raw_dtype).itemsize
+        row_bytes = itemsize * math.prod(self.shape[1:])
+        if axis1 is None:  # one contiguous read
+            spans = [(self.offset + start * row_bytes, (stop - start) * row_bytes)]
+            shape = (stop - start,) + self.shape[1:]
+        else:  # one read per row: only the wanted slab of each
+            a, b = axis1
+            sub_bytes = itemsize * math.prod(self.shape[2:])
+            spans = [(self.offset + r * row_bytes + a * sub_bytes, (b - a) * sub_bytes) for r in range(start, stop)]
+            shape = (stop - start, b - a) + self.shape[2:]
         with open(self.file, "rb") as f:
-            f.seek(self.offset + start * row_bytes)
-            buf = f.read((stop - start) * row_bytes)
-        if len(buf) != (stop - start) * row_bytes:
+            parts = []
+            for offset, size in spans:
+                f.seek(offset)
+                parts.append(f.read(size))
+        buf = b"".join(parts) if len(parts) > 1 else parts[0]
+        if len(buf) != sum(size for _, size in spans):
             raise Qwen35Error(f"{self.file}: truncated inside tensor '{self.key}'; re-download this shard")
-        x = mx.array(np.frombuffer(buf, dtype=raw_dtype).reshape((stop - start,) + row_shape))
+        x = mx.array(np.frombuffer(buf, dtype=raw_dtype).reshape(shape))
         if view is not None:
             x = x.view(view)
         if self.dtype == "F8_E4M3":
@@ -264,9 +275,9 @@ def _conv1d(src: SourceTensor) -> Callable[[int, int], mx.array]:
 
 
 def _fused_half(src: SourceTensor, half: int) -> Callable[[int, int], mx.array]:
-    # gate_up_proj [E, 2I, H]: rows 0..I-1 are gate, I..2I-1 up
+    # gate_up_proj [E, 2I, H]: rows 0..I-1 are gate, I..2I-1 up; read only the wanted half of each expert
     inter = src.shape[1] // 2
-    return lambda a, b: src.read_rows(a, b)[:, half * inter : (half + 1) * inter]
+    return lambda a, b: src.read_rows(a, b, axis1=(half * inter, (half + 1) * inter))
 
 
 def _stacked(experts: list[SourceTensor]) -> Callable[[int, int], mx.array]:

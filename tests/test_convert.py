@@ -75,11 +75,14 @@ def test_fp8_layout_converts_like_its_dequantised_weights(tiny_moe_fp8_checkpoin
     assert_identical(fp8, reference)
 
 
-def test_chunked_streaming_gives_the_same_tensors(tiny_moe_fp8_checkpoint, tmp_path, monkeypatch):
-    # Default chunks hold whole tiny tensors; tiny chunks split rows (FP8: at 128-row scale blocks).
-    whole = converted(tiny_moe_fp8_checkpoint.path, tmp_path / "whole", "4bit")
+@pytest.mark.parametrize("layout", ["tiny_moe_fp8_checkpoint", "tiny_moe_fused_checkpoint"])
+def test_chunked_streaming_gives_the_same_tensors(layout, request, tmp_path, monkeypatch):
+    # Default chunks hold whole tiny tensors; tiny chunks split rows (FP8: at 128-row scale blocks;
+    # fused: a few experts at a time, each read as its gate or up half).
+    checkpoint = request.getfixturevalue(layout)
+    whole = converted(checkpoint.path, tmp_path / "whole", "4bit")
     monkeypatch.setattr(convert_module, "CHUNK_ELEMENTS", 512)
-    assert_identical(converted(tiny_moe_fp8_checkpoint.path, tmp_path / "chunked", "4bit"), whole)
+    assert_identical(converted(checkpoint.path, tmp_path / "chunked", "4bit"), whole)
 
 
 def test_experts_are_stacked_in_order(tiny_moe_checkpoint, per_expert_fp32):
