@@ -16,7 +16,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from mlx_lm.models.cache import ArraysCache, KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
 from .errors import Qwen35Error
 
@@ -35,9 +35,13 @@ class ModelCache(list):
         self._snapshots: list[weakref.ref] = []
 
 
-def make_cache(model) -> ModelCache:
-    """A fresh cache for ``model``: KVCache per attention layer, ArraysCache(2) per DeltaNet layer."""
-    return ModelCache([ArraysCache(size=2) if layer.is_linear else KVCache() for layer in model.layers])
+def make_cache(model, kv_bits: int | None = None, kv_group_size: int = 64) -> ModelCache:
+    """A fresh cache for ``model``: K/V per attention layer (quantised to ``kv_bits`` if given), ArraysCache(2) per DeltaNet layer."""
+
+    def attention_cache():
+        return QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) if kv_bits else KVCache()
+
+    return ModelCache([ArraysCache(size=2) if layer.is_linear else attention_cache() for layer in model.layers])
 
 
 def cache_length(cache: list) -> int:

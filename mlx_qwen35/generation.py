@@ -60,6 +60,34 @@ def _vocab_mask(model, processor) -> mx.array | None:
     return mx.where(mx.arange(vocab) < real, 0.0, -mx.inf)
 
 
+class ThinkingBudget:
+    """Closes an open ``<think>`` block after ``budget`` generated tokens by forcing ``\n</think>\n\n``."""
+
+    def __init__(self, processor, prompt_tokens: list[int], budget: int | None):
+        convert = processor.tokenizer.convert_tokens_to_ids
+        self.close_id = convert("</think>")
+        open_id = convert("<think>")
+        last_open = max((i for i, t in enumerate(prompt_tokens) if t == open_id), default=-1)
+        last_close = max((i for i, t in enumerate(prompt_tokens) if t == self.close_id), default=-1)
+        self.thinking = budget is not None and last_open > last_close  # the prompt left a block open
+        self.budget = budget or 0
+        self.spent = 0
+        self.closing = processor.encode("\n</think>\n\n")
+        self.forced: list[int] = list(self.closing) if self.thinking and self.budget <= 0 else []
+
+    def choose(self, sampled: int) -> int:
+        """The token to emit: the sampled one, or the next of the forced closing sequence."""
+        token = self.forced.pop(0) if self.forced else sampled
+        if self.thinking:
+            if token == self.close_id:
+                self.thinking = False
+            elif not self.forced:
+                self.spent += 1
+                if self.spent >= self.budget:
+                    self.forced = list(self.closing)
+        return token
+
+
 def prefill(model, tokens: mx.array, cache: list, step_size: int = 2048) -> None:
     """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length."""
     for start in range(0, tokens.shape[0], step_size):
@@ -86,6 +114,8 @@ def stream_generate(
     prefill_step_size: int = 2048,
     enable_thinking: bool = True,
     tools: list[dict] | None = None,
+    thinking_budget: int | None = None,
+    kv_bits: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt``, yielding a response per token. A caller-owned ``cache`` continues from its contents."""
     tokens = prompt_token_ids(processor, prompt, enable_thinking, tools)
@@ -93,7 +123,8 @@ def stream_generate(
         raise Qwen35Error("the prompt is empty; give some text")
     if seed is not None:
         mx.random.seed(seed)
-    cache = cache if cache is not None else make_cache(model)
+    cache = cache if cache is not None else make_cache(model, kv_bits=kv_bits)
+    budget = ThinkingBudget(processor, tokens, thinking_budget)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
     vocab_mask = _vocab_mask(model, processor)
@@ -122,7 +153,9 @@ def stream_generate(
     text, emitted = "", 0  # with stop strings: all text so far, and how much of it was yielded
     hold = max((len(s) for s in stop or []), default=1) - 1
     for n in range(1, max_tokens + 1):
-        token_id = token.item()
+        token_id = budget.choose(token.item())
+        if token_id != token.item():
+            token = mx.array([token_id], dtype=token.dtype)
         history = mx.concatenate([history, token])
         finish = None
         if token_id in eos:

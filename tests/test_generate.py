@@ -110,3 +110,37 @@ def test_cli_missing_model_is_one_line(tmp_path):
     result = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "nope" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_thinking_budget_closes_the_block_and_an_answer_follows(loaded):
+    model, processor = loaded
+    messages = [{"role": "user", "content": "hello there"}]
+    closing = processor.encode("\n</think>\n\n")
+    tokens = [r.token for r in stream_generate(model, processor, messages, max_tokens=16, thinking_budget=5)]
+    close_id = processor.tokenizer.convert_tokens_to_ids("</think>")
+    assert close_id in tokens[:5] or tokens[5 : 5 + len(closing)] == closing
+    assert len(tokens) == 16  # the answer goes on after the block is closed
+    # A zero budget closes the block at once; thinking off leaves the budget nothing to close.
+    tokens = [r.token for r in stream_generate(model, processor, messages, max_tokens=6, thinking_budget=0)]
+    assert tokens[: len(closing)] == closing
+    off = [r.token for r in stream_generate(model, processor, messages, max_tokens=6, enable_thinking=False)]
+    off_budget = [
+        r.token for r in stream_generate(model, processor, messages, max_tokens=6, enable_thinking=False, thinking_budget=0)
+    ]
+    assert off == off_budget
+
+
+def test_quantized_kv_cache_stays_close(loaded, tiny_moe_checkpoint):
+    """8-bit K/V: logits within 2% of their range of the float cache's after prefill + decode."""
+    from mlx_qwen35.cache import make_cache
+
+    model, _ = loaded
+    ids = tiny_moe_checkpoint.prompt_ids(24)
+
+    def run(cache) -> mx.array:
+        model(mx.array([ids[:20]]), cache)
+        return mx.concatenate([model(mx.array([[t]]), cache)[0] for t in ids[20:]])
+
+    exact, quantized = run(make_cache(model)), run(make_cache(model, kv_bits=8, kv_group_size=32))  # tiny head_dim 32
+    assert type(make_cache(model, kv_bits=8, kv_group_size=32)[3]).__name__ == "QuantizedKVCache"
+    assert float(mx.abs(exact - quantized).max()) <= 0.02 * float(exact.max() - exact.min())
