@@ -145,6 +145,48 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: str = typer.Option(..., "--model", "-m", help="MLX checkpoint directory or Hub repo id."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering (/think on|off switches)."),
+    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", help="Close the reasoning after this many tokens."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the reasoning, only the answer."),
+    max_tokens: int = typer.Option(32768, "--max-tokens", help="Most tokens to generate per answer."),
+    temp: Optional[float] = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy; default: the model card's)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Most tokens of context (default: the model's)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits."),
+    sessions_dir: Optional[Path] = typer.Option(
+        None, "--sessions-dir", envvar="MLX_QWEN35_SESSIONS_DIR", help="Where /save and /load keep conversations."
+    ),
+) -> None:
+    """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
+    from .repl import run_chat
+
+    run_chat(
+        model=model,
+        system=system,
+        enable_thinking=think,
+        thinking_budget=thinking_budget,
+        hide_thinking=hide_thinking,
+        max_tokens=max_tokens,
+        sampling_overrides=dict(
+            temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        ),
+        seed=seed,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        sessions_dir=sessions_dir,
+    )
+
+
+@app.command()
 def demo(
     max_tokens: int = typer.Option(48, "--max-tokens", help="Tokens to generate."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the embedded demo checkpoint."),
