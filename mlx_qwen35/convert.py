@@ -265,10 +265,6 @@ def our_name(hf_name: str) -> str | None:
     return None
 
 
-def _plain(src: SourceTensor) -> Callable[[int, int], mx.array]:
-    return src.read_rows
-
-
 def _conv1d(src: SourceTensor) -> Callable[[int, int], mx.array]:
     # HF [C, 1, K] → MLX depthwise [C, K, 1]
     return lambda a, b: mx.swapaxes(src.read_rows(a, b), 1, 2)
@@ -298,7 +294,7 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
             per_expert.setdefault(f"{m['prefix']}.{m['proj']}_proj.weight", {})[int(m["e"])] = src
         elif m := _FUSED.match(name):
             if m["proj"] == "down":
-                outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(f"{m['prefix']}.down_proj.weight", src.shape, _plain(src))
+                outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(f"{m['prefix']}.down_proj.weight", src.shape, src.read_rows)
             else:
                 E, two_i, H = src.shape
                 for half, proj in enumerate(("gate", "up")):
@@ -308,7 +304,7 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
             C, one, K = src.shape
             outputs[name] = OutputTensor(name, (C, K, one), _conv1d(src))
         else:
-            outputs[name] = OutputTensor(name, src.shape, _plain(src), fp8=src.dtype == "F8_E4M3")
+            outputs[name] = OutputTensor(name, src.shape, src.read_rows, fp8=src.dtype == "F8_E4M3")
 
     num_experts = cfg.text.num_experts
     for name, experts in per_expert.items():
@@ -317,6 +313,9 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
             hf = _hf_name(name).replace("experts.", f"experts.{missing[0]}.")
             raise Qwen35Error(f"{listing}: tensor '{hf}' (expert {missing[0]} of {num_experts}) is missing; the checkpoint is incomplete, re-download it")
         ordered = [experts[e] for e in range(num_experts)]
+        odd = next((t for t in ordered if t.shape != ordered[0].shape), None)
+        if odd is not None:
+            raise Qwen35Error(f"{odd.file}: expert tensor '{odd.key}' has shape {list(odd.shape)}, unlike expert 0 {list(ordered[0].shape)}; re-download it")
         outputs[name] = OutputTensor(name, (num_experts,) + ordered[0].shape, _stacked(ordered))
 
     has_mtp = any(n.startswith("mtp.") for n in outputs)

@@ -17,9 +17,9 @@ from .config import ModelConfig, parse_config
 from .errors import Qwen35Error
 
 QUANT_MODE = "affine"
-PREFERRED_GROUP_SIZE = 64
-# When the last dim is not a multiple of 64, a smaller group still quantises it; else it stays unquantised.
-FALLBACK_GROUP_SIZES = (64, 32)
+# In order of preference: when the last dim is not a multiple of 64, a group of 32 still quantises it;
+# else the weight stays unquantised (recorded as false in the map).
+GROUP_SIZES = (64, 32)
 # Router and shared-expert gate: tiny, and a flipped expert choice costs more than their bytes
 # (the mlx-community convention for Qwen MoE conversions).
 ROUTER_SPEC_BITS = 8
@@ -72,7 +72,7 @@ class Recipe:
             bits = self.bulk_bits
         else:
             bits = self.other_bits
-        group_size = next((g for g in FALLBACK_GROUP_SIZES if shape[-1] % g == 0), None)
+        group_size = next((g for g in GROUP_SIZES if shape[-1] % g == 0), None)
         return QuantSpec(bits, group_size) if group_size else None
 
 
@@ -145,7 +145,7 @@ def quantization_config(recipe: Recipe, tensors: dict[str, tuple[int, ...]]) -> 
     """The mlx-lm style ``quantization`` block: defaults plus every quantisable module, explicitly."""
     if not recipe.quantizes:
         return None
-    block: dict = QuantSpec(recipe.bulk_bits, PREFERRED_GROUP_SIZE).as_dict()
+    block: dict = QuantSpec(recipe.bulk_bits, GROUP_SIZES[0]).as_dict()
     for name, shape in tensors.items():
         if is_quantizable(name, shape):
             spec = recipe.spec_for(name, shape)
