@@ -25,6 +25,11 @@ def emulating() -> bool:
     return _emulate
 
 
+def kernel_forced(requested: bool | None) -> bool:
+    """Whether the caller or the switch asked for the kernel explicitly (then an unsupported shape is an error)."""
+    return bool(_use_kernels if requested is None else requested)
+
+
 def resolve_use_kernel(requested: bool | None) -> bool:
     """Decide for one wrapper call whether its kernel runs (see the module docstring)."""
     flag = _use_kernels if requested is None else requested

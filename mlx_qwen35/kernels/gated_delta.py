@@ -9,7 +9,7 @@ with the fp32 state S [B, Hv, Dv, Dk] (value rows × key columns). Value head h 
 import mlx.core as mx
 
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.kernels import resolve_use_kernel
+from mlx_qwen35.kernels import kernel_forced, resolve_use_kernel
 from mlx_qwen35.kernels.metal_source import metal_kernel
 
 CHUNK = 64  # tokens per chunk of the WY/UT form (HF and FLA use 64)
@@ -54,6 +54,17 @@ def _check_shapes(q, k, v, a, b, A_log, dt_bias, state) -> None:
         raise Qwen35Error("gated delta: " + "; ".join(problems))
 
 
+def _takes_kernel(Dk: int, use_kernel: bool | None) -> bool:
+    """Run the kernel? Chosen automatically, an unsupported head size falls back to the pure path; forced, it is an error."""
+    if not resolve_use_kernel(use_kernel):
+        return False
+    if Dk % 32 == 0:
+        return True
+    if kernel_forced(use_kernel):
+        raise Qwen35Error(f"gated delta kernels need Dk a multiple of 32, got {Dk}: use use_kernel=False")
+    return False
+
+
 @mx.compile
 def _step_pure(q, k, v, a, b, A_log, dt_bias, state):
     q, k = _normalize_qk(q[:, 0], k[:, 0])  # [B, Hk, Dk]
@@ -72,7 +83,7 @@ def gated_delta_step(q, k, v, a, b, A_log, dt_bias, state, *, use_kernel: bool |
     _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
     if q.shape[1] != 1:
         raise Qwen35Error(f"gated_delta_step takes one token, got T = {q.shape[1]}: use gated_delta_prefill")
-    if resolve_use_kernel(use_kernel):
+    if _takes_kernel(k.shape[-1], use_kernel):
         return _decode_kernel(q, k, v, a, b, A_log, dt_bias, state)
     return _step_pure(q, k, v, a, b, A_log, dt_bias, state)
 
@@ -173,7 +184,7 @@ def gated_delta_prefill(
     _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
     if mask is not None and mask.shape != q.shape[:2]:
         raise Qwen35Error(f"gated_delta_prefill: mask {mask.shape} != [B, T] = {list(q.shape[:2])}")
-    if resolve_use_kernel(use_kernel):
+    if _takes_kernel(k.shape[-1], use_kernel):
         return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
     o, state = _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask)
     return o.astype(v.dtype), state
@@ -188,8 +199,6 @@ def _kernel_inputs(q, k, v, a, b, A_log, dt_bias):
 
 
 def _kernel_launch(name, inputs, B, T, Hk, Hv, Dk, Dv, dtype):
-    if Dk % 32:
-        raise Qwen35Error(f"gated delta kernels need Dk a multiple of 32, got {Dk}: use use_kernel=False")
     return metal_kernel(name)(
         inputs=inputs,
         template=[("InT", dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
