@@ -83,6 +83,8 @@ def _typed_value(raw: str, schema: dict | None) -> Any:
     types = {types} if isinstance(types, str) else set(types or [])
     if types and types <= {"string"}:
         return raw
+    if "boolean" in types and raw in ("True", "False"):
+        return raw == "True"  # the chat template renders a bool argument of a past call Python-style
     try:
         value = json.loads(raw)
     except ValueError:
