@@ -75,6 +75,7 @@ class ConversationSettings:
     max_tokens: int = 32768
     thinking_budget: int | None = None
     kv_bits: int | None = None
+    kv_group_size: int = 64
     prefill_step_size: int = 2048
 
 
@@ -89,7 +90,7 @@ class Conversation:
         self.last_stats = TurnStats()
         if seed is not None:
             mx.random.seed(seed)  # once: a retry should draw a new reply, not the same one
-        self.cache = make_cache(model, kv_bits=self.settings.kv_bits)
+        self.cache = make_cache(model, self.settings.kv_bits, self.settings.kv_group_size)
         self._cache_tokens: list[int] | None = []  # what the live cache holds; None: unknown (interrupted)
         self._checkpoints = [_Checkpoint((), snapshot(self.cache))]
         encode = processor.encode
