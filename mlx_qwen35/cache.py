@@ -92,3 +92,12 @@ def restore(cache: ModelCache, snap: Snapshot) -> None:
         if ref().length > snap.length:
             ref().stale = True
     cache._snapshots = [ref for ref in alive if not ref().stale]
+
+
+def rebuilt_snapshot(cache: ModelCache, length: int, recurrent: list, rope_delta: int) -> Snapshot:
+    """A snapshot of an earlier state of ``cache`` from saved recurrent arrays (a loaded prompt cache); K/V before ``length`` must be that state's."""
+    if length > cache_length(cache):
+        raise Qwen35Error(f"cache snapshot at {length} tokens is ahead of the cache ({cache_length(cache)} tokens)")
+    snap = Snapshot(length, recurrent, rope_delta, weakref.ref(cache))
+    cache._snapshots.append(weakref.ref(snap))
+    return snap
