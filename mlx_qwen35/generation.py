@@ -16,8 +16,9 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .cache import make_cache
 from .errors import Qwen35Error
+from .processing.inputs import ModelInputs
 
-Prompt = str | list[dict] | list[int] | mx.array
+Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ def recommended_sampling(enable_thinking: bool) -> dict:
 
 
 def prompt_token_ids(processor, prompt: Prompt, enable_thinking: bool = True, tools: list | None = None) -> list[int]:
-    """Token ids for a raw string, a list of chat messages (rendered with the template) or ids."""
+    """Token ids for a raw string, a list of chat messages (rendered with the template), ids or ModelInputs."""
+    if isinstance(prompt, ModelInputs):
+        return list(prompt.input_ids)
     if isinstance(prompt, mx.array):
         return prompt.reshape(-1).tolist()
     if isinstance(prompt, str):
@@ -88,10 +91,19 @@ class ThinkingBudget:
         return token
 
 
-def prefill(model, tokens: mx.array, cache: list, step_size: int = 2048) -> None:
-    """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length."""
+def prefill(
+    model, tokens: mx.array, cache: list, step_size: int = 2048, embeds: mx.array | None = None, positions: mx.array | None = None
+) -> None:
+    """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length.
+
+    A multimodal prompt comes as ``embeds`` [1, T, H] and ``positions`` [3, 1, T] (``model.prompt_embeddings``).
+    """
     for start in range(0, tokens.shape[0], step_size):
-        model(tokens[None, start : start + step_size], cache)
+        chunk = slice(start, start + step_size)
+        if embeds is None:
+            model(tokens[None, chunk], cache)
+        else:
+            model(None, cache, inputs_embeds=embeds[:, chunk], position_ids=positions[..., chunk])
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
@@ -144,7 +156,14 @@ def stream_generate(
         return token, logprobs.squeeze(0)
 
     start = time.perf_counter()
-    prefill(model, history[:-1], cache, prefill_step_size)
+    if isinstance(prompt, ModelInputs) and prompt.has_vision:
+        embeds, positions, rope_delta = model.prompt_embeddings(prompt, cache)
+        mx.eval(embeds)  # the vision tower, once, before the chunks slice it
+        # The last token is text (<|vision_end|> at the latest), so the step below embeds it itself.
+        prefill(model, history[:-1], cache, prefill_step_size, embeds[:, :-1], positions[..., :-1])
+        cache.rope_delta = rope_delta
+    else:
+        prefill(model, history[:-1], cache, prefill_step_size)
     token, logprobs = step(history[-1:])
     mx.eval(token, logprobs)
     prompt_tps = len(tokens) / (time.perf_counter() - start)

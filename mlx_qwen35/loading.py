@@ -135,7 +135,7 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
         )
     if "mtp.fc.weight" not in weights and hasattr(model, "mtp"):
         del model.mtp  # peer conversions drop the MTP head; generation works without it
-    extra = sorted(k for k in weights if k not in expected and not k.startswith("visual."))
+    extra = sorted(k for k in weights if k not in expected and not (k.startswith("visual.") and "visual" not in model))
     if extra:
         raise Qwen35Error(f"{model_dir}: unexpected tensor {extra[0]} (and {len(extra) - 1} more); wrong model_type?")
     for key, array in weights.items():

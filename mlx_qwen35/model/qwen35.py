@@ -1,13 +1,19 @@
-"""The whole Qwen3.5 model: language model + MTP head (+ the vision tower, added by the vision work)."""
+"""The whole Qwen3.5 model: language model + MTP head + vision tower (when the config has one)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from ..cache import cache_length
 from ..config import ModelConfig
+from ..errors import Qwen35Error
+from ..processing.inputs import ModelInputs
 from .language import LanguageModel
+from .mrope_positions import mrope_positions
 from .mtp import MTP
+from .vision import VisionModel
 
 
 class Qwen35Model(nn.Module):
@@ -19,16 +25,54 @@ class Qwen35Model(nn.Module):
         self.language_model = LanguageModel(config.text)
         if config.text.mtp_num_hidden_layers:
             self.mtp = MTP(config.text, self.language_model.rope)
+        if config.vision is not None:
+            self.visual = VisionModel(config.vision)
 
     def __call__(
         self,
         input_ids: mx.array | None = None,
         cache: list | None = None,
+        *,
         inputs_embeds: mx.array | None = None,
         position_ids: mx.array | None = None,
+        pixel_values: mx.array | None = None,
+        image_grid_thw: mx.array | None = None,
+        pixel_values_videos: mx.array | None = None,
+        video_grid_thw: mx.array | None = None,
     ) -> mx.array:
+        """Logits [B, T, V]. With vision inputs (one prompt, B = 1) the placeholders take the tower's features."""
+        if pixel_values is not None or pixel_values_videos is not None:
+            if input_ids is None or input_ids.size != input_ids.shape[-1]:
+                raise Qwen35Error("vision inputs need the prompt's input_ids, one prompt (batch 1) at a time")
+            inputs = ModelInputs(input_ids.reshape(-1).tolist(), pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            inputs_embeds, mm_positions, rope_delta = self.prompt_embeddings(inputs, cache)
+            position_ids = mm_positions if position_ids is None else position_ids
+            if cache is not None:
+                cache.rope_delta = rope_delta
         hidden = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, position_ids=position_ids)
         return self.language_model.logits(hidden)
+
+    def prompt_embeddings(self, inputs: ModelInputs, cache: list | None = None) -> tuple[mx.array, mx.array, int]:
+        """A prompt with images/videos → (inputs_embeds [1, T, H], position_ids [3, 1, T], the cache's rope_delta after it).
+
+        Positions continue after what ``cache`` already holds, so a multimodal turn can follow earlier ones.
+        """
+        ids = np.asarray(inputs.input_ids).reshape(-1)
+        if inputs.has_vision and "visual" not in self:
+            raise Qwen35Error("this checkpoint has no vision tower (config.json has no vision_config); send text only")
+        positions, delta = mrope_positions(ids, self.config, inputs.image_grid_thw, inputs.video_grid_thw)
+        prior_delta = getattr(cache, "rope_delta", 0)
+        offset = cache_length(cache) + prior_delta if cache is not None else 0
+        embeds = self.language_model.embed_tokens(mx.array(ids))  # [T, H]
+        for token_id, pixels, grid in (
+            (self.config.image_token_id, inputs.pixel_values, inputs.image_grid_thw),
+            (self.config.video_token_id, inputs.pixel_values_videos, inputs.video_grid_thw),
+        ):
+            if pixels is not None:
+                # Features come out in prompt order (items in sequence, merge-block order within each).
+                embeds[mx.array(np.flatnonzero(ids == token_id))] = self.visual(pixels, grid).astype(embeds.dtype)
+        position_ids = mx.array(positions + offset)[:, None]  # [3, 1, T]
+        return embeds[None], position_ids, prior_delta + delta
 
     @property
     def layers(self) -> list:
