@@ -59,7 +59,9 @@ class TurnStats:
 
 
 @dataclass(frozen=True)
-class _Checkpoint:
+class Checkpoint:
+    """A snapshot of the cache and the tokens the cache held when it was taken."""
+
     tokens: tuple[int, ...]
     snapshot: Snapshot
 
@@ -91,8 +93,8 @@ class Conversation:
         if seed is not None:
             mx.random.seed(seed)  # once: a retry should draw a new reply, not the same one
         self.cache = make_cache(model, self.settings.kv_bits, self.settings.kv_group_size)
-        self._cache_tokens: list[int] | None = []  # what the live cache holds; None: unknown (interrupted)
-        self._checkpoints = [_Checkpoint((), snapshot(self.cache))]
+        self.cache_tokens: list[int] | None = []  # what the live cache holds; None: unknown (interrupted)
+        self.checkpoints: list[Checkpoint] = [Checkpoint((), snapshot(self.cache))]
         encode = processor.encode
         self._im_start = encode("<|im_start|>")[0]
         self._user_header = encode("<|im_start|>user\n")
@@ -160,17 +162,17 @@ class Conversation:
 
     def _restore_longest_prefix(self, tokens: list[int]) -> int:
         """Bring the cache to the longest reusable prefix of ``tokens`` (≥ 1 token left to run); its length."""
-        live = self._cache_tokens
+        live = self.cache_tokens
         best_live = live is not None and len(live) < len(tokens) and tokens[: len(live)] == live
         best_length = len(live) if best_live else -1
         best_checkpoint = None
-        for checkpoint in self._checkpoints:
+        for checkpoint in self.checkpoints:
             n = len(checkpoint.tokens)
             if best_length < n < len(tokens) and tuple(tokens[:n]) == checkpoint.tokens and not checkpoint.snapshot.stale:
                 best_checkpoint, best_length = checkpoint, n
         if best_checkpoint is not None:
             restore(self.cache, best_checkpoint.snapshot)
-            self._cache_tokens = list(best_checkpoint.tokens)
+            self.cache_tokens = list(best_checkpoint.tokens)
         return best_length
 
     def _checkpoint_positions(self, tokens: list[int], start: int) -> list[int]:
@@ -190,18 +192,18 @@ class Conversation:
         for point in self._checkpoint_positions(tokens, start):
             prefill(self.model, mx.array(tokens[position:point]), self.cache, self.settings.prefill_step_size)
             position = point
-            self._cache_tokens = tokens[:point]
-            self._checkpoints.append(_Checkpoint(tuple(tokens[:point]), snapshot(self.cache)))
+            self.cache_tokens = tokens[:point]
+            self.checkpoints.append(Checkpoint(tuple(tokens[:point]), snapshot(self.cache)))
         self._prune_checkpoints(tokens)
         return position
 
     def _prune_checkpoints(self, tokens: list[int]) -> None:
         """Keep the checkpoints the next operations can use; each holds the recurrent state of every layer."""
         on_path = sorted(
-            (c for c in self._checkpoints if not c.snapshot.stale and tuple(tokens[: len(c.tokens)]) == c.tokens),
+            (c for c in self.checkpoints if not c.snapshot.stale and tuple(tokens[: len(c.tokens)]) == c.tokens),
             key=lambda c: len(c.tokens),
         )
-        self._checkpoints = on_path[:CHECKPOINTS_KEPT_AT_START] + on_path[CHECKPOINTS_KEPT_AT_START:][-CHECKPOINTS_KEPT_AT_END:]
+        self.checkpoints = on_path[:CHECKPOINTS_KEPT_AT_START] + on_path[CHECKPOINTS_KEPT_AT_START:][-CHECKPOINTS_KEPT_AT_END:]
 
     # -- one reply --------------------------------------------------------------------------------
 
@@ -252,7 +254,7 @@ class Conversation:
             if generated:
                 self.messages.append(_reply_message(pieces))
             fed = tokens + generated
-            self._cache_tokens = fed[: cache_length(self.cache)] if cache_consistent else None
+            self.cache_tokens = fed[: cache_length(self.cache)] if cache_consistent else None
             stats.context_tokens = cache_length(self.cache)
 
 

@@ -1,0 +1,121 @@
+"""Saved conversations: a round trip continues exactly as the unsaved conversation would; another model,
+a corrupted or foreign file → one clear error, with the conversation text still readable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mlx_qwen35 import load
+from mlx_qwen35.conversation import Conversation, ConversationSettings
+from mlx_qwen35.convert import convert
+from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.prompt_cache import (
+    CACHE_FILE,
+    CONVERSATION_FILE,
+    load_conversation,
+    model_fingerprint,
+    read_saved_conversation,
+    save_conversation,
+)
+
+SETTINGS = dict(system="Be brief.", max_tokens=8, thinking_budget=2, sampling={"temp": 0.0, "presence_penalty": 0.0})
+
+
+def converted(checkpoint, tmp_path_factory, name: str):
+    out = tmp_path_factory.mktemp(name) / "model"
+    convert(
+        hf_path=str(checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
+        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
+    )
+    return load(str(out))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_moe_checkpoint, tmp_path_factory):
+    return converted(tiny_moe_checkpoint, tmp_path_factory, "prompt-cache-moe")
+
+
+@pytest.fixture(scope="module")
+def other_model(tiny_dense_checkpoint, tmp_path_factory):
+    return converted(tiny_dense_checkpoint, tmp_path_factory, "prompt-cache-dense")
+
+
+@pytest.fixture()
+def saved(loaded, tmp_path):
+    """A two-turn conversation saved to disk, and the live one it was saved from."""
+    model, processor = loaded
+    conversation = Conversation(model, processor, ConversationSettings(**SETTINGS))
+    for text in ("What is MLX?", "And Metal?"):
+        list(conversation.send(text))
+    return save_conversation(conversation, tmp_path / "chat"), conversation
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8], ids=["kv-float", "kv-8bit"])
+def test_round_trip_continues_exactly_like_the_unsaved_conversation(loaded, tmp_path, kv_bits):
+    model, processor = loaded
+    original = Conversation(model, processor, ConversationSettings(**SETTINGS, kv_bits=kv_bits, kv_group_size=32))
+    for text in ("What is MLX?", "And Metal?"):
+        list(original.send(text))
+    restored = load_conversation(save_conversation(original, tmp_path / "chat"), model, processor)
+    assert restored.messages == original.messages and restored.settings == original.settings
+    assert restored.context_tokens == original.context_tokens
+    ours, theirs = list(restored.send("Why?")), list(original.send("Why?"))
+    assert restored.last_stats.reused_tokens == original.last_stats.reused_tokens > 0
+    assert [e.response.token for e in ours] == [e.response.token for e in theirs]
+    a, b = np.array(ours[0].response.logprobs), np.array(theirs[0].response.logprobs)
+    assert np.array_equal(a, b)  # the same arrays, bit for bit
+    # The saved reply-start checkpoint survived: retry after loading reuses up to it.
+    restored = load_conversation(tmp_path / "chat", model, processor)
+    list(restored.retry())
+    assert restored.last_stats.prefilled_tokens == 2  # "<think>\n"
+
+
+def test_another_model_is_refused_and_the_text_stays_readable(saved, other_model, loaded):
+    path, conversation = saved
+    assert model_fingerprint(other_model[0]) != model_fingerprint(loaded[0])
+    with pytest.raises(Qwen35Error, match="another model.*conversation.json"):
+        load_conversation(path, *other_model)
+    assert read_saved_conversation(path)["messages"] == conversation.messages
+
+
+def test_corrupted_arrays_are_refused_and_the_text_stays_readable(saved, loaded):
+    path, conversation = saved
+    data = bytearray((path / CACHE_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / CACHE_FILE).write_bytes(bytes(data))
+    with pytest.raises(Qwen35Error, match="corrupted"):
+        load_conversation(path, *loaded)
+    (path / CACHE_FILE).write_bytes(bytes(data[:100]))
+    with pytest.raises(Qwen35Error, match="corrupted"):
+        load_conversation(path, *loaded)
+    assert read_saved_conversation(path)["messages"] == conversation.messages
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('{"format": "mlx-qwen35-conversation", "vers', "corrupted"),
+        ('{"hello": 1}', "not a saved mlx-qwen35 conversation"),
+        ('{"format": "mlx-qwen35-conversation", "version": 99}', "version 99 is not supported"),
+    ],
+)
+def test_broken_or_foreign_records_are_refused(saved, loaded, text, error):
+    path, _ = saved
+    (path / CONVERSATION_FILE).write_text(text)
+    with pytest.raises(Qwen35Error, match=error):
+        load_conversation(path, *loaded)
+
+
+def test_missing_directory_is_refused(loaded, tmp_path):
+    with pytest.raises(Qwen35Error, match="not a saved conversation"):
+        load_conversation(tmp_path / "nothing", *loaded)
+
+
+def test_record_is_plain_json_with_version_and_fingerprint(saved, loaded):
+    path, _ = saved
+    record = json.loads((path / CONVERSATION_FILE).read_text())
+    assert record["version"] == 1 and record["model_fingerprint"] == model_fingerprint(loaded[0])
+    assert [c["tokens"] for c in record["cache"]["checkpoints"]] == sorted(c["tokens"] for c in record["cache"]["checkpoints"])
