@@ -7,6 +7,9 @@ test_image_processing.py / test_video_processing.py.
 
 from __future__ import annotations
 
+import json
+import sys
+
 import av
 import mlx.core as mx
 import numpy as np
@@ -14,7 +17,9 @@ import pytest
 from checkpoints import TinyCheckpoint
 from PIL import Image
 
+from mlx_qwen35.cli import main
 from mlx_qwen35.config import load_config
+from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.processing.inputs import ModelInputs
 from mlx_qwen35.processing.processor import Processor
@@ -205,3 +210,47 @@ def test_placeholder_tokens_typed_into_the_text_are_refused(processor):
 def test_images_in_a_system_message_are_a_clear_error(processor):
     messages = [{"role": "system", "content": [{"type": "image", "image": picture(64, 64)}]}, {"role": "user", "content": "Hi"}]
     one_line_error(processor, messages, r"the chat template refused the messages: System message cannot contain images")
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_dense_checkpoint: TinyCheckpoint, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("vision-cli") / "model"
+    convert(hf_path=str(tiny_dense_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32")
+    return out
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The console entry point in this process (a subprocess would spend seconds importing MLX again)."""
+    monkeypatch.setattr(sys, "argv", ["mlx-qwen35", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def test_cli_image_and_video_json(converted, clip_path, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "shot.png"
+    picture(320, 256).save(image)
+    code, out, err = run_cli(
+        monkeypatch, capsys,
+        "generate", "--model", str(converted), "--prompt", "What is shown?", "--image", str(image), "--image", str(image),
+        "--video", str(clip_path), "--video-end", "3", "--max-tokens", "2", "--temp", "0", "--json",
+    )  # fmt: skip
+    assert code in (0, None), err
+    stats = json.loads(out)
+    assert stats["vision_tokens"] == 2 * 80 + 3 * 6  # two 80-token images; 3 s → 6 frames → 3 groups of 6
+    assert stats["vision_seconds"] > 0 and stats["prompt_tokens"] > stats["vision_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--image", "none.png"), "error: none.png: no such image file"),
+        (("--image", "https://example.com/a.png"), "error: https://example.com/a.png: URLs are not fetched"),
+        (("--raw", "--image", "none.png"), "error: --raw sends text only"),
+    ],
+)
+def test_cli_vision_errors_are_one_line(converted, args, message, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(converted), "--prompt", "x", "--max-tokens", "1", *args)
+    assert code == 1
+    assert err.startswith(message) and err.count("\n") == 1
