@@ -1,0 +1,469 @@
+"""The terminal chat behind ``mlx-qwen35 chat``: line input, /commands, streamed reasoning and markdown.
+
+Input (prompt_toolkit): Enter sends; Esc then Enter (what Alt-Enter sends in most terminals) or
+Ctrl-J starts a new line, and pasted text keeps its newlines. Up/Down walk the input history, kept
+in ``~/.cache/mlx-qwen35/chat_history``. Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
+A line starting with ``//`` is sent as a message starting with ``/``.
+
+Output (rich): a spinner until the first token; reasoning streams as dim plain text (``--hide-thinking``:
+a spinner instead);
+the answer streams as live markdown showing its last screenful — a live region taller than the
+terminal cannot be repainted — and is printed once in full when it ends. A status line follows.
+
+Ctrl-C while generating stops the answer at the next token (so the cache is never left half
+written); a second Ctrl-C interrupts at once, e.g. during a long prefill. The conversation keeps
+the partial answer, as far as it got, and the next message continues after it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.spinner import Spinner
+from rich.text import Text
+
+from .errors import Qwen35Error
+
+STATE_DIR = Path("~/.cache/mlx-qwen35").expanduser()
+DEFAULT_SESSIONS_DIR = STATE_DIR / "sessions"
+HISTORY_FILE = STATE_DIR / "chat_history"
+SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Control characters in model output would drive the terminal (escape sequences, backspaces); tabs and newlines are text.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """How a /command is written and what it does; ``argument``: "none", "optional" or "required"."""
+
+    usage: str
+    help: str
+    argument: str = "none"
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    "help": CommandSpec("/help", "show this help"),
+    "reset": CommandSpec("/reset", "start a new conversation (the system prompt stays)"),
+    "retry": CommandSpec("/retry", "answer the last message again"),
+    "edit": CommandSpec("/edit [TEXT]", "replace the last message and answer it (no TEXT: edit it at the prompt)", "optional"),
+    "think": CommandSpec("/think on|off", "switch reasoning on or off", "required"),
+    "image": CommandSpec("/image PATH", "attach an image to the next message", "required"),
+    "video": CommandSpec("/video PATH", "attach a video to the next message", "required"),
+    "save": CommandSpec("/save NAME", "save the conversation and its cache", "required"),
+    "load": CommandSpec("/load NAME", "load a saved conversation", "required"),
+    "stats": CommandSpec("/stats", "tokens prefilled and reused, context used, memory"),
+    "exit": CommandSpec("/exit", "leave (Ctrl-D too)"),
+}
+
+INPUT_HELP = (
+    "Enter sends; Esc Enter (Alt-Enter) or Ctrl-J adds a line. Ctrl-C stops an answer (the partial "
+    "answer is kept). Start a message with // to send a leading /."
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed /command: its name and the rest of the line (stripped, possibly empty)."""
+
+    name: str
+    argument: str
+
+
+def parse_command(line: str) -> Command | None:
+    """The /command on ``line``, or None when the line is a message for the model."""
+    stripped = line.strip()
+    if not stripped.startswith("/") or stripped.startswith("//"):
+        return None
+    name, _, argument = stripped[1:].partition(" ")
+    name, argument = name.lower(), argument.strip()
+    spec = COMMANDS.get(name)
+    if spec is None:
+        raise Qwen35Error(f"unknown command /{name}; /help lists the commands")
+    if spec.argument == "required" and not argument:
+        raise Qwen35Error(f"{spec.usage}: missing argument")
+    if spec.argument == "none" and argument:
+        raise Qwen35Error(f"/{name} takes no argument")
+    if name == "think" and argument.lower() not in ("on", "off"):
+        raise Qwen35Error(f"/think takes on or off, not {argument!r}")
+    return Command(name, argument)
+
+
+def message_text(line: str) -> str:
+    """The message a non-command line sends: ``//x`` escapes a leading slash."""
+    stripped = line.strip()
+    return stripped[1:] if stripped.startswith("//") else stripped
+
+
+def session_path(sessions_dir: Path, name: str) -> Path:
+    """Where /save NAME writes: a plain name (letters, digits, ``.``, ``_``, ``-``) inside ``sessions_dir``."""
+    if not SESSION_NAME.fullmatch(name):
+        raise Qwen35Error(f"{name!r} is not a session name; use letters, digits, '.', '_' or '-'")
+    return sessions_dir / name
+
+
+def saved_sessions(sessions_dir: Path) -> list[str]:
+    """Names of the saved conversations (directories) in ``sessions_dir``."""
+    return sorted(p.name for p in sessions_dir.iterdir() if p.is_dir()) if sessions_dir.is_dir() else []
+
+
+def media_item(kind: str, path: str) -> dict:
+    """The message item attaching the image or video at ``path`` (checked to exist now, not at send time)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise Qwen35Error(f"{path}: no such file")
+    return {"type": kind, kind: str(file)}
+
+
+def status_line(stats, context_max: int) -> str:
+    """One line after an answer (from the conversation's ``TurnStats``): speed, prompt reuse, context, memory (/stats has more)."""
+    return (
+        f"{stats.generated_tokens} tokens, {stats.generation_tps:.1f} tok/s · "
+        f"prompt {stats.prefilled_tokens} new + {stats.reused_tokens} cached · "
+        f"context {stats.context_tokens}/{context_max} · peak {stats.peak_memory_gb:.2f} GB"
+    )
+
+
+class _LastLines:
+    """The bottom of a renderable, one line shorter than the terminal, so Live can always repaint it."""
+
+    def __init__(self, renderable):
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options, pad=False)
+        shown = lines[-max(1, console.size.height - 1) :]
+        for i, line in enumerate(shown):
+            yield from line
+            if i < len(shown) - 1:
+                yield Segment.line()
+
+
+class ReplyView:
+    """Shows one streamed reply: reasoning dim (or a spinner when hidden), the answer as markdown, tool calls as JSON."""
+
+    def __init__(self, console: Console, show_reasoning: bool):
+        self.console = console
+        self.show_reasoning = show_reasoning
+        self.answer = ""
+        self._live: Live | None = None
+        self._kind: str | None = None
+        self._switch("prompt")  # a spinner while the prompt is prefilled
+
+    def add(self, kind: str, text: str, tool_call=None) -> None:
+        """Show the next piece of the reply (``kind``: "reasoning", "content" or "tool_call")."""
+        text = CONTROL_CHARACTERS.sub("", text)
+        if kind != self._kind:
+            self._switch(kind)
+        if kind == "reasoning":
+            if self.show_reasoning:
+                self.console.print(Text(text, style="dim"), end="", soft_wrap=True)
+        elif kind == "content":
+            self.answer += text
+            self._live.update(_LastLines(Markdown(self.answer)))
+        else:
+            call = tool_call.to_dict() if tool_call is not None else {"raw": text}
+            self.console.print(Text(f"tool call: {json.dumps(call, ensure_ascii=False)}", style="yellow"))
+
+    def close(self, stopped: bool) -> None:
+        """End the reply: the full answer rendered once, and a mark when Ctrl-C stopped it."""
+        self._switch(None)
+        if stopped:
+            self.console.print(Text("[stopped]", style="yellow"))
+
+    def _switch(self, kind: str | None) -> None:
+        """Finish showing the current kind of output and start the next."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if self._kind == "reasoning" and self.show_reasoning:
+            self.console.print("\n")
+        elif self._kind == "content":
+            self.console.print(Markdown(self.answer))
+            self.answer = ""
+        if kind == "prompt":
+            self._start_live(Spinner("dots", Text("reading the prompt…", style="cyan")))
+        elif kind == "reasoning" and not self.show_reasoning:
+            self._start_live(Spinner("dots", Text("thinking…", style="cyan")))
+        elif kind == "content":
+            self._start_live(Text(""))
+        self._kind = kind
+
+    def _start_live(self, renderable) -> None:
+        # transient: a spinner leaves nothing behind, the live answer is replaced by its final render.
+        self._live = Live(renderable, console=self.console, transient=True, refresh_per_second=8)
+        self._live.start()
+
+
+class StopRequest:
+    """Ctrl-C while a reply streams: the first asks to stop at the next token, a second interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+class ChatRepl:
+    """The read–command–stream loop around one conversation."""
+
+    def __init__(
+        self,
+        conversation,
+        console: Console,
+        read_line: Callable[[str], str],
+        *,
+        model,
+        processor,
+        hide_thinking: bool,
+        sessions_dir: Path,
+        context_max: int,
+        max_tokens: int,
+    ):
+        self.conversation = conversation
+        self.console = console
+        self.read_line = read_line  # read_line(default_text) -> the next input; raises EOFError / KeyboardInterrupt
+        self.model = model
+        self.processor = processor
+        self.hide_thinking = hide_thinking
+        self.sessions_dir = sessions_dir
+        self.context_max = context_max
+        self.max_tokens = max_tokens  # per reply, before the cap by the context left
+        self.attachments: list[dict] = []
+
+    def run(self) -> None:
+        """Read and handle lines until /exit or Ctrl-D."""
+        self.console.print(Text(f"/help for commands. {INPUT_HELP}", style="dim"))
+        default = ""
+        while True:
+            try:
+                line = self.read_line(default)
+            except KeyboardInterrupt:
+                default = ""
+                continue
+            except EOFError:
+                return
+            default = ""
+            try:
+                command = parse_command(line)
+                if command is None:
+                    if message_text(line):
+                        self._send(message_text(line))
+                elif command.name == "exit":
+                    return
+                elif command.name == "edit" and not command.argument:
+                    default = self._last_user_text()
+                else:
+                    self._run_command(command)
+            except Qwen35Error as e:
+                self.console.print(Text(f"error: {e}", style="red"))
+
+    def _send(self, text: str) -> None:
+        content = self.attachments + [{"type": "text", "text": text}] if self.attachments else text
+        self._check_context_room()
+        self.attachments = []
+        self._stream(self.conversation.send(content))
+
+    def _check_context_room(self) -> None:
+        """Refuse to go past --max-kv-size, and cap the reply to the room left (the cache cannot drop old tokens)."""
+        room = self.context_max - self.conversation.context_tokens
+        if room <= 0:
+            raise Qwen35Error(f"the context is full ({self.context_max} tokens); /reset, or /save and start a new one")
+        self.conversation.settings.max_tokens = min(self.max_tokens, room)
+
+    def _run_command(self, command: Command) -> None:
+        name, argument = command.name, command.argument
+        if name == "help":
+            self._print_help()
+        elif name == "reset":
+            self.conversation.reset()
+            self.attachments = []
+            self.console.print(Text("new conversation", style="dim"))
+        elif name == "retry":
+            self._check_context_room()
+            self._stream(self.conversation.retry())
+        elif name == "edit":
+            self._check_context_room()
+            self._stream(self.conversation.edit(argument))
+        elif name == "think":
+            self.conversation.set_thinking(argument.lower() == "on")
+            self.console.print(Text(f"reasoning {argument.lower()}", style="dim"))
+        elif name in ("image", "video"):
+            self.attachments.append(media_item(name, argument))
+            self.console.print(Text(f"{name} {argument} goes with your next message", style="dim"))
+        elif name == "save":
+            from .prompt_cache import save_conversation
+
+            path = save_conversation(self.conversation, session_path(self.sessions_dir, argument))
+            self.console.print(Text(f"saved to {path}", style="dim"))
+        elif name == "load":
+            self._load(argument)
+        elif name == "stats":
+            self._print_stats()
+
+    def _load(self, name: str) -> None:
+        """Replace the conversation by a saved one, which brings its own settings (reasoning, sampling)."""
+        from .prompt_cache import load_conversation
+
+        path = session_path(self.sessions_dir, name)
+        if not path.exists():
+            known = ", ".join(saved_sessions(self.sessions_dir)) or "none"
+            raise Qwen35Error(f"no saved conversation {name!r} in {self.sessions_dir} (saved: {known})")
+        self.conversation = load_conversation(path, self.model, self.processor)
+        self.attachments = []
+        reasoning = "on" if self.conversation.settings.enable_thinking else "off"
+        self.console.print(
+            Text(
+                f"loaded {name}: {len(self.conversation.messages)} messages, "
+                f"context {self.conversation.context_tokens} tokens, reasoning {reasoning}",
+                style="dim",
+            )
+        )
+
+    def _stream(self, events: Iterator) -> None:
+        """Show a reply as it streams; Ctrl-C stops it and leaves the session as it is."""
+        view = ReplyView(self.console, show_reasoning=not self.hide_thinking)
+        answered = False
+        with StopRequest() as stop:
+            try:
+                for event in events:
+                    if event.text or event.kind == "tool_call":
+                        view.add(event.kind, event.text, event.tool_call)
+                    answered = True
+                    if stop.requested:
+                        break
+            except KeyboardInterrupt:
+                pass  # the second Ctrl-C: already marked as stopped
+            finally:
+                events.close()
+                view.close(stop.requested)
+        if answered:
+            self.console.print(Text(status_line(self.conversation.last_stats, self.context_max), style="dim"))
+
+    def _last_user_text(self) -> str:
+        for message in reversed(self.conversation.messages):
+            if message["role"] == "user":
+                content = message["content"]
+                return content if isinstance(content, str) else "".join(
+                    item.get("text", "") for item in content if item.get("type") == "text"
+                )
+        raise Qwen35Error("no message to edit yet")
+
+    def _print_help(self) -> None:
+        width = max(len(spec.usage) for spec in COMMANDS.values())
+        for spec in COMMANDS.values():
+            self.console.print(f"{spec.usage:<{width}}  {spec.help}", highlight=False, markup=False)
+        self.console.print(Text(INPUT_HELP, style="dim"))
+
+    def _print_stats(self) -> None:
+        conversation = self.conversation
+        last = conversation.last_stats
+        sampling = ", ".join(f"{k} {v}" for k, v in conversation.sampling().items())
+        rows = [
+            ("messages", len(conversation.messages)),
+            ("context", f"{conversation.context_tokens}/{self.context_max} tokens"),
+            ("last prompt", f"{last.prompt_tokens} tokens: {last.reused_tokens} reused from the cache, {last.prefilled_tokens} prefilled"),
+            ("last reply", f"{last.generated_tokens} tokens at {last.generation_tps:.1f} tok/s, first after {last.time_to_first_token:.2f} s"),
+            ("reasoning", "on" if conversation.settings.enable_thinking else "off"),
+            ("sampling", sampling),
+            ("peak memory", f"{last.peak_memory_gb:.2f} GB"),
+        ]
+        for label, value in rows:
+            self.console.print(f"{label:<12} {value}", highlight=False, markup=False)
+
+
+def prompt_reader(history_file: Path) -> Callable[[str], str]:
+    """A line reader for a terminal: prompt_toolkit with history; Esc-Enter and Ctrl-J insert a newline."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    @bindings.add("c-j")
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    session = PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings, prompt_continuation="… ")
+    return lambda default: session.prompt("> ", default=default)
+
+
+def plain_reader(lines: Iterable[str]) -> Callable[[str], str]:
+    """A line reader for piped input: one message per line, EOFError at the end."""
+    iterator = iter(lines)
+
+    def read(default: str) -> str:
+        try:
+            return next(iterator).rstrip("\n")
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def run_chat(
+    *,
+    model: str,
+    system: str | None,
+    enable_thinking: bool,
+    thinking_budget: int | None,
+    hide_thinking: bool,
+    max_tokens: int,
+    sampling_overrides: dict,
+    seed: int | None,
+    max_kv_size: int | None,
+    kv_bits: int | None,
+    sessions_dir: Path | None,
+) -> None:
+    """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
+    import sys
+
+    from . import load
+    from .conversation import Conversation, ConversationSettings
+
+    console = Console(highlight=False)
+    with console.status(f"loading {model}"):
+        model_obj, processor = load(model)
+    context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
+    settings = ConversationSettings(
+        system=system,
+        enable_thinking=enable_thinking,
+        sampling={k: v for k, v in sampling_overrides.items() if v is not None},
+        max_tokens=max_tokens,
+        thinking_budget=thinking_budget,
+        kv_bits=kv_bits,
+    )
+    conversation = Conversation(model_obj, processor, settings, seed=seed)
+    read_line = prompt_reader(HISTORY_FILE) if sys.stdin.isatty() else plain_reader(sys.stdin)
+    ChatRepl(
+        conversation,
+        console,
+        read_line,
+        model=model_obj,
+        processor=processor,
+        hide_thinking=hide_thinking,
+        sessions_dir=sessions_dir or DEFAULT_SESSIONS_DIR,
+        context_max=context_max,
+        max_tokens=max_tokens,
+    ).run()

@@ -1,0 +1,228 @@
+"""``mlx-qwen35 chat``: the real REPL driven through a pseudo-terminal, and its parts (commands, view, status)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pexpect
+import pytest
+from rich.console import Console
+
+from mlx_qwen35 import load
+from mlx_qwen35.conversation import TurnStats
+from mlx_qwen35.convert import convert
+from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.repl import Command, ReplyView, media_item, message_text, parse_command, session_path, status_line
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 120  # seconds per expectation: generous, the machine may be shared and busy
+# prompt_toolkit switches bracketed paste on each time it starts reading a line: the prompt is ready.
+PROMPT_READY = "\x1b[?2004h"
+DIM = "\x1b[2m"  # reasoning streams as dim text
+STATUS = re.compile(r"(\d+) tokens, [\d.]+ tok/s · prompt (\d+) new \+ (\d+) cached · context (\d+)/(\d+)")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_moe_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("repl") / "model"
+    convert(
+        hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
+        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def endless_model(chat_model, tmp_path_factory) -> Path:
+    """The chat model with zero LM-head rows for the stop tokens: their logit 0 never makes the top-k, so replies run until stopped."""
+    out = tmp_path_factory.mktemp("repl-endless") / "model"
+    shutil.copytree(chat_model, out)
+    _, processor = load(str(out))
+    name = "language_model.lm_head.weight"
+    shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors, metadata = mx.load(str(shard), return_metadata=True)
+    rows = mx.arange(tensors[name].shape[0])[:, None]
+    is_stop = mx.any(rows == mx.array(sorted(processor.eos_token_ids))[None], axis=1, keepdims=True)
+    tensors[name] = mx.where(is_stop, 0.0, tensors[name]).astype(tensors[name].dtype)
+    mx.save_safetensors(str(shard), tensors, metadata=metadata)
+    return out
+
+
+def spawn_chat(model: Path, home: Path, *args: str) -> pexpect.spawn:
+    """``mlx-qwen35 chat`` in a 40×100 pseudo-terminal, its history and sessions under ``home``, at its first prompt."""
+    env = os.environ | {
+        "HOME": str(home),  # the input history file goes under ~/.cache
+        "MLX_QWEN35_SESSIONS_DIR": str(home / "sessions"),
+        "TERM": "xterm-256color",
+        "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor-position requests
+    }
+    child = pexpect.spawn(
+        sys.executable, ["-m", "mlx_qwen35.cli", "chat", "--model", str(model), *args],
+        cwd=REPO, env=env, encoding="utf-8", codec_errors="replace",  # ^C flushes tty output, maybe mid-character
+        timeout=TIMEOUT, dimensions=(40, 100),
+    )
+    child.expect_exact(PROMPT_READY)
+    return child
+
+
+def ask(child: pexpect.spawn, line: str) -> str:
+    """Type ``line``, press Enter and return everything printed until the next prompt."""
+    child.send(line + "\r")
+    child.expect_exact(PROMPT_READY)
+    return child.before
+
+
+def test_chat_session_in_a_terminal(chat_model, tmp_path):
+    child = spawn_chat(chat_model, tmp_path, "--no-think", "--max-tokens", "40", "--seed", "0")
+    try:
+        first = STATUS.search(ask(child, "What is the capital of France?"))
+        assert first, child.before
+        generated, prefilled, cached, context, context_max = map(int, first.groups())
+        assert generated == 40 and cached == 0 and context_max == 4096
+        assert context == prefilled + generated - 1  # the last token enters the cache with the next prompt
+
+        retried = STATUS.search(ask(child, "/retry"))
+        new, cached = int(retried.group(2)), int(retried.group(3))
+        assert new + cached == prefilled and cached > new  # the same prompt, restored up to the reply start
+
+        assert "saved to" in ask(child, "/save first-chat")
+        assert (tmp_path / "sessions" / "first-chat").exists()
+        assert "new conversation" in ask(child, "/reset")
+        assert "loaded first-chat: 2 messages" in ask(child, "/load first-chat")
+        stats = ask(child, "/stats")
+        assert re.search(r"messages\s+2", stats) and "context" in stats and "peak memory" in stats
+
+        assert "error: no saved conversation 'nothing-here'" in ask(child, "/load nothing-here")
+        assert "error: missing.png: no such file" in ask(child, "/image missing.png")
+        assert "error: unknown command /bogus" in ask(child, "/bogus")
+        assert STATUS.search(ask(child, "And of Italy?"))  # the loaded conversation goes on
+
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(endless_model, tmp_path):
+    child = spawn_chat(endless_model, tmp_path, "--think", "--max-tokens", "100000")
+    try:
+        for question in ("Tell me a long story.", "Another one, please."):
+            child.send(question + "\r")
+            child.expect_exact(DIM)  # reasoning is streaming
+            child.sendintr()
+            child.expect_exact("[stopped]")
+            child.expect(STATUS)
+            child.expect_exact(PROMPT_READY)
+        # The partial replies are kept: two questions, two (stopped) answers.
+        assert re.search(r"messages\s+4", ask(child, "/stats"))
+
+        child.send("half a line")
+        child.sendintr()  # at the prompt, Ctrl-C drops the line and keeps the session
+        child.expect_exact(PROMPT_READY)
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_reads_piped_input(chat_model, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(chat_model), "--no-think", "--max-tokens", "8"],
+        input="Hello\n/stats\n", cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+        env=os.environ | {"HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert STATUS.search(result.stdout) and re.search(r"messages\s+2", result.stdout)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("hello", None),
+        ("  /retry  ", Command("retry", "")),
+        ("/RESET", Command("reset", "")),
+        ("/think off", Command("think", "off")),
+        ("/image  ~/a b.png ", Command("image", "~/a b.png")),
+        ("/edit", Command("edit", "")),
+        ("/edit a better question", Command("edit", "a better question")),
+        ("//etc/hosts is a file", None),
+    ],
+)
+def test_parse_command(line, expected):
+    assert parse_command(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("/frobnicate", "unknown command /frobnicate"),
+        ("/save", "/save NAME: missing argument"),
+        ("/think maybe", "/think takes on or off"),
+        ("/retry now", "/retry takes no argument"),
+    ],
+)
+def test_parse_command_errors(line, message):
+    with pytest.raises(Qwen35Error, match=re.escape(message)):
+        parse_command(line)
+
+
+def test_message_text_unescapes_a_leading_slash():
+    assert message_text("//etc/hosts is a file") == "/etc/hosts is a file"
+    assert message_text("  plain  ") == "plain"
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", ".hidden", "", "two words"])
+def test_session_names_stay_inside_the_sessions_dir(name, tmp_path):
+    with pytest.raises(Qwen35Error, match="not a session name"):
+        session_path(tmp_path, name)
+
+
+def test_media_items_point_at_existing_files(tmp_path):
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"")
+    assert media_item("image", str(image)) == {"type": "image", "image": str(image)}
+    with pytest.raises(Qwen35Error, match="no such file"):
+        media_item("video", str(tmp_path / "missing.mp4"))
+
+
+def test_status_line():
+    stats = TurnStats(
+        prompt_tokens=120, reused_tokens=100, prefilled_tokens=20, generated_tokens=64,
+        generation_tps=31.25, peak_memory_gb=12.346, context_tokens=184,
+    )
+    assert status_line(stats, 262144) == (
+        "64 tokens, 31.2 tok/s · prompt 20 new + 100 cached · context 184/262144 · peak 12.35 GB"
+    )
+
+
+def render_reply(pieces: list[tuple[str, str]], show_reasoning: bool, stopped: bool = False) -> str:
+    """What a ReplyView prints for ``pieces`` to a plain (non-terminal) console."""
+    out = io.StringIO()
+    view = ReplyView(Console(file=out, width=60, force_terminal=False), show_reasoning)
+    for kind, text in pieces:
+        view.add(kind, text)
+    view.close(stopped)
+    return out.getvalue()
+
+
+def test_reply_view_separates_reasoning_from_the_markdown_answer():
+    pieces = [("reasoning", "Paris is "), ("reasoning", "well known."), ("content", "It is **Paris**"), ("content", ".")]
+    shown = render_reply(pieces, show_reasoning=True)
+    assert shown.index("Paris is well known.") < shown.index("It is Paris.")  # markdown rendered: no **
+    hidden = render_reply(pieces, show_reasoning=False)
+    assert "well known" not in hidden and "It is Paris." in hidden
+
+
+def test_reply_view_drops_control_characters_and_marks_a_stop():
+    shown = render_reply([("content", "a\x1b[2Jb\x08c")], show_reasoning=True, stopped=True)
+    assert "\x1b" not in shown and "\x08" not in shown and "a[2Jbc" in shown and "[stopped]" in shown
