@@ -287,3 +287,14 @@ def test_bad_window_is_refused(clips, config):
         preprocess_video(clips[60], config, video_start=20.0, video_end=10.0)
     with pytest.raises(Qwen35Error, match=r"--video-start 75.0 is past the end of .*square_60s\.mp4 \(60\.0 s\)"):
         preprocess_video(clips[60], config, video_start=75.0)
+
+
+def test_container_without_frame_count(tmp_path, config, reference):
+    """Matroska records no frame count: it is taken from the duration, and the sampling still matches."""
+    path = write_moving_square(tmp_path / "clip.mkv", seconds=9)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    ours = preprocess_video(path, config)
+    _, expected_grid, expected_indices = run_reference(reference, decode_all(path))
+    np.testing.assert_array_equal(ours.frame_indices, expected_indices)
+    assert ours.grid_thw == expected_grid == (9, 4, 6)

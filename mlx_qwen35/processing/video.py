@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +155,7 @@ class _Decoder:
             raise Qwen35Error(f"{self.name}: not a video PyAV can read ({e}); re-encode it as mp4") from None
 
     def _frames_from_duration(self, container, stream) -> int:
-        """Containers that do not record a frame count (webm, mkv): duration × rate, verified by decoding."""
+        """Containers that do not record a frame count (webm, mkv): duration × rate (corrected if decoding finds fewer)."""
         if stream.duration is not None and stream.time_base is not None:
             seconds = float(stream.duration * stream.time_base)
         elif container.duration is not None:
@@ -163,8 +164,10 @@ class _Decoder:
             return 0
         return int(round(seconds * self.video_fps))
 
-    def decode(self, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-        """RGB frames at the ``wanted`` decode-order indices, and how many frames were decoded."""
+    def decode(
+        self, wanted: set[int], transform: Callable[[np.ndarray], np.ndarray] = lambda frame: frame
+    ) -> tuple[dict[int, np.ndarray], int]:
+        """``transform``ed RGB frames at the ``wanted`` decode-order indices, and how many frames were decoded."""
         frames: dict[int, np.ndarray] = {}
         stop = max(wanted, default=None)
         seen = 0
@@ -175,7 +178,7 @@ class _Decoder:
                 for index, frame in enumerate(container.decode(stream)):
                     seen = index + 1
                     if index in wanted:
-                        frames[index] = frame.to_ndarray(format="rgb24")
+                        frames[index] = transform(frame.to_ndarray(format="rgb24"))
                     if stop is not None and index >= stop:
                         break
             except av.FFmpegError as e:
@@ -205,6 +208,18 @@ def _window(decoder: _Decoder, start: float | None, end: float | None) -> VideoW
     return VideoWindow(first=first, count=stop - first)
 
 
+def _decode_resized(
+    decoder: _Decoder, indices: np.ndarray, config: VideoProcessorConfig
+) -> tuple[int, int, dict[int, np.ndarray], int]:
+    """The clip's frame size, its sampled frames resized as they are decoded, and how many frames were decoded."""
+    height, width = video_smart_resize(
+        len(indices), decoder.height, decoder.width, config.factor, config.temporal_patch_size, config.min_pixels, config.max_pixels
+    )
+    # Resizing each frame as it arrives keeps memory at the resized clip (120 4K frames would be 3 GB).
+    frames, seen = decoder.decode(set(indices.tolist()), lambda frame: resize_frame(frame, height, width))
+    return height, width, frames, seen
+
+
 def preprocess_video(
     source: str | Path,
     config: VideoProcessorConfig,
@@ -226,27 +241,21 @@ def preprocess_video(
     window = _window(decoder, video_start, video_end)
     sample = dict(video_fps=decoder.video_fps, fps=fps, min_frames=config.min_frames, max_frames=max_frames)
     indices = sample_frame_indices(window, temporal_patch_size=config.temporal_patch_size, **sample)
-    frames, seen = decoder.decode(set(indices.tolist()))
+    height, width, frames, seen = _decode_resized(decoder, indices, config)
     if seen <= indices[-1]:
         # The recorded frame count was too high: sample again from the frames that exist.
-        decoder.frame_count = seen
         window = VideoWindow(first=window.first, count=min(window.count, seen - window.first))
         if window.count <= 0:
             raise Qwen35Error(f"{decoder.name}: no frames after --video-start {video_start}")
         indices = sample_frame_indices(window, temporal_patch_size=config.temporal_patch_size, **sample)
-        frames, _ = decoder.decode(set(indices.tolist()))
+        height, width, frames, _ = _decode_resized(decoder, indices, config)
 
-    height, width = frames[int(indices[0])].shape[:2]
-    new_height, new_width = video_smart_resize(
-        len(indices), height, width, config.factor, config.temporal_patch_size, config.min_pixels, config.max_pixels
-    )
-    resized = {index: resize_frame(frame, new_height, new_width) for index, frame in frames.items()}
-    clip = np.stack([resized[int(i)] for i in indices]).transpose(0, 3, 1, 2)  # [n, C, H, W] uint8
+    clip = np.stack([frames[int(i)] for i in indices]).transpose(0, 3, 1, 2)  # [n, C, H, W] uint8
     pad = -len(indices) % config.temporal_patch_size  # odd frame counts repeat the last frame
     clip = normalize(np.concatenate([clip, np.repeat(clip[-1:], pad, axis=0)]), config)
     return VideoPatches(
         pixel_values=patchify(clip, config),
-        grid_thw=(clip.shape[0] // config.temporal_patch_size, new_height // config.patch_size, new_width // config.patch_size),
+        grid_thw=(clip.shape[0] // config.temporal_patch_size, height // config.patch_size, width // config.patch_size),
         timestamps=group_timestamps(indices, decoder.video_fps, config.temporal_patch_size),
         frame_indices=indices,
     )
