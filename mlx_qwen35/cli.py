@@ -74,10 +74,22 @@ def generate(
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Most video frames sampled."),
     video_start: Optional[float] = typer.Option(None, "--video-start", help="Start of the video window, in seconds (default 0)."),
     video_end: Optional[float] = typer.Option(None, "--video-end", help="End of the video window, in seconds (default start + 60)."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON file of tool schemas; the model's tool calls are printed as JSON."),
+    prompt_cache_file: Optional[Path] = typer.Option(
+        None, "--prompt-cache-file", help="Saved conversation directory: continued and updated (created if missing)."
+    ),
+    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", help="Close the reasoning after this many tokens."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits."),
+    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Most tokens of context (prompt + reply)."),
 ) -> None:
     """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
+    import mlx.core as mx
+
     from . import load
-    from .generation import recommended_sampling, stream_generate
+    from .conversation import ConversationSettings
+    from .generation import prompt_token_ids, recommended_sampling, stream_generate
+    from .processing.output import OutputParser, OutputPiece, read_tools_file
+    from .prompt_cache import open_conversation, save_conversation
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -108,36 +120,77 @@ def generate(
         )
         vision_seconds = time.perf_counter() - started
         vision_tokens = processor.vision_token_count(request)
-    text, last = [], None
-    for last in stream_generate(
-        model_obj,
-        processor,
-        request,
-        max_tokens=max_tokens,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        enable_thinking=think,
-        **sampling,
-    ):
-        text.append(last.text)
-        if not as_json:
-            typer.echo(last.text, nl=False)
+    if kv_bits not in (None, 4, 8):
+        raise Qwen35Error(f"--kv-bits {kv_bits}: use 8 or 4")
+    tool_schemas = read_tools_file(tools) if tools else None
+    conversation = None
+    if prompt_cache_file:
+        if raw or media:
+            raise Qwen35Error("--prompt-cache-file continues a text chat; drop --raw / --image / --video")
+        settings = ConversationSettings(
+            system=system, enable_thinking=think, tools=tool_schemas, max_tokens=max_tokens, thinking_budget=thinking_budget,
+            kv_bits=kv_bits, sampling=sampling | ({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
+        )
+        if seed is not None:
+            mx.random.seed(seed)
+        conversation = open_conversation(prompt_cache_file, model_obj, processor, settings)
+        responses = conversation.send(prompt)
+        prompt_length = len(conversation.prompt_tokens())
+    else:
+        prompt_length = len(prompt_token_ids(processor, request, think, tool_schemas))
+    if max_kv_size is not None:
+        if prompt_length >= max_kv_size:
+            raise Qwen35Error(f"the prompt has {prompt_length} tokens, not below --max-kv-size {max_kv_size}")
+        max_tokens = min(max_tokens, max_kv_size - prompt_length)
+        if conversation:
+            conversation.settings.max_tokens = max_tokens  # read when the reply starts
+    if not conversation:
+        responses = stream_generate(
+            model_obj, processor, request, max_tokens=max_tokens, repetition_penalty=repetition_penalty, seed=seed,
+            enable_thinking=think, tools=tool_schemas, thinking_budget=thinking_budget, kv_bits=kv_bits, **sampling,
+        )
+    parser = OutputParser(think and not raw, tool_schemas)
+    text, pieces, last = [], [], None
+    for item in responses:  # GenerationResponses, or a conversation's ChatEvents (one or more per token)
+        response = item.response if conversation else item
+        new = [OutputPiece(item.kind, item.text, item.tool_call)] if conversation else parser.feed(response.text)
+        if not conversation and response.finish_reason:
+            new += parser.finish()
+        if response is not last:
+            text.append(response.text)
+            if not as_json and not tool_schemas:
+                typer.echo(response.text, nl=False)
+        for piece in new if tool_schemas and not as_json else []:  # the text as it comes, each call as a JSON line
+            if pieces and pieces[-1].kind != piece.kind:
+                typer.echo()
+            typer.echo(json.dumps(piece.tool_call.to_dict(), ensure_ascii=False) if piece.tool_call else piece.text, nl=False)
+        pieces += [piece for piece in new if piece.text or piece.tool_call]
+        last = response
+    prompt_tokens, prompt_tps = last.prompt_tokens, last.prompt_tps
+    if conversation:
+        save_conversation(conversation, prompt_cache_file)
+        turn = conversation.last_stats  # stream_generate only saw the tokens after the reused prefix
+        prompt_tokens, prompt_tps = turn.prompt_tokens, turn.prefilled_tokens / max(turn.time_to_first_token, 1e-9)
     if as_json:
         stats = dict(
             text="".join(text),
-            prompt_tokens=last.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             generation_tokens=last.generation_tokens,
-            prompt_tps=round(last.prompt_tps, 3),
+            prompt_tps=round(prompt_tps, 3),
             generation_tps=round(last.generation_tps, 3),
             peak_memory_gb=round(last.peak_memory, 3),
             finish_reason=last.finish_reason,
             vision_tokens=vision_tokens,
             vision_seconds=round(vision_seconds, 3),
         )
+        if tool_schemas:
+            stats["tool_calls"] = [piece.tool_call.to_dict() for piece in pieces if piece.tool_call]
+        if conversation:
+            stats |= dict(reused_tokens=conversation.last_stats.reused_tokens, prefilled_tokens=conversation.last_stats.prefilled_tokens)
         typer.echo(json.dumps(stats, ensure_ascii=False))
     else:
         typer.echo(
-            f"\n\n[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, "
+            f"\n\n[{prompt_tokens} prompt tokens at {prompt_tps:.1f} tok/s, "
             f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s, "
             f"peak memory {last.peak_memory:.2f} GB]",
             err=True,

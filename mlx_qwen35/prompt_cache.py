@@ -150,3 +150,15 @@ def load_conversation(path: str | Path, model, processor) -> Conversation:
     conversation.checkpoints = checkpoints
     conversation.messages = record["messages"]
     return conversation
+
+
+def open_conversation(path: str | Path, model, processor, settings: ConversationSettings) -> Conversation:
+    """The conversation saved at ``path`` with ``settings`` applied (its cache kept), or a new one if nothing is saved there."""
+    if not (Path(path) / CONVERSATION_FILE).exists():
+        return Conversation(model, processor, settings)
+    conversation = load_conversation(path, model, processor)
+    saved_kv = (conversation.settings.kv_bits, conversation.settings.kv_group_size)
+    if (settings.kv_bits, settings.kv_group_size) != saved_kv:
+        raise Qwen35Error(f"{path}: the saved cache has kv_bits {saved_kv[0]}; pass the same --kv-bits to continue it")
+    conversation.settings = settings
+    return conversation

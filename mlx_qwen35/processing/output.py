@@ -22,7 +22,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from ..errors import Qwen35Error
 
 THINK_CLOSE = "</think>"
 TOOL_CALL_OPEN = "<tool_call>"
@@ -236,3 +239,19 @@ def collect(pieces: list[OutputPiece]) -> ParsedOutput:
             parsed.tool_calls.append(piece.tool_call)
         previous = piece.kind
     return parsed
+
+
+def read_tools_file(path: str | Path) -> list[dict]:
+    """Tool schemas from a JSON file: a list of OpenAI-style tools, or an object with a ``tools`` list."""
+    path = Path(path)
+    try:
+        tools = json.loads(path.read_text())
+    except OSError as e:
+        raise Qwen35Error(f"{path}: cannot read the tools file ({e.strerror})") from None
+    except ValueError as e:
+        raise Qwen35Error(f"{path}: not valid JSON ({e}); give a list of tool schemas") from None
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in t.get("function", t) for t in tools):
+        raise Qwen35Error(f'{path}: expected a list of tools like [{{"type": "function", "function": {{"name": …, "parameters": …}}}}]')
+    return tools
