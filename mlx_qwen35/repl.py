@@ -175,9 +175,12 @@ class ReplyView:
 
     def close(self, stopped: bool) -> None:
         """End the reply: the full answer rendered once, and a mark when Ctrl-C stopped it."""
+        hidden_reasoning_only = self._kind == "reasoning" and not self.show_reasoning
         self._switch(None)
         if stopped:
             self.console.print(Text("[stopped]", style="yellow"))
+        elif hidden_reasoning_only:
+            self.console.print(Text("(the reply ended while reasoning; --thinking-budget limits it)", style="dim"))
 
     def _switch(self, kind: str | None) -> None:
         """Finish showing the current kind of output and start the next."""
@@ -266,8 +269,9 @@ class ChatRepl:
             try:
                 command = parse_command(line)
                 if command is None:
-                    if message_text(line):
-                        self._send(message_text(line))
+                    text = message_text(line)
+                    if text:
+                        self._send(text)
                 elif command.name == "exit":
                     return
                 elif command.name == "edit" and not command.argument:
@@ -279,16 +283,21 @@ class ChatRepl:
 
     def _send(self, text: str) -> None:
         content = self.attachments + [{"type": "text", "text": text}] if self.attachments else text
-        self._check_context_room()
         self.attachments = []
-        self._stream(self.conversation.send(content))
+        self._stream_within_context(self.conversation.send(content))
 
-    def _check_context_room(self) -> None:
-        """Refuse to go past --max-kv-size, and cap the reply to the room left (the cache cannot drop old tokens)."""
-        room = self.context_max - self.conversation.context_tokens
+    def _stream_within_context(self, events: Iterator) -> None:
+        """Stream a reply capped to the context left; refuse when the prompt alone fills it (the cache cannot drop tokens)."""
+        # send/retry/edit change the messages at once and render lazily, so the prompt can be measured first.
+        prompt_tokens = len(self.conversation.prompt_tokens())
+        room = self.context_max - prompt_tokens
         if room <= 0:
-            raise Qwen35Error(f"the context is full ({self.context_max} tokens); /reset, or /save and start a new one")
+            raise Qwen35Error(
+                f"the conversation ({prompt_tokens} tokens) fills the context ({self.context_max}); "
+                "/edit the last message shorter or /reset"
+            )
         self.conversation.settings.max_tokens = min(self.max_tokens, room)
+        self._stream(events)
 
     def _run_command(self, command: Command) -> None:
         name, argument = command.name, command.argument
@@ -299,11 +308,9 @@ class ChatRepl:
             self.attachments = []
             self.console.print(Text("new conversation", style="dim"))
         elif name == "retry":
-            self._check_context_room()
-            self._stream(self.conversation.retry())
+            self._stream_within_context(self.conversation.retry())
         elif name == "edit":
-            self._check_context_room()
-            self._stream(self.conversation.edit(argument))
+            self._stream_within_context(self.conversation.edit(argument))
         elif name == "think":
             self.conversation.set_thinking(argument.lower() == "on")
             self.console.print(Text(f"reasoning {argument.lower()}", style="dim"))
@@ -442,6 +449,10 @@ def run_chat(
     from . import load
     from .conversation import Conversation, ConversationSettings
 
+    if kv_bits not in (None, 4, 8):
+        raise Qwen35Error(f"--kv-bits {kv_bits}: use 8 or 4")
+    if max_tokens < 1:
+        raise Qwen35Error(f"--max-tokens {max_tokens}: give at least 1")
     console = Console(highlight=False)
     with console.status(f"loading {model}"):
         model_obj, processor = load(model)

@@ -135,14 +135,20 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(endless_model, tmp_path):
     assert child.exitstatus == 0
 
 
-def test_chat_reads_piped_input(chat_model, tmp_path):
+def test_piped_chat_keeps_within_max_kv_size(endless_model, tmp_path):
+    command = [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(endless_model), "--no-think"]
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(chat_model), "--no-think", "--max-tokens", "8"],
-        input="Hello\n/stats\n", cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+        command + ["--max-tokens", "40", "--max-kv-size", "25"],
+        input="Hello\nAnd then?\n/stats\n", cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
         env=os.environ | {"HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
-    assert STATUS.search(result.stdout) and re.search(r"messages\s+2", result.stdout)
+    status = STATUS.search(result.stdout)
+    assert status, result.stdout
+    generated, prefilled, _, _, context_max = map(int, status.groups())
+    assert context_max == 25 and prefilled + generated == 25  # the reply was capped to the room left
+    assert "error: the conversation" in result.stdout and "fills the context (25)" in result.stdout
+    assert re.search(r"messages\s+3", result.stdout)  # the refused message stays, for /edit
 
 
 @pytest.mark.parametrize(
@@ -226,3 +232,8 @@ def test_reply_view_separates_reasoning_from_the_markdown_answer():
 def test_reply_view_drops_control_characters_and_marks_a_stop():
     shown = render_reply([("content", "a\x1b[2Jb\x08c")], show_reasoning=True, stopped=True)
     assert "\x1b" not in shown and "\x08" not in shown and "a[2Jbc" in shown and "[stopped]" in shown
+
+
+def test_reply_view_says_when_a_hidden_reasoning_ran_out_of_tokens():
+    shown = render_reply([("reasoning", "Let me think")], show_reasoning=False)
+    assert "Let me think" not in shown and "ended while reasoning" in shown
