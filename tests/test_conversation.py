@@ -3,10 +3,16 @@ logits of a fresh prefill of the whole rendered conversation (float32 tiny model
 
 from __future__ import annotations
 
+import json
+
+import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.generate import GenerationResponse
+from typer.testing import CliRunner
 
 from mlx_qwen35 import load, stream_generate
+from mlx_qwen35.cli import app
 from mlx_qwen35.conversation import Conversation, ConversationSettings
 from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
@@ -19,13 +25,18 @@ SYSTEM = "You are terse."
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_moe_checkpoint, tmp_path_factory):
+def model_dir(tiny_moe_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("conversation") / "model"
     convert(
         hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
         shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
     )
-    return load(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load(str(model_dir))
 
 
 def new_conversation(loaded, thinking: bool, **overrides) -> Conversation:
@@ -184,3 +195,27 @@ def test_quantised_kv_cache_reuses_the_same_way(loaded):
     shared = reply_start(loaded[1], conversation.settings, conversation.messages[:1])
     assert conversation.last_stats.reused_tokens == shared
     assert conversation.context_tokens > shared
+
+
+
+def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
+    """``generate --tools``: the calls in the reply come out as JSON lines, and in --json's ``tool_calls``."""
+    import mlx_qwen35.generation as generation
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"properties": {"days": {"type": "integer"}}}}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    reply = "Checking.\n</think>\n\nLet me look.\n\n<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+
+    def scripted_reply(*args, **kwargs):  # the tiny random model never writes a call: script the text
+        for n, i in enumerate(range(0, len(reply), 7), start=1):
+            end = i + 7 >= len(reply)
+            yield GenerationResponse(reply[i : i + 7], 0, mx.zeros(1), False, 5, 1.0, n, 1.0, 0.0, "stop" if end else None)
+
+    monkeypatch.setattr(generation, "stream_generate", scripted_reply)
+    base = ["generate", "-m", str(model_dir), "-p", "Weather?", "--tools", str(tmp_path / "tools.json")]
+    printed = CliRunner().invoke(app, base)
+    assert printed.exit_code == 0, printed.output
+    assert '{"name": "get_weather", "arguments": {"days": 3}}' in printed.stdout.splitlines()
+    assert "<tool_call>" not in printed.stdout
+    as_json = CliRunner().invoke(app, base + ["--json"])
+    assert json.loads(as_json.stdout)["tool_calls"] == [{"name": "get_weather", "arguments": {"days": 3}}]

@@ -4,6 +4,8 @@ a corrupted or foreign file → one clear error, with the conversation text stil
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,17 +32,22 @@ def converted(checkpoint, tmp_path_factory, name: str):
         hf_path=str(checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
         shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
     )
-    return load(str(out))
+    return out
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_moe_checkpoint, tmp_path_factory):
+def moe_dir(tiny_moe_checkpoint, tmp_path_factory):
     return converted(tiny_moe_checkpoint, tmp_path_factory, "prompt-cache-moe")
 
 
 @pytest.fixture(scope="module")
+def loaded(moe_dir):
+    return load(str(moe_dir))
+
+
+@pytest.fixture(scope="module")
 def other_model(tiny_dense_checkpoint, tmp_path_factory):
-    return converted(tiny_dense_checkpoint, tmp_path_factory, "prompt-cache-dense")
+    return load(str(converted(tiny_dense_checkpoint, tmp_path_factory, "prompt-cache-dense")))
 
 
 @pytest.fixture()
@@ -119,3 +126,18 @@ def test_record_is_plain_json_with_version_and_fingerprint(saved, loaded):
     record = json.loads((path / CONVERSATION_FILE).read_text())
     assert record["version"] == 1 and record["model_fingerprint"] == model_fingerprint(loaded[0])
     assert [c["tokens"] for c in record["cache"]["checkpoints"]] == sorted(c["tokens"] for c in record["cache"]["checkpoints"])
+
+
+def test_cli_prompt_cache_file_continues_and_updates_the_saved_conversation(moe_dir, tmp_path):
+    saved = tmp_path / "cli-chat"
+    results = []
+    for prompt in ("What is MLX?", "And Metal?"):
+        out = subprocess.run(
+            [sys.executable, "-m", "mlx_qwen35.cli", "generate", "-m", str(moe_dir), "-p", prompt, "--max-tokens", "8",
+             "--thinking-budget", "2", "--temp", "0", "--prompt-cache-file", str(saved), "--json"],
+            capture_output=True, text=True, check=True,
+        )
+        results.append(json.loads(out.stdout))
+    assert results[0]["reused_tokens"] == 0 and results[1]["reused_tokens"] > 0
+    assert results[1]["prefilled_tokens"] == results[1]["prompt_tokens"] - results[1]["reused_tokens"]
+    assert [m["role"] for m in read_saved_conversation(saved)["messages"]] == ["user", "assistant"] * 2
