@@ -104,6 +104,12 @@ class Conversation:
 
     def send(self, content: str | list) -> Iterator[ChatEvent]:
         """Add a user message and stream the reply."""
+        if _has_media(content):
+            # The template would render one unexpanded placeholder and no vision rows: wrong, not slow.
+            raise Qwen35Error(
+                "images and videos are not supported in a conversation yet; ask about them with "
+                "`mlx-qwen35 generate --image/--video`"
+            )
         self.messages.append({"role": "user", "content": content})
         return self._reply()
 
@@ -256,6 +262,14 @@ class Conversation:
             fed = tokens + generated
             self.cache_tokens = fed[: cache_length(self.cache)] if cache_consistent else None
             stats.context_tokens = cache_length(self.cache)
+
+
+def _has_media(content) -> bool:
+    """Whether message content (a string or a list of items) has an image or video item."""
+    return isinstance(content, list) and any(
+        isinstance(item, dict) and ({"image", "image_url", "video"} & item.keys() or item.get("type") in ("image", "video"))
+        for item in content
+    )
 
 
 def _reply_message(pieces: list[OutputPiece]) -> dict:
