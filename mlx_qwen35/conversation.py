@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 
-from .cache import ModelCache, Snapshot, cache_length, make_cache, restore, snapshot
+from .cache import Snapshot, cache_length, make_cache, restore, snapshot
 from .errors import Qwen35Error
 from .generation import prefill, recommended_sampling, stream_generate
 from .processing.output import OutputParser, OutputPiece, PieceKind, ToolCall, collect
