@@ -29,7 +29,6 @@ from .errors import Qwen35Error
 from .generation import prefill, recommended_sampling, stream_generate
 from .processing.output import OutputParser, OutputPiece, PieceKind, ToolCall, collect
 
-SAMPLING_KEYS = ("temp", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty")
 CHECKPOINTS_KEPT_AT_START = 2  # the empty cache and the end of the system turn: reused after reset
 CHECKPOINTS_KEPT_AT_END = 3  # reply start of the last prompt, its user-turn start, the reply start before
 
