@@ -250,6 +250,31 @@ def demo(
     run_demo(max_tokens=max_tokens, rebuild=rebuild)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="MLX checkpoint directory or Hub repo id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost only by default)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    max_tokens: int = typer.Option(32768, "--max-tokens", help="Default and largest max_tokens of a request."),
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
+    from .server import serve as run_server
+
+    run_server(model, host=host, port=port, api_key=api_key, max_tokens=max_tokens)
+
+
+@app.command(name="app")
+def menubar_app(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to start with (default: the first one found)."),
+    port: int = typer.Option(8080, "--port", help="Port of the local server."),
+) -> None:
+    """The macOS menu-bar app: start/stop the local server, pick a model, open the chat."""
+    from .app_controller import run_menubar_app
+
+    run_menubar_app(model=model, port=port)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     try:
