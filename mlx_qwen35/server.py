@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import queue
 import threading
 import time
@@ -28,6 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import Qwen35Error
+
+log = logging.getLogger("mlx_qwen35.server")
 
 # ---------------------------------------------------------------- request models (the OpenAI API)
 
@@ -252,6 +255,29 @@ class Started:
 
 
 @dataclass
+class Token:
+    """One generated token's text and the running statistics, as plain Python values.
+
+    The worker never hands MLX arrays (the logprobs) to the event-loop thread: an array freed
+    there while the worker evaluates its graph races with the evaluation.
+    """
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float
+
+    @classmethod
+    def of(cls, response: Any) -> "Token":
+        """From an mlx-lm ``GenerationResponse``."""
+        return cls(response.text, response.finish_reason, response.prompt_tokens, response.generation_tokens,
+                   response.prompt_tps, response.generation_tps, response.peak_memory)
+
+
+@dataclass
 class Failed:
     """The job could not run; ``message`` says why (a user error unless ``internal``)."""
 
@@ -360,22 +386,26 @@ class GenerationWorker:
             job.emit(Failed(f"cannot build the prompt: {e}"))
             return
         job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=0))
+        generation = self._generate(self.model, self.processor, prompt, **job.options)
         try:
-            for response in self._generate(self.model, self.processor, prompt, **job.options):
-                job.emit(response)
-                self.last_stats = {
-                    "prompt_tokens": response.prompt_tokens,
-                    "generation_tokens": response.generation_tokens,
-                    "prompt_tps": response.prompt_tps,
-                    "generation_tps": response.generation_tps,
-                    "peak_memory_gb": response.peak_memory,
-                }
+            for response in generation:
+                token = Token.of(response)
+                job.emit(token)
+                self.last_stats = {k: v for k, v in vars(token).items() if k not in ("text", "finish_reason")}
                 if job.cancelled.is_set():
                     return
         except Qwen35Error as e:
             job.emit(Failed(str(e)))
         except Exception as e:  # the server must outlive a bad generation; the client gets a 500-class error
+            log.exception("generation failed (options %s)", job.options)
             job.emit(Failed(f"{type(e).__name__}: {e}", internal=True))
+        finally:
+            # A cancelled generation has the next token in flight (async_eval); let it land before
+            # the next job touches the model or the random state.
+            generation.close()
+            import mlx.core as mx
+
+            mx.synchronize()
 
 
 @dataclass
@@ -473,7 +503,7 @@ def _timings(last: Any) -> dict:
     if last is None:
         return {}
     return {"prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
-            "peak_memory_gb": round(last.peak_memory, 3)}
+            "peak_memory_gb": round(last.peak_memory_gb, 3)}
 
 
 def _sse(payload: dict | str) -> str:

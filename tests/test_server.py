@@ -10,12 +10,14 @@ import base64
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
-import mlx.core as mx
 import pytest
 import schemathesis
 import uvicorn
@@ -60,18 +62,46 @@ class RunningServer:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_moe_checkpoint, tmp_path_factory):
+def model_dir(tiny_moe_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("server") / "tiny-moe"
     convert(hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
             shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False)
-    model, processor = load(str(out))
-    mx.eval(model.parameters())  # lazy weights would belong to this thread's stream, not the worker's
-    return model, processor
+    return out
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    running = RunningServer(GenerationWorker(lambda: loaded), ServerSettings(model_id="tiny-moe", max_tokens=MAX_TOKENS))
+def loaded(model_dir):
+    """The model in this process: references for the served answers, and the processor of scripted servers."""
+    return load(str(model_dir))
+
+
+class ServerProcess:
+    """``mlx-qwen35 serve`` in a subprocess: the real model path, with MLX alone in its own process."""
+
+    def __init__(self, model_dir, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "mlx_qwen35.cli", "serve", "--model", str(model_dir), "--port", str(self.port), *args]
+        self.log = Path(model_dir).parent / f"serve-{self.port}.log"  # read it when a request fails with 500
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+        deadline = time.time() + 60
+        while True:
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    running = ServerProcess(model_dir, "--max-tokens", str(MAX_TOKENS))
     yield running
     running.close()
 
@@ -185,7 +215,7 @@ def test_bad_requests_get_400_with_a_message(server, body, fragment):
     assert fragment in response.json()["error"]["message"]
 
 
-def test_image_parts_reach_the_processor(server, loaded, tmp_path):
+def test_image_parts_reach_the_processor(loaded, tmp_path):
     from PIL import Image
 
     path = tmp_path / "red.png"
@@ -198,13 +228,19 @@ def test_image_parts_reach_the_processor(server, loaded, tmp_path):
         seen.append(messages)
         raise ValueError("stop here")  # the processor's answer is not this test's business
 
+    original = type(processor).__dict__.get("__call__")
     type(processor).__call__ = lambda self, *a, **k: fake_call(*a, **k)
+    running = scripted_server(loaded, "unused")
     try:
         content = [{"type": "text", "text": "What colour?"}, {"type": "image_url", "image_url": {"url": str(path)}},
                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
-        assert chat(server.url, messages=[{"role": "user", "content": content}]).status_code == 400
+        assert chat(running.url, messages=[{"role": "user", "content": content}]).status_code == 400
     finally:
-        del type(processor).__call__
+        running.close()
+        if original is None:
+            del type(processor).__call__
+        else:
+            type(processor).__call__ = original
     parts = seen[0][0]["content"]
     assert parts[0] == {"type": "text", "text": "What colour?"}
     assert parts[1] == {"type": "image", "image": str(path)}
