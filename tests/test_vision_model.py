@@ -19,6 +19,7 @@ from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generation import stream_generate
 from mlx_qwen35.model.mrope_positions import mrope_positions
+from mlx_qwen35.model.vision import segment_attention
 from mlx_qwen35.processing.inputs import ModelInputs
 
 TOL = 1e-4
@@ -250,3 +251,11 @@ def test_feature_count_mismatch_names_both_numbers(pair, kind):
     inputs.input_ids = [t for t in prompt.ids if t != pad]
     with pytest.raises(Qwen35Error, match=f"0 {kind} placeholder tokens .* {n_features} {kind} features"):
         model(mx.array([inputs.input_ids]), **{k: getattr(inputs, k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
+
+
+def test_head_padding_for_the_fused_kernel_is_exact():
+    """Padding the ViT's head size 72 to 80 (what Metal's fused attention needs) gives the same output."""
+    q, k, v = (mx.random.normal((3, 2, 20, 72), key=mx.random.key(i)) for i in range(3))
+    padded = segment_attention(q, k, v, 72**-0.5, pad=True)
+    assert padded.shape == (3, 2, 20, 72)
+    assert mx.abs(padded - segment_attention(q, k, v, 72**-0.5, pad=False)).max().item() <= 1e-6

@@ -18,6 +18,7 @@ from ..errors import Qwen35Error
 ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
 # The reference hard-codes the LayerNorm epsilon (vision_config has no field for it).
 LAYER_NORM_EPS = 1e-6
+FUSED_HEAD_DIMS = (64, 80, 128)  # head sizes MLX's fused full-attention Metal kernel takes
 
 
 class PatchEmbed(nn.Module):
@@ -29,7 +30,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.proj = nn.Module()
+        self.proj = nn.Module()  # holds the Conv3d's weight and bias under the checkpoint's names
         self.proj.weight = mx.zeros((cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size))
         self.proj.bias = mx.zeros((cfg.hidden_size,))
 
@@ -59,10 +60,26 @@ class VisionAttention(nn.Module):
             # One image, or a video's `count` temporal groups as one batch: no padding, no mask.
             end = start + count * length
             q_s, k_s, v_s = (a[start:end].reshape(count, length, self.num_heads, -1).transpose(0, 2, 1, 3) for a in (q, k, v))
-            o = mx.fast.scaled_dot_product_attention(q_s, k_s, v_s, scale=self.head_dim**-0.5)  # [count, heads, L, D]
+            o = segment_attention(q_s, k_s, v_s, self.head_dim**-0.5)  # [count, heads, L, D]
             out.append(o.transpose(0, 2, 1, 3).reshape(count * length, -1))
             start = end
         return self.proj(mx.concatenate(out) if len(out) > 1 else out[0])
+
+
+def segment_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, pad: bool | None = None) -> mx.array:
+    """softmax(q·kᵀ·scale)·v over [B, heads, L, D], zero-padding D to a head size of MLX's fused Metal kernel.
+
+    The fused kernel (64, 80 or 128 per head) never materialises the [L, L] scores; the ViT's 72 would
+    fall back to the unfused path (1.6 GB of scores per block for one 1344² image). Padding is exact:
+    zero features add nothing to q·k, and v's padded outputs are cut off. Off Metal there is no fused
+    kernel, so nothing is padded.
+    """
+    d = q.shape[-1]
+    pad = mx.metal.is_available() if pad is None else pad
+    width = next((w for w in FUSED_HEAD_DIMS if w >= d), d) if pad else d
+    if width != d:
+        q, k, v = (mx.pad(a, [(0, 0)] * 3 + [(0, width - d)]) for a in (q, k, v))
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
 
 
 def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
