@@ -373,7 +373,7 @@ class GenerationWorker:
             if not callable(self.processor):
                 raise Qwen35Error("this build's processor cannot read images yet; send text only")
             inputs = self.processor(job.prompt, enable_thinking=thinking, tools=tools)
-            return inputs, len(inputs.input_ids)
+            return inputs, len(prompt_token_ids(self.processor, inputs))
         ids = prompt_token_ids(self.processor, job.prompt, thinking, tools)
         return ids, len(ids)
 
