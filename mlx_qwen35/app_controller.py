@@ -1,0 +1,168 @@
+"""The menu-bar app's logic, platform-neutral so tests drive it on Linux: models, server, status.
+
+``app/menubar.py`` (rumps) only draws menus and calls this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import webbrowser
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Qwen35Error
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the app can serve: a local MLX dir or a Hub cache snapshot."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    fits: bool  # weights leave a quarter of the machine's memory for the cache and the OS
+
+    @property
+    def label(self) -> str:
+        """The menu text: name, size, and a warning when it will not fit."""
+        return f"{self.name} ({self.size_bytes / 1e9:.1f} GB){'' if self.fits else ' — too large for this Mac'}"
+
+
+def total_memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _weights_size(model_dir: Path) -> int:
+    # Hub snapshots hold symlinks into blobs/: stat follows them to the real size.
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+
+
+def _is_qwen35_dir(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(config.get("model_type", "")).startswith("qwen3_5") and any(path.glob("*.safetensors"))
+
+
+def find_models(search_dirs: list[Path], hf_cache: Path | None = None, memory_bytes: int | None = None) -> list[ModelEntry]:
+    """Qwen3.5 MLX checkpoints in ``search_dirs`` (and their subdirs) and the Hugging Face cache, largest first."""
+    memory = memory_bytes or total_memory_bytes()
+    candidates: list[tuple[str, Path]] = []
+    for root in search_dirs:
+        for path in [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []:
+            candidates.append((path.name, path))
+    cache = hf_cache or Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface" / "hub"))
+    for repo in cache.glob("models--*") if cache.is_dir() else []:
+        for snapshot in sorted((repo / "snapshots").glob("*")):
+            candidates.append((repo.name.removeprefix("models--").replace("--", "/"), snapshot))
+    entries = {}
+    for name, path in candidates:
+        if _is_qwen35_dir(path):
+            size = _weights_size(path)
+            entries[path.resolve()] = ModelEntry(name, path, size, fits=size <= 0.75 * memory)
+    return sorted(entries.values(), key=lambda e: -e.size_bytes)
+
+
+class AppController:
+    """Starts and stops ``mlx-qwen35 serve`` for the chosen model and reads its status."""
+
+    def __init__(self, port: int = 8080, host: str = "127.0.0.1"):
+        self.port, self.host = port, host
+        self.model: ModelEntry | None = None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def choose(self, model: ModelEntry) -> None:
+        """Use ``model``; a running server restarts with it."""
+        self.model = model
+        if self.running:
+            self.stop()
+            self.start()
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the server in a subprocess and wait until it answers /health."""
+        if self.model is None:
+            raise Qwen35Error("no model chosen; pick one from the Model menu")
+        if self.running:
+            return
+        command = [sys.executable, "-m", "mlx_qwen35.cli", "serve", "--model", str(self.model.path),
+                   "--host", self.host, "--port", str(self.port)]
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while self.health() is None:
+            if not self.running:
+                raise Qwen35Error(f"the server for {self.model.name} exited (code {self._process.returncode}); run 'mlx-qwen35 serve --model {self.model.path}' to see why")
+            if time.time() > deadline:
+                self.stop()
+                raise Qwen35Error(f"the server did not answer on {self.url} within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop the server (if running)."""
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    def health(self) -> dict | None:
+        """The server's /health answer, or None when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    def status(self) -> str:
+        """One line for the menu: model, state, speed and memory of the last generation."""
+        if not self.running:
+            return f"Stopped · {self.model.name if self.model else 'no model'}"
+        health = self.health() or {}
+        parts = [f"Running · {self.model.name}"]
+        if "generation_tps" in health:
+            parts.append(f"{health['generation_tps']:.1f} tok/s")
+        if "peak_memory_gb" in health:
+            parts.append(f"{health['peak_memory_gb']:.1f} GB")
+        return " · ".join(parts)
+
+    def open_chat(self) -> None:
+        """Open the chat page: a native pywebview window if installed, else the browser."""
+        try:
+            import webview
+        except ImportError:
+            webbrowser.open(self.url)
+            return
+        webview.create_window("mlx-qwen35", self.url)
+        webview.start()
+
+
+def run_menubar_app(model: str | None = None, port: int = 8080) -> None:
+    """Run the menu-bar app (macOS with the ``app`` extra); elsewhere a one-line error."""
+    try:
+        import rumps  # noqa: F401
+    except ImportError:
+        raise Qwen35Error("the menu-bar app needs macOS and its extra: pip install 'mlx-qwen35[app]'") from None
+    try:
+        from .app.menubar import MenuBarApp  # a wheel carries app/ inside the package
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout has it beside
+        from app.menubar import MenuBarApp
+
+    MenuBarApp(AppController(port=port), model_hint=model).run()

@@ -1,0 +1,65 @@
+"""The menu-bar app's controller on Linux: model discovery with sizes and fit, start/stop, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+from test_server import free_port
+
+from mlx_qwen35.app_controller import AppController, find_models
+from mlx_qwen35.errors import Qwen35Error
+
+
+def fake_model(path, size: int, model_type: str = "qwen3_5_moe"):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (path / "model.safetensors").write_bytes(b"\0" * size)
+    return path
+
+
+def test_models_from_local_dirs_and_the_hub_cache_with_sizes_and_fit(tmp_path):
+    local = tmp_path / "models"
+    fake_model(local / "small", 1000)
+    fake_model(local / "not-qwen", 10, model_type="llama")
+    blob_dir = tmp_path / "hub" / "models--mlx-community--Qwen3.5-big" / "blobs"
+    blob_dir.mkdir(parents=True)
+    (blob_dir / "abc").write_bytes(b"\0" * 5000)
+    snapshot = tmp_path / "hub" / "models--mlx-community--Qwen3.5-big" / "snapshots" / "0123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe"}))
+    (snapshot / "model.safetensors").symlink_to(blob_dir / "abc")
+    models = find_models([local], hf_cache=tmp_path / "hub", memory_bytes=4000)
+    assert [(m.name, m.size_bytes, m.fits) for m in models] == [("mlx-community/Qwen3.5-big", 5000, False), ("small", 1000, True)]
+    assert "too large" in models[0].label and "too large" not in models[1].label
+
+
+def test_start_status_stop(tiny_moe_checkpoint, tmp_path):
+    from mlx_qwen35.convert import convert
+
+    out = tmp_path / "models" / "tiny"
+    convert(hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
+            shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False)
+    controller = AppController(port=free_port())
+    with pytest.raises(Qwen35Error, match="no model"):
+        controller.start()
+    [controller.model] = find_models([tmp_path / "models"], hf_cache=tmp_path / "none")
+    assert controller.status() == "Stopped · tiny"
+    controller.start()
+    try:
+        assert controller.running and controller.health()["model"] == "tiny"
+        httpx.post(f"{controller.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60).raise_for_status()
+        status = controller.status()
+        assert status.startswith("Running · tiny") and "tok/s" in status and "GB" in status
+    finally:
+        controller.stop()
+    assert not controller.running and controller.health() is None
+
+
+def test_app_command_without_rumps_says_what_it_needs():
+    result = subprocess.run([sys.executable, "-m", "mlx_qwen35.cli", "app"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: the menu-bar app needs macOS and its extra: pip install 'mlx-qwen35[app]'"]
