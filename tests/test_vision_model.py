@@ -207,10 +207,10 @@ def test_multimodal_turn_after_cached_text(pair):
     ckpt, model, _, hf = pair
     prompt = two_images(ckpt)
     head = 5  # the prompt's first text tokens go through the cache first, as an earlier turn would
-    rest = ModelInputs(prompt.ids[head:], *[getattr(prompt.inputs(), f) for f in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")])
+    inputs = prompt.inputs()
     cache = model.make_cache()
     first = model(mx.array([prompt.ids[:head]]), cache)[0]
-    second = model(mx.array([rest.input_ids]), cache, pixel_values=rest.pixel_values, image_grid_thw=rest.image_grid_thw)[0]
+    second = model(mx.array([prompt.ids[head:]]), cache, pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)[0]
     ours = np.array(mx.concatenate([first, second], axis=0))
     assert np.abs(ours - hf_logits(hf, prompt)).max() <= TOL
 
