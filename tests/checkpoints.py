@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -27,7 +28,13 @@ from transformers import (
     Qwen3_5MoeForConditionalGeneration,
 )
 
-from mlx_qwen35.random_checkpoint import write_processor_configs, write_shards
+from mlx_qwen35.random_checkpoint import (
+    hf_tensor_shapes,
+    random_parameter,
+    shape_output_rows,
+    write_processor_configs,
+    write_shards,
+)
 from mlx_qwen35.tokenizer_builder import CORPUS, TokenizerInfo, write_generation_config, write_tokenizer_files
 
 TINY_BASE_VOCAB = 512
@@ -44,17 +51,6 @@ TINY_LAYER_TYPES = [
 MAX_SHARD_BYTES = 512 * 1024  # a ~2 MB model → several shards
 FP8_BLOCK = 128
 FP8_E4M3_MAX = 448.0
-# Scale of the residual stream: the embedding rows and (twice that) every projection writing into it,
-# so the mixers, not the token's own embedding, dominate the last hidden state — otherwise the tied
-# dense model just repeats its input token. With tied embeddings the logits scale with it too.
-RESIDUAL_STD = 3.0
-RESIDUAL_WRITERS = ("o_proj.weight", "out_proj.weight", "down_proj.weight", "experts.down_proj")
-# lm_head rows on a unit-RMS final hidden state: logits spread with std ≈ LM_HEAD_STD · sqrt(hidden),
-# so greedy decoding has top-1 margins far above float32 noise.
-LM_HEAD_STD = 2.0
-# Added tokens' output rows are damped so greedy paths stay on text tokens (never stop at EOS early).
-ADDED_TOKEN_ROW_SCALE = 0.1
-
 # Modules the official FP8 release stores as float8_e4m3fn + weight_scale_inv (ARCHITECTURE.md §2.3).
 FP8_QUANTIZED = re.compile(
     r"(mlp\.experts\.\d+\.(gate|up|down)_proj"
@@ -63,10 +59,6 @@ FP8_QUANTIZED = re.compile(
     r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))\.weight$"
 )
 PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
-ZERO_CENTRED_NORM = re.compile(
-    r"(input_layernorm|post_attention_layernorm|q_norm|k_norm|language_model\.norm"
-    r"|mtp\.norm|pre_fc_norm_embedding|pre_fc_norm_hidden)\.weight$"
-)
 
 
 @dataclass(frozen=True)
@@ -168,61 +160,20 @@ def tiny_vision_config(out_hidden_size: int) -> dict:
     }
 
 
-def _random_parameter(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """A value for parameter ``name`` far from HF's initialisation, with activations of unit scale."""
-
-    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean
-
-    if ZERO_CENTRED_NORM.search(name):
-        return normal(0.3)  # used as (1 + w)
-    if name.endswith("linear_attn.norm.weight") or (name.startswith("model.visual.") and "norm" in name and name.endswith(".weight")):
-        return normal(0.3, mean=1.0)  # used as w
-    if name.endswith(".bias"):
-        return normal(0.1)
-    if name.endswith("A_log"):
-        return torch.rand(shape, generator=gen) * 2.0 - 1.0
-    if name.endswith("dt_bias"):
-        return normal(0.5)
-    if name.endswith("pos_embed.weight"):
-        return normal(0.5)
-    if name.endswith("embed_tokens.weight"):
-        return normal(RESIDUAL_STD)
-    if name == "lm_head.weight":
-        return normal(LM_HEAD_STD)
-    fan_in = math.prod(shape[1:]) if name.endswith(("conv1d.weight", "patch_embed.proj.weight")) else shape[-1]
-    if name.endswith("merger.linear_fc2.weight"):  # vision features replace embedding rows
-        return normal(RESIDUAL_STD / math.sqrt(fan_in))
-    if name.endswith(RESIDUAL_WRITERS) and not name.startswith("model.visual."):
-        return normal(2.0 * RESIDUAL_STD / math.sqrt(fan_in))
-    return normal(1.0 / math.sqrt(fan_in))
-
-
-def _shape_output_rows(weight: torch.Tensor, tokens: TokenizerInfo) -> None:
-    """Zero the padding rows (they never win an argmax) and damp the added tokens' rows, in place."""
-    weight[tokens.size :] = 0.0
-    weight[tokens.base_vocab_size : tokens.size] *= ADDED_TOKEN_ROW_SCALE
-
-
 @torch.no_grad()
-def _perturb(model: PreTrainedModel, tokens: TokenizerInfo, gen: torch.Generator) -> None:
+def _perturb(model: PreTrainedModel, tokens: TokenizerInfo, rng: np.random.Generator) -> None:
     """Redraw every parameter (in-memory names; experts are fused 3-D tensors there)."""
     for name, param in model.named_parameters():
-        param.copy_(_random_parameter(name, tuple(param.shape), gen))
-    for name, param in model.named_parameters():  # lm_head is listed only when untied
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            _shape_output_rows(param, tokens)
+        value = random_parameter(name, tuple(param.shape), rng)
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):  # lm_head is listed only when untied
+            shape_output_rows(value, tokens)
+        param.copy_(torch.from_numpy(value))
 
 
-def _mtp_tensors(saved: dict[str, torch.Tensor], text: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """The ``mtp.*`` block (§2.2): fc, three norms and one full-attention decoder layer, random."""
-    hidden = text["hidden_size"]
-    template_layer = text["layer_types"].index("full_attention")
-    prefix = f"model.language_model.layers.{template_layer}."
-    shapes = {"mtp.fc.weight": (hidden, 2 * hidden)}
-    shapes |= {f"mtp.{n}.weight": (hidden,) for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
-    shapes |= {"mtp.layers.0." + k[len(prefix) :]: tuple(v.shape) for k, v in saved.items() if k.startswith(prefix)}
-    return {name: _random_parameter(name, shape, gen) for name, shape in sorted(shapes.items())}
+def _mtp_tensors(config: dict, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The ``mtp.*`` block (§2.2) that transformers never writes: fc, three norms, one full-attention layer."""
+    shapes = hf_tensor_shapes(config, layout="per_expert")
+    return {n: torch.from_numpy(random_parameter(n, s, rng)) for n, s in shapes.items() if n.startswith("mtp.")}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -236,7 +187,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     """Everything but the weights: configs, tokenizer, template."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copy2(f, dst / f.name)
 
 
@@ -261,17 +212,17 @@ def build_per_expert_checkpoint(
     )
     torch.manual_seed(seed)
     model = model_cls(config_cls(text_config=text, vision_config=vision, **special)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    _perturb(model, tokens, gen)
+    rng = np.random.default_rng(seed)
+    _perturb(model, tokens, rng)
 
     staging = path / "_save_pretrained"
     model.save_pretrained(staging)
     saved = _read_tensors(staging)
     shutil.copy2(staging / "config.json", path / "config.json")
     shutil.rmtree(staging)
-    write_shards(saved | _mtp_tensors(saved, text, gen), path, MAX_SHARD_BYTES, save_file)
-    write_processor_configs(path, vision)
     config = json.loads((path / "config.json").read_text())
+    write_shards(saved | _mtp_tensors(config, rng), path, MAX_SHARD_BYTES, save_file)
+    write_processor_configs(path, vision)
     return TinyCheckpoint(path=path, layout="per_expert", config=config, tokens=tokens, reference_path=path)
 
 

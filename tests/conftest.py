@@ -15,6 +15,9 @@ from checkpoints import (
     rewrite_fused,
 )
 
+# Seeds are chosen for a clear greedy top-1 margin: the smallest top-1 − top-2 logit gap along
+# transformers' 32-token greedy path from 24- and 64-token prompts is ≥ 0.0138 (over other seeds it
+# ranges 1e-4 … 0.08, since logits have unit scale, see random_checkpoint.LM_HEAD_STD).
 # The FP8 checkpoint is wider than the others so its 128×128 scale blocks come in full and partial
 # sizes on both axes (hidden 144 = 128 + 16, expert intermediate 160 = 128 + 32).
 FP8_HIDDEN_SIZE = 144
@@ -24,13 +27,13 @@ FP8_MOE_INTERMEDIATE_SIZE = 160
 @pytest.fixture(scope="session")
 def tiny_moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     """MoE (``qwen3_5_moe``), per-expert keys as transformers' save_pretrained writes them, plus ``mtp.*``."""
-    return build_per_expert_checkpoint(tmp_path_factory.mktemp("tiny-moe"), moe=True, seed=0)
+    return build_per_expert_checkpoint(tmp_path_factory.mktemp("tiny-moe"), moe=True, seed=11)
 
 
 @pytest.fixture(scope="session")
 def tiny_dense_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     """Dense (``qwen3_5``) with tied embeddings like the 0.8B, plus ``mtp.*`` (dense MLP)."""
-    return build_per_expert_checkpoint(tmp_path_factory.mktemp("tiny-dense"), moe=False, seed=1)
+    return build_per_expert_checkpoint(tmp_path_factory.mktemp("tiny-dense"), moe=False, seed=8)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +50,7 @@ def tiny_moe_fp8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyChe
     source = build_per_expert_checkpoint(
         tmp_path_factory.mktemp("tiny-moe-fp8-source"),
         moe=True,
-        seed=2,
+        seed=4,
         hidden_size=FP8_HIDDEN_SIZE,
         moe_intermediate_size=FP8_MOE_INTERMEDIATE_SIZE,
     )

@@ -1,0 +1,158 @@
+"""`mlx-qwen35 demo`: prove an install works end to end, with no download.
+
+Builds (once, into the user cache) a small seeded random-weight Qwen3.5 MoE checkpoint in the
+released Hugging Face layout — fused experts, ``mtp.*``, vision tower, bf16 — with a trained
+tokenizer and the real chat template, converts it to 4-bit with our converter, loads it and streams
+a generation. The weights are random, so the text is gibberish; the point is that every stage runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .tokenizer_builder import QWEN_ADDED_TOKENS
+
+DEMO_VERSION = 1  # bump when the demo checkpoint's recipe changes, so stale caches are rebuilt
+DEMO_SEED = 0
+DEMO_BASE_VOCAB = 1000
+DEMO_PROMPT = "Write a haiku about the sea."
+
+
+def demo_cache_dir() -> Path:
+    """Where the demo checkpoint lives: ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/mlx-qwen35/demo/``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mlx-qwen35" / "demo"
+
+
+def demo_config() -> dict:
+    """config.json of the demo model: the real MoE architecture (qwen3_5_moe) at a laptop-instant size."""
+    special = {token: DEMO_BASE_VOCAB + i for i, (token, _) in enumerate(QWEN_ADDED_TOKENS)}
+    tokenizer_size = DEMO_BASE_VOCAB + len(QWEN_ADDED_TOKENS)
+    layer_types = (["linear_attention"] * 3 + ["full_attention"]) * 2
+    text = {
+        "model_type": "qwen3_5_moe_text",
+        "vocab_size": math.ceil(tokenizer_size / 64) * 64,  # rows past the tokenizer are padding, as released
+        "hidden_size": 256,
+        "num_hidden_layers": len(layer_types),
+        "layer_types": layer_types,
+        "full_attention_interval": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_output_gate": True,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 128,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        # rotary dim 64 · 0.25 = 16 → 8 frequencies, split T/H/W = 3/3/2 (interleaved)
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [3, 3, 2],
+            "mrope_interleaved": True,
+        },
+        "partial_rotary_factor": 0.25,
+        "mtp_num_hidden_layers": 1,
+        "mtp_use_dedicated_embeddings": False,
+        "mamba_ssm_dtype": "float32",
+        "tie_word_embeddings": False,
+        "eos_token_id": special["<|endoftext|>"],
+        "dtype": "bfloat16",
+    }
+    vision = {
+        "model_type": "qwen3_5_moe",  # the legacy name the releases carry
+        "depth": 2,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "intermediate_size": 128,
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 64,
+        "out_hidden_size": 256,
+        "deepstack_visual_indexes": [],
+    }
+    return {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "model_type": "qwen3_5_moe",
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": special["<|image_pad|>"],
+        "video_token_id": special["<|video_pad|>"],
+        "vision_start_token_id": special["<|vision_start|>"],
+        "vision_end_token_id": special["<|vision_end|>"],
+        "tie_word_embeddings": False,
+    }
+
+
+def build_demo(target: Path) -> None:
+    """Write the random HF checkpoint and its 4-bit conversion under ``target`` (atomically: temp dir, then rename)."""
+    from .convert import convert
+    from .random_checkpoint import write_random_hf_checkpoint
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
+    try:
+        print(f"building the demo checkpoint in {target} (once; random weights, no download)…")
+        write_random_hf_checkpoint(staging / "hf", demo_config(), seed=DEMO_SEED, layout="fused", max_shard_bytes=8 * 1024**2)
+        convert(
+            hf_path=str(staging / "hf"),
+            mlx_path=staging / "mlx-4bit",
+            recipe="4bit",
+            dtype=None,
+            shard_size_gb=0.01,
+            revision=None,
+            overwrite=True,
+            dry_run=False,
+        )
+        if target.exists():  # --rebuild: move the old one aside first so the swap is two renames
+            old = target.with_name(f".{target.name}-old-{os.getpid()}")
+            target.rename(old)
+            shutil.rmtree(old)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
+    """Build the demo checkpoint if needed, then stream a generation from it through the whole stack."""
+    from . import load, stream_generate
+
+    target = demo_cache_dir() / f"v{DEMO_VERSION}"
+    if rebuild or not target.exists():
+        build_demo(target)
+    model, processor = load(str(target / "mlx-4bit"))
+    print("\nThe weights are RANDOM: the model is real Qwen3.5 architecture (hybrid Gated DeltaNet + attention,")
+    print("sparse MoE, 4-bit) but it was never trained, so the text below is gibberish by design.\n")
+    messages = [{"role": "user", "content": DEMO_PROMPT}]
+    print(f"user: {DEMO_PROMPT}\nassistant: ", end="", flush=True)
+    response = None
+    for response in stream_generate(model, processor, messages, max_tokens=max_tokens):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    print()
+    if response is not None:
+        print(
+            f"\nprompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
+            f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
+            f"peak memory {response.peak_memory:.2f} GB"
+        )
