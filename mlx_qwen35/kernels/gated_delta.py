@@ -6,13 +6,15 @@ gate projections a, b [B, T, Hv]; they fuse the q/k L2-normalisation, the gates 
 with the fp32 state S [B, Hv, Dv, Dk] (value rows × key columns). Value head h reads q/k head h // (Hv/Hk).
 """
 
+import os
+
 import mlx.core as mx
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.kernels import kernel_forced, resolve_use_kernel
 from mlx_qwen35.kernels.metal_source import metal_kernel
 
-CHUNK = 64  # tokens per chunk of the WY/UT form (HF and FLA use 64)
+CHUNK = 32  # tokens per chunk of the WY/UT form; HF and FLA use 64, but on the CPU 32 is ~1.35× faster (fewer C² flops, same C·D² state work)
 _NORM_EPS = 1e-6  # added to Σx² inside the sqrt of the q/k L2-norm
 
 
@@ -139,6 +141,39 @@ def _chunk_advance(state_t, U, W, qk, q_decayed, k_decayed_t, chunk_decay):
     return o, state_t
 
 
+def _chunks_in_sequence(q, k, v, beta, g, S_t):
+    """All chunks of some heads: the state-free work at once, then the state carried chunk by chunk."""
+    prepared = _chunk_prepare(q, k, v, beta, g)
+    outs = []
+    for n in range(q.shape[3]):
+        o, S_t = _chunk_advance(S_t, *(x[:, :, :, n] for x in prepared))
+        outs.append(o)
+    return mx.stack(outs, axis=3), S_t  # o [B, Hk', r, N, C, Dv]
+
+
+def _head_groups(Hk: int) -> list[slice]:
+    """Split the key heads into one group per CPU core (heads are independent); one group elsewhere."""
+    if mx.default_device() != mx.cpu:
+        return [slice(0, Hk)]
+    n = max(1, min(Hk, os.cpu_count() or 1, _MAX_CPU_STREAMS))
+    bounds = [round(i * Hk / n) for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _cpu_streams(n: int) -> list:
+    """``n`` CPU streams, made once: MLX runs one op at a time per stream and the CPU BLAS is single-threaded,
+    so independent head groups on separate streams are how the pure path uses every core."""
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())]
+    while len(_CPU_STREAMS) < n:
+        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
+    return _CPU_STREAMS[:n]
+
+
+_MAX_CPU_STREAMS = 8
+_CPU_STREAMS: list = []
+
+
 def _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask):
     B, T, Hk, Dk = k.shape
     Hv, Dv = v.shape[-2:]
@@ -156,18 +191,17 @@ def _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask):
     q, k = (x.reshape(B, N, CHUNK, Hk, 1, Dk).transpose(0, 3, 4, 1, 2, 5) for x in (q, k))  # [B, Hk, 1, N, C, Dk]
     v = v.reshape(B, N, CHUNK, Hk, r, Dv).transpose(0, 3, 4, 1, 2, 5)  # [B, Hk, r, N, C, Dv]
     beta, g = (x.reshape(B, N, CHUNK, Hk, r).transpose(0, 3, 4, 1, 2) for x in (beta, g))  # [B, Hk, r, N, C]
-    prepared = _chunk_prepare(q, k, v, beta, g)
-
-    # the loop carries Sᵀ [B, Hk, r, Dk, Dv] so that every state matmul has a row-contiguous right operand
     if state is None:
-        S_t = mx.zeros((B, Hk, r, Dk, Dv), mx.float32)
-    else:
-        S_t = _rows(state.reshape(B, Hk, r, Dv, Dk).swapaxes(-1, -2))
-    outs = []
-    for n in range(N):
-        o, S_t = _chunk_advance(S_t, *(x[:, :, :, n] for x in prepared))
-        outs.append(o)
-    o = mx.stack(outs, axis=3)  # [B, Hk, r, N, C, Dv]
+        state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
+    # the loop carries Sᵀ [B, Hk, r, Dk, Dv] so that every state matmul has a row-contiguous right operand
+    S_t = _rows(state.reshape(B, Hk, r, Dv, Dk).swapaxes(-1, -2))
+    groups = _head_groups(Hk)
+    results = []
+    for stream, heads in zip(_cpu_streams(len(groups)), groups):
+        with mx.stream(stream):
+            results.append(_chunks_in_sequence(q[:, heads], k[:, heads], v[:, heads], beta[:, heads], g[:, heads], S_t[:, heads]))
+    o = mx.concatenate([o for o, _ in results], axis=1)  # [B, Hk, r, N, C, Dv]
+    S_t = mx.concatenate([s for _, s in results], axis=1)
     o = o.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * CHUNK, Hv, Dv)[:, :T]
     if mask is not None:
         o = o * mask[..., None, None]
