@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -22,6 +22,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# Options that several commands share, named as in mlx-lm where they overlap.
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="MLX checkpoint directory or Hub repo id.")]
+TopP = Annotated[Optional[float], typer.Option("--top-p")]
+TopK = Annotated[Optional[int], typer.Option("--top-k")]
+MinP = Annotated[Optional[float], typer.Option("--min-p")]
+RepetitionPenalty = Annotated[Optional[float], typer.Option("--repetition-penalty")]
+PresencePenalty = Annotated[Optional[float], typer.Option("--presence-penalty")]
+Seed = Annotated[Optional[int], typer.Option("--seed")]
+SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+ThinkingBudget = Annotated[Optional[int], typer.Option("--thinking-budget", help="Close the reasoning after this many tokens.")]
+KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits.")]
 
 
 @app.command()
@@ -52,17 +65,17 @@ def convert(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="MLX checkpoint directory or Hub repo id."),
+    model: ModelOption,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads standard input)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate."),
     temp: Optional[float] = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
-    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    presence_penalty: PresencePenalty = None,
+    seed: Seed = None,
+    system: SystemPrompt = None,
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
@@ -78,8 +91,8 @@ def generate(
     prompt_cache_file: Optional[Path] = typer.Option(
         None, "--prompt-cache-file", help="Saved conversation directory: continued and updated (created if missing)."
     ),
-    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", help="Close the reasoning after this many tokens."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits."),
+    thinking_budget: ThinkingBudget = None,
+    kv_bits: KVBits = None,
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Most tokens of context (prompt + reply)."),
 ) -> None:
     """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
@@ -199,21 +212,21 @@ def generate(
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., "--model", "-m", help="MLX checkpoint directory or Hub repo id."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    model: ModelOption,
+    system: SystemPrompt = None,
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering (/think on|off switches)."),
-    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", help="Close the reasoning after this many tokens."),
+    thinking_budget: ThinkingBudget = None,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the reasoning, only the answer."),
     max_tokens: int = typer.Option(32768, "--max-tokens", help="Most tokens to generate per answer."),
     temp: Optional[float] = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy; default: the model card's)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
-    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    presence_penalty: PresencePenalty = None,
+    seed: Seed = None,
     max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Most tokens of context (default: the model's)."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits."),
+    kv_bits: KVBits = None,
     sessions_dir: Optional[Path] = typer.Option(
         None, "--sessions-dir", envvar="MLX_QWEN35_SESSIONS_DIR", help="Where /save and /load keep conversations."
     ),
@@ -252,7 +265,7 @@ def demo(
 
 @app.command()
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="MLX checkpoint directory or Hub repo id."),
+    model: ModelOption,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost only by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
