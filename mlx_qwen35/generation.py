@@ -108,6 +108,18 @@ def prefill(
         mx.clear_cache()
 
 
+def prefill_prompt(model, inputs: ModelInputs, cache: list, step_size: int = 2048) -> None:
+    """Run a prompt, its images and videos too, into ``cache``; positions continue after what the cache holds."""
+    tokens = mx.array(inputs.input_ids)
+    if not inputs.has_vision:
+        prefill(model, tokens, cache, step_size)
+        return
+    embeds, positions, rope_delta = model.prompt_embeddings(inputs, cache)
+    mx.eval(embeds)  # the vision tower, once, before the chunks slice it
+    prefill(model, tokens, cache, step_size, embeds, positions)
+    cache.rope_delta = rope_delta
+
+
 def stream_generate(
     model,
     processor,
@@ -128,8 +140,12 @@ def stream_generate(
     tools: list[dict] | None = None,
     thinking_budget: int | None = None,
     kv_bits: int | None = None,
+    cached_tokens: list[int] | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Generate from ``prompt``, yielding a response per token. A caller-owned ``cache`` continues from its contents."""
+    """Generate from ``prompt``, yielding a response per token. A caller-owned ``cache`` continues from its contents.
+
+    ``cached_tokens``: the ids that ``cache`` already holds, for the penalties to look back over as a fresh run would.
+    """
     tokens = prompt_token_ids(processor, prompt, enable_thinking, tools)
     if not tokens:
         raise Qwen35Error("the prompt is empty; give some text")
@@ -143,7 +159,7 @@ def stream_generate(
     eos = processor.eos_token_ids
     detokenizer = processor.tokenizer.detokenizer
     detokenizer.reset()
-    history = mx.array(tokens)
+    history = mx.array((cached_tokens or []) + tokens)
 
     def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
@@ -156,14 +172,9 @@ def stream_generate(
         return token, logprobs.squeeze(0)
 
     start = time.perf_counter()
-    if isinstance(prompt, ModelInputs) and prompt.has_vision:
-        embeds, positions, rope_delta = model.prompt_embeddings(prompt, cache)
-        mx.eval(embeds)  # the vision tower, once, before the chunks slice it
-        # The last token is text (<|vision_end|> at the latest), so the step below embeds it itself.
-        prefill(model, history[:-1], cache, prefill_step_size, embeds[:, :-1], positions[..., :-1])
-        cache.rope_delta = rope_delta
-    else:
-        prefill(model, history[:-1], cache, prefill_step_size)
+    # The last token is text (<|vision_end|> at the latest), so the step below embeds it itself.
+    head = prompt.span(0, len(tokens) - 1, model.config) if isinstance(prompt, ModelInputs) else ModelInputs(tokens[:-1])
+    prefill_prompt(model, head, cache, prefill_step_size)
     token, logprobs = step(history[-1:])
     mx.eval(token, logprobs)
     prompt_tps = len(tokens) / (time.perf_counter() - start)

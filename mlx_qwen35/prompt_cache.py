@@ -8,6 +8,11 @@ A saved conversation is a directory of two files:
 * ``cache.safetensors`` — mlx-lm's prompt-cache file: the live cache's layers, then, per checkpoint,
   the recurrent state of each DeltaNet layer (K/V of a checkpoint is a prefix of the live K/V).
 
+Images and videos: no pixels are saved. The cache holds their effect, and a message keeps its item as
+given (``{"type": "image", "image": PATH}``), so the file must still be there when the conversation goes
+on: the next prompt re-reads it to render the placeholders. The cache's keys carry a digest of each
+item's pixels, so an unchanged file reuses the cache past it and a changed one is encoded afresh.
+
 Loading checks the fingerprint (config.json + every tensor's name, shape and dtype + the values of the
 small 1-D tensors, which tell fine-tunes apart) and the arrays' hash before trusting a single number.
 """
@@ -57,12 +62,13 @@ def save_conversation(conversation: Conversation, path: str | Path) -> Path:
     """Write ``conversation`` (messages, settings, cache, checkpoints) into the directory ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if conversation.cache_tokens is None:  # interrupted inside a forward pass: fall back to a known state
-        longest = max(conversation.checkpoints, key=lambda c: len(c.tokens))
-        restore(conversation.cache, longest.snapshot)
-        conversation.cache_tokens = list(longest.tokens)
-    checkpoints = [c for c in conversation.checkpoints if not c.snapshot.stale]
-    recurrent_layers = [i for i, layer in enumerate(conversation.cache) if isinstance(layer, ArraysCache)]
+    cached = conversation.cache
+    if cached.tokens is None:  # interrupted inside a forward pass: fall back to a known state
+        longest = max(cached.checkpoints, key=lambda c: len(c.tokens))
+        restore(cached.model_cache, longest.snapshot)
+        cached.tokens = list(longest.tokens)
+    checkpoints = [c for c in cached.checkpoints if not c.snapshot.stale]
+    recurrent_layers = [i for i, layer in enumerate(cached.model_cache) if isinstance(layer, ArraysCache)]
     saved_states = []
     for checkpoint in checkpoints:
         for i in recurrent_layers:
@@ -71,7 +77,7 @@ def save_conversation(conversation: Conversation, path: str | Path) -> Path:
             saved_states.append(state)
     # Arrays first, then the JSON that names their hash: a crash in between reads as "corrupted", text intact.
     arrays_tmp = path / f".{CACHE_FILE}.tmp.safetensors"
-    save_prompt_cache(str(arrays_tmp), list(conversation.cache) + saved_states)
+    save_prompt_cache(str(arrays_tmp), list(cached.model_cache) + saved_states)
     record = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -80,9 +86,9 @@ def save_conversation(conversation: Conversation, path: str | Path) -> Path:
         "messages": conversation.messages,
         "cache": {
             "sha256": _file_sha256(arrays_tmp),
-            "layers": len(conversation.cache),
-            "rope_delta": conversation.cache.rope_delta,
-            "tokens": conversation.cache_tokens,
+            "layers": len(cached.model_cache),
+            "rope_delta": cached.model_cache.rope_delta,
+            "tokens": cached.tokens,  # cache keys: token ids, each image's placeholders as a negative pixel key
             "checkpoints": [{"tokens": len(c.tokens), "rope_delta": c.snapshot.rope_delta} for c in checkpoints],
         },
     }
@@ -145,9 +151,9 @@ def load_conversation(path: str | Path, model, processor) -> Conversation:
             recurrent[i] = next(states).cache
         snap = rebuilt_snapshot(cache, entry["tokens"], recurrent, entry["rope_delta"])
         checkpoints.append(Checkpoint(tuple(tokens[: entry["tokens"]]), snap))
-    conversation.cache = cache
-    conversation.cache_tokens = tokens
-    conversation.checkpoints = checkpoints
+    conversation.cache.model_cache = cache
+    conversation.cache.tokens = tokens
+    conversation.cache.checkpoints = checkpoints
     conversation.messages = record["messages"]
     return conversation
 

@@ -219,10 +219,3 @@ def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
     assert "<tool_call>" not in printed.stdout
     as_json = CliRunner().invoke(app, base + ["--json"])
     assert json.loads(as_json.stdout)["tool_calls"] == [{"name": "get_weather", "arguments": {"days": 3}}]
-
-
-def test_images_are_refused_until_the_conversation_cache_supports_them(loaded):
-    conversation = new_conversation(loaded, thinking=False)
-    with pytest.raises(Qwen35Error, match="images and videos"):
-        conversation.send([{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is this?"}])
-    assert conversation.messages == []  # refused before it joined the conversation
