@@ -308,11 +308,17 @@ class GenerationWorker:
 
     MLX arrays stay on the thread that made them (Metal streams are per thread), so loading,
     image preprocessing and generation all happen here, never in a request handler.
+
+    The model's one cache (a ``ConversationCache``) goes from request to request: a chat client sends
+    the whole history every time, and the cache's checkpoints at turn boundaries and prompt ends let
+    the next request prefill only what follows the longest prefix it shares with an earlier one.
+    ``generate`` replaces all that with a stand-in for ``stream_generate`` (tests script replies with it).
     """
 
     def __init__(self, loader: Callable[[], tuple[Any, Any]], generate: Generate | None = None):
         self._loader = loader
         self._generate = generate
+        self.prompt_cache = None  # the ConversationCache, made on the worker thread once the model is loaded
         self._jobs: queue.Queue[GenerationJob | None] = queue.Queue()
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -346,9 +352,9 @@ class GenerationWorker:
         try:
             self.model, self.processor = self._loader()
             if self._generate is None:
-                from .generation import stream_generate
+                from .conversation import ConversationCache
 
-                self._generate = stream_generate
+                self.prompt_cache = ConversationCache(self.model, self.processor)
         except BaseException as e:  # reported to start(); the thread has nothing left to do
             self._load_error = e
             return
@@ -377,6 +383,16 @@ class GenerationWorker:
         ids = prompt_token_ids(self.processor, job.prompt, thinking, tools)
         return ids, len(ids)
 
+    def _start(self, prompt: Any, options: dict) -> tuple[Iterator[Any], int]:
+        """The generation of ``prompt`` and how many of its tokens came from the cache (prefilled up to the reply start)."""
+        if self.prompt_cache is None:
+            return self._generate(self.model, self.processor, prompt, **options), 0
+        from .processing.inputs import ModelInputs
+
+        inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(prompt)
+        generation = self.prompt_cache.stream(inputs, **options)
+        return generation, self.prompt_cache.reused_tokens
+
     def _run_job(self, job: GenerationJob) -> None:
         from jinja2 import TemplateError
 
@@ -385,9 +401,10 @@ class GenerationWorker:
         except (Qwen35Error, TemplateError, ValueError, TypeError) as e:
             job.emit(Failed(f"cannot build the prompt: {e}"))
             return
-        job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=0))
-        generation = self._generate(self.model, self.processor, prompt, **job.options)
+        generation = None
         try:
+            generation, cached_tokens = self._start(prompt, job.options)
+            job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
             for response in generation:
                 token = Token.of(response)
                 job.emit(token)
@@ -402,7 +419,8 @@ class GenerationWorker:
         finally:
             # A cancelled generation has the next token in flight (async_eval); let it land before
             # the next job touches the model or the random state.
-            generation.close()
+            if generation is not None:
+                generation.close()
             import mlx.core as mx
 
             mx.synchronize()

@@ -197,6 +197,32 @@ def test_twenty_concurrent_requests_each_get_their_own_answer(server):
             assert r.json()["choices"][0]["message"] == expected[p]["choices"][0]["message"]
 
 
+def test_a_growing_chat_reuses_the_cache_and_answers_as_a_fresh_prefill(server, loaded):
+    """OpenAI clients resend the whole history: the next request prefills only what follows the last prompt's reply start."""
+    from mlx_qwen35 import generate
+
+    model, processor = loaded
+    options = dict(temperature=0, presence_penalty=1.5, max_tokens=4, chat_template_kwargs={"enable_thinking": False})
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    answer = chat(server.url, messages=first, **options).json()["choices"][0]["message"]["content"]
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
+    reply = chat(server.url, messages=second, **options).json()
+
+    ids, header = processor(first, enable_thinking=False).input_ids, processor.encode("<|im_start|>assistant\n")
+    reply_start = max(i for i in range(len(ids)) if ids[i : i + len(header)] == header) + len(header)
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == reply_start > 0
+    assert reply["usage"]["prompt_tokens"] == len(processor(second, enable_thinking=False).input_ids)
+    # The penalty looks back over the cached history too, as it does over a fresh prompt.
+    expected = generate(model, processor, second, max_tokens=4, temp=0.0, presence_penalty=1.5, enable_thinking=False)
+    assert reply["choices"][0]["message"]["content"] == expected.strip()
+
+    unrelated = [{"role": "user", "content": "Tell me about rivers."}]
+    reply = chat(server.url, messages=unrelated, **options).json()
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    expected = generate(model, processor, unrelated, max_tokens=4, temp=0.0, presence_penalty=1.5, enable_thinking=False)
+    assert reply["choices"][0]["message"]["content"] == expected.strip()
+
+
 @pytest.mark.parametrize("body, fragment", [
     ("{not json", "not valid JSON"),
     (json.dumps({"messages": []}), "messages"),
