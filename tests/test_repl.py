@@ -151,6 +151,22 @@ def test_piped_chat_keeps_within_max_kv_size(endless_model, tmp_path):
     assert re.search(r"messages\s+3", result.stdout)  # the refused message stays, for /edit
 
 
+def test_piped_chat_with_an_image_reuses_it_in_the_next_turn(chat_model, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    command = [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(chat_model), "--no-think", "--max-tokens", "3"]
+    result = subprocess.run(
+        command, input=f"/image {image}\nWhat colour is it?\nAre you sure?\n", cwd=REPO, capture_output=True, text=True,
+        timeout=TIMEOUT, env=os.environ | {"HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stdout, result.stdout
+    first, second = (tuple(map(int, m.groups())) for m in STATUS.finditer(result.stdout))
+    assert first[2] == 0 and second[2] > first[1] // 2  # turn 2 took the image turn from the cache
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [
