@@ -310,3 +310,14 @@ def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int
         )
     gaps = [float(t[0].topk(2).values[0] - t[0].topk(2).values[1]) for t in out.logits]
     return out.sequences[0, len(prompt_ids) :].tolist(), min(gaps)
+
+
+def convert_tiny(checkpoint: TinyCheckpoint, out: Path, recipe: str = "bf16") -> Path:
+    """Convert a tiny checkpoint with our converter: unquantised tensors in float32, tiny shards (several files)."""
+    from mlx_qwen35.convert import convert
+
+    convert(
+        hf_path=str(checkpoint.path), mlx_path=out, recipe=recipe, dtype="float32",
+        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
+    )
+    return out

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from test_server import free_port
 
+from checkpoints import convert_tiny
 from mlx_qwen35.app_controller import AppController, find_models
 from mlx_qwen35.errors import Qwen35Error
 
@@ -38,11 +39,9 @@ def test_models_from_local_dirs_and_the_hub_cache_with_sizes_and_fit(tmp_path):
 
 
 def test_start_status_stop(tiny_moe_checkpoint, tmp_path):
-    from mlx_qwen35.convert import convert
-
+    
     out = tmp_path / "models" / "tiny"
-    convert(hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-            shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False)
+    convert_tiny(tiny_moe_checkpoint, out)
     controller = AppController(port=free_port())
     with pytest.raises(Qwen35Error, match="no model"):
         controller.start()

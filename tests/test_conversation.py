@@ -11,10 +11,10 @@ import pytest
 from mlx_lm.generate import GenerationResponse
 from typer.testing import CliRunner
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load, stream_generate
 from mlx_qwen35.cli import app
 from mlx_qwen35.conversation import Conversation, ConversationSettings
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 
 LOGITS_TOLERANCE = 1e-4
@@ -27,10 +27,7 @@ SYSTEM = "You are terse."
 @pytest.fixture(scope="module")
 def model_dir(tiny_moe_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("conversation") / "model"
-    convert(
-        hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(tiny_moe_checkpoint, out)
     return out
 
 

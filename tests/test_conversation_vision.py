@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load, stream_generate
 from mlx_qwen35.conversation import Conversation, ConversationSettings
-from mlx_qwen35.convert import convert
 from mlx_qwen35.model.vision import VisionModel
 from mlx_qwen35.prompt_cache import load_conversation, save_conversation
 
@@ -23,10 +23,7 @@ SAMPLING = {"temp": 0.0}
 @pytest.fixture(scope="module")
 def loaded(tiny_moe_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("conversation-vision") / "model"
-    convert(
-        hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(tiny_moe_checkpoint, out)
     return load(str(out))
 
 

@@ -9,18 +9,15 @@ import sys
 import mlx.core as mx
 import pytest
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import generate, load, stream_generate
-from mlx_qwen35.convert import convert
 from mlx_qwen35.generation import prompt_token_ids
 
 
 @pytest.fixture(scope="module")
 def converted(tiny_moe_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "model"
-    convert(
-        hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(tiny_moe_checkpoint, out)
     return out
 
 

@@ -11,11 +11,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from checkpoints import hf_greedy
+from checkpoints import convert_tiny, hf_greedy
 
 from mlx_qwen35 import load
 from mlx_qwen35.cache import cache_length, restore, snapshot
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generation import stream_generate
 
@@ -28,10 +27,7 @@ def pair(request, tmp_path_factory):
     """(checkpoint, our loaded model, processor, transformers reference) for each layout."""
     ckpt = request.getfixturevalue(request.param)
     out = tmp_path_factory.mktemp(f"mlx-{ckpt.layout}") / "model"
-    convert(
-        hf_path=str(ckpt.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(ckpt, out)
     model, processor = load(str(out))
     return ckpt, model, processor, ckpt.load_reference()
 

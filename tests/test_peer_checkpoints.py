@@ -33,7 +33,7 @@ import mlx_lm
 import mlx_vlm
 import numpy as np
 import pytest
-from checkpoints import TinyCheckpoint
+from checkpoints import TinyCheckpoint, convert_tiny
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.generate import generate_step as mlx_lm_generate_step
@@ -43,7 +43,6 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_qwen35 import load
 from mlx_qwen35.config import load_config
-from mlx_qwen35.convert import convert
 from mlx_qwen35.generation import stream_generate
 from mlx_qwen35.loading import read_weights
 from mlx_qwen35.peer_formats import detect_format, peer_key, translate_peer_checkpoint
@@ -244,10 +243,7 @@ def test_vision_tower_tensors_are_what_our_converter_writes(peer_sources, peer_d
     case = next(c for c in CASES if c.name == "mlx-vlm-moe-fp32")
     path = peer_dir(case)
     ours_dir = tmp_path_factory.mktemp("ours-vision") / "model"
-    convert(
-        hf_path=str(peer_sources["moe"].path), mlx_path=ours_dir, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(peer_sources["moe"], ours_dir)
     translated, _ = translate_peer_checkpoint(read_weights(path), load_config(path), "mlx-vlm")
     theirs = {k: v for k, v in translated.items() if k.startswith("visual.")}
     mine = {k: v for k, v in read_weights(ours_dir).items() if k.startswith("visual.")}

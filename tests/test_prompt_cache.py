@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load
 from mlx_qwen35.conversation import Conversation, ConversationSettings
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.prompt_cache import (
     CACHE_FILE,
@@ -28,10 +28,7 @@ SETTINGS = dict(system="Be brief.", max_tokens=8, thinking_budget=2, sampling={"
 
 def converted(checkpoint, tmp_path_factory, name: str):
     out = tmp_path_factory.mktemp(name) / "model"
-    convert(
-        hf_path=str(checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(checkpoint, out)
     return out
 
 

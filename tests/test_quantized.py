@@ -13,24 +13,16 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load, stream_generate
-from mlx_qwen35.convert import convert
 
 KL_BOUND = {"8bit": 0.15, "4bit": 1.0, "3bit": 2.0}
-
-
-def convert_to(checkpoint, recipe: str, out) -> str:
-    convert(
-        hf_path=str(checkpoint.path), mlx_path=out, recipe=recipe, dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
-    return str(out)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_moe_checkpoint, tmp_path_factory):
     """float32 log-probabilities of the unquantised conversion on a 64-token prompt."""
-    model, _ = load(convert_to(tiny_moe_checkpoint, "bf16", tmp_path_factory.mktemp("q") / "fp32"))
+    model, _ = load(str(convert_tiny(tiny_moe_checkpoint, tmp_path_factory.mktemp("q") / "fp32", "bf16")))
     ids = tiny_moe_checkpoint.prompt_ids(64)
     return ids, log_softmax(model(mx.array([ids]))[0])
 
@@ -48,7 +40,7 @@ def kl_by_recipe(tiny_moe_checkpoint, reference, tmp_path_factory):
     ids, ref = reference
     results = {}
     for recipe in ["8bit", "4bit", "3bit", "mixed-3-4", "mixed-3-6"]:
-        model, processor = load(convert_to(tiny_moe_checkpoint, recipe, tmp_path_factory.mktemp("q") / recipe))
+        model, processor = load(str(convert_tiny(tiny_moe_checkpoint, tmp_path_factory.mktemp("q") / recipe, recipe)))
         results[recipe] = (mean_kl(ref, log_softmax(model(mx.array([ids]))[0])), model, processor)
     return results
 

@@ -16,9 +16,9 @@ import pexpect
 import pytest
 from rich.console import Console
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load
 from mlx_qwen35.conversation import TurnStats
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.repl import Command, ReplyView, media_item, message_text, parse_command, session_path, status_line
 
@@ -33,10 +33,7 @@ STATUS = re.compile(r"(\d+) tokens, [\d.]+ tok/s · prompt (\d+) new \+ (\d+) ca
 @pytest.fixture(scope="module")
 def chat_model(tiny_moe_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repl") / "model"
-    convert(
-        hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(tiny_moe_checkpoint, out)
     return out
 
 

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from mlx_lm.generate import GenerationResponse
 from schemathesis.checks import not_a_server_error
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load
-from mlx_qwen35.convert import convert
 from mlx_qwen35.server import GenerationWorker, ServerSettings, create_app
 
 MAX_TOKENS = 8
@@ -64,8 +64,7 @@ class RunningServer:
 @pytest.fixture(scope="module")
 def model_dir(tiny_moe_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("server") / "tiny-moe"
-    convert(hf_path=str(tiny_moe_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32",
-            shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False)
+    convert_tiny(tiny_moe_checkpoint, out)
     return out
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import convert_tiny
 from mlx_qwen35 import load
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generation import stream_generate
 from mlx_qwen35.model.mrope_positions import mrope_positions
@@ -42,10 +42,7 @@ def pair(request, tmp_path_factory):
     """(checkpoint, our loaded model, processor, transformers reference)."""
     ckpt = request.getfixturevalue(request.param)
     out = tmp_path_factory.mktemp(f"mlx-vision-{ckpt.layout}") / "model"
-    convert(
-        hf_path=str(ckpt.path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
-    )
+    convert_tiny(ckpt, out)
     model, processor = load(str(out))
     return ckpt, model, processor, ckpt.load_reference()
 
