@@ -243,13 +243,17 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
     )
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read and parse ``<model_dir>/config.json``."""
+def read_config_json(model_dir: str | Path, argument: str = "--model") -> dict:
+    """The raw ``<model_dir>/config.json``; errors name the file and the ``argument`` that pointed at it."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise Qwen35Error(f"{path}: not found; point --model at a Qwen3.5 checkpoint directory (it holds config.json)")
+        raise Qwen35Error(f"{path}: not found; {argument} must point at a Qwen3.5 checkpoint directory (it holds config.json)")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Qwen35Error(f"{path}: not valid JSON ({e}); re-download or re-convert the checkpoint") from None
-    return parse_config(raw, source=str(path))
+        raise Qwen35Error(f"{path}: not valid JSON ({e.__class__.__name__}); re-download or re-convert the checkpoint") from None
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read and parse ``<model_dir>/config.json``."""
+    return parse_config(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))

@@ -22,7 +22,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelConfig, parse_config
+from .config import ModelConfig, parse_config, read_config_json
 from .errors import Qwen35Error
 from .quantize import (
     DTYPE_BYTES,
@@ -228,12 +228,7 @@ def resolve_checkpoint(hf_path: str, revision: str | None = None, patterns: list
 def read_source_config(src: Path) -> tuple[dict, ModelConfig]:
     """The raw and parsed ``config.json`` of an HF checkpoint."""
     path = src / "config.json"
-    if not path.is_file():
-        raise Qwen35Error(f"{path}: not found; --hf-path must be a Hugging Face Qwen3.5 checkpoint directory (it holds config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Qwen35Error(f"{path}: not valid JSON ({e.__class__.__name__}); re-download the checkpoint") from None
+    raw = read_config_json(src, "--hf-path")
     if "quantization" in raw or "mlx_qwen35" in raw:
         raise Qwen35Error(f"{path}: this is already an MLX checkpoint; load it directly instead of converting it")
     return raw, parse_config(raw, source=str(path))

@@ -7,7 +7,6 @@ are built from the ``quantization`` map in config.json before the weights are as
 from __future__ import annotations
 
 import glob
-import json
 import logging
 from pathlib import Path
 

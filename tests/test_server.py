@@ -7,7 +7,6 @@ cannot (thinking, tool calls); everything else runs the real model.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
 import subprocess
