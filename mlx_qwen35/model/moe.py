@@ -26,8 +26,9 @@ class MLP(nn.Module):
 class SparseMoE(nn.Module):
     """Top-k of num_experts routed SwiGLU experts (renormalised fp32 softmax) + one gated shared expert.
 
-    Experts are stacked [E, out, in] and run through MLX's gather matmuls; with many tokens
-    (prefill) SwitchGLU sorts them by expert so each expert's weights are read once.
+    Experts are stacked [E, out, in] (mlx-lm's SwitchGLU holds the weights); ``routed_experts``
+    runs them: the expert-dispatch Metal kernels for quantised experts on a Mac, else MLX's gather
+    matmuls, with token–expert pairs sorted by expert in prefill so each expert's weights are read once.
     """
 
     def __init__(self, cfg: TextConfig):
