@@ -14,8 +14,12 @@ from test_server import RunningServer, scripted
 
 from mlx_qwen35.server import GenerationWorker, ServerSettings
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver")
+# Debian's chromium here; GitHub's runners ship Google Chrome with a matching chromedriver instead.
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None, reason="needs chromium (or Chrome) and its chromedriver"
+)
 
 REPLY = "Weighing it up.\n</think>\n\nHere is **code**:\n\n```python\nprint('hi')\n```\n" + "More text. " * 150
 
