@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig, parse_config, read_config_json
+from .hub import resolve_checkpoint
 from .errors import Qwen35Error
 from .quantize import (
     DTYPE_BYTES,
@@ -53,7 +54,6 @@ COPIED_FILES = (
     "vocab.json",
     "merges.txt",
 )
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt"]
 # Elements per processing chunk (512 MB in fp32 would be too much on top of the I/O buffers).
 CHUNK_ELEMENTS = 32 * 2**20
 FP8_BLOCK = (128, 128)
@@ -73,7 +73,6 @@ _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 _FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_up|down)_proj(\.weight)?$")
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -196,33 +195,6 @@ def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
         if t.dtype == "F8_E4M3" and (t.scale is None or len(t.shape) != 2):
             raise Qwen35Error(f"{t.file}: FP8 tensor '{t.key}' needs a 2-D weight with a '{t.key}_scale_inv'; re-download the checkpoint")
     return sources, listing
-
-
-def resolve_checkpoint(hf_path: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
-    """A local checkpoint directory, or a Hub snapshot (the local cache first, offline when it is there)."""
-    path = Path(hf_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise Qwen35Error(f"--hf-path {hf_path}: not a directory; give the checkpoint directory or a Hub repo id")
-        return path
-    if not _REPO_ID.match(hf_path):
-        raise Qwen35Error(f"--hf-path {hf_path}: no such directory; give a local checkpoint directory or a Hub repo id like Qwen/Qwen3.5-35B-A3B")
-    from huggingface_hub import snapshot_download
-
-    patterns = patterns or HUB_PATTERNS
-    try:
-        local = Path(snapshot_download(hf_path, revision=revision, allow_patterns=patterns, local_files_only=True))
-        if patterns != HUB_PATTERNS or any(local.glob("*.safetensors")):
-            return local
-    except Exception:  # not (fully) cached: download below
-        pass
-    try:
-        return Path(snapshot_download(hf_path, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        raise Qwen35Error(
-            f"--hf-path {hf_path}: could not fetch it from the Hugging Face Hub ({type(e).__name__}); check the repo id "
-            f"and your network, or log in with `hf auth login` for a gated repo"
-        ) from None
 
 
 def read_source_config(src: Path) -> tuple[dict, ModelConfig]:

@@ -16,37 +16,12 @@ from mlx.utils import tree_flatten, tree_map
 
 from .config import ModelConfig, load_config
 from .errors import Qwen35Error
+from .hub import resolve_checkpoint
 from .model.qwen35 import Qwen35Model
 from .peer_formats import detect_format, translate_peer_checkpoint
 from .processing.processor import Processor
 
 log = logging.getLogger(__name__)
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-
-
-def resolve_model_path(path_or_repo: str, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a Hub repo id, from the local HF cache first, then downloaded."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
-        raise Qwen35Error(f"{path_or_repo}: no such model directory; pass a checkpoint dir or a Hub id like 'org/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise Qwen35Error(
-            f"{path_or_repo}: could not download from the Hugging Face Hub ({type(e).__name__}); "
-            "check the repo id and your connection, or pass a local directory"
-        ) from None
-
 
 def read_weights(model_dir: Path) -> dict[str, mx.array]:
     """All tensors of the checkpoint's safetensors shards, lazily (memory-mapped on evaluation)."""
@@ -156,7 +131,7 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
 
 def load(path_or_repo: str, revision: str | None = None) -> tuple[Qwen35Model, Processor]:
     """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor)."""
-    model_dir = resolve_model_path(str(path_or_repo), revision)
+    model_dir = resolve_checkpoint(str(path_or_repo), revision, argument="--model")
     config = load_config(model_dir)
     model = load_model(model_dir, config)
     return model, Processor.from_dir(model_dir, config)

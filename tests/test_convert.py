@@ -21,6 +21,7 @@ import mlx_qwen35.convert as convert_module
 from mlx_qwen35.config import parse_config
 from mlx_qwen35.convert import convert, predict_recipes
 from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.hub import HUB_PATTERNS
 from mlx_qwen35.quantize import RECIPES, expected_tensors, get_recipe, is_zero_centred_norm, nbytes, stored_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -410,6 +411,6 @@ def test_hub_ids_use_the_local_cache_first_and_dry_run_fetches_only_the_config(t
     assert calls == [("Qwen/Qwen3.5-Tiny", ("config.json",), True)]
     assert set(sizes) == set(RECIPES)
     assert convert_module.resolve_checkpoint("Qwen/Qwen3.5-Tiny") == tiny_moe_checkpoint.path
-    assert calls[-1] == ("Qwen/Qwen3.5-Tiny", tuple(convert_module.HUB_PATTERNS), True)
+    assert calls[-1] == ("Qwen/Qwen3.5-Tiny", tuple(HUB_PATTERNS), True)
     with pytest.raises(Qwen35Error, match="no such directory"):
         convert_module.resolve_checkpoint("./not/a/dir")
