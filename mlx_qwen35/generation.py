@@ -19,6 +19,7 @@ from .errors import Qwen35Error
 from .processing.inputs import ModelInputs
 
 Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
+PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over
 
 
 @dataclass(frozen=True)
@@ -154,12 +155,19 @@ def stream_generate(
     cache = cache if cache is not None else make_cache(model, kv_bits=kv_bits)
     budget = ThinkingBudget(processor, tokens, thinking_budget)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+    processors = make_logits_processors(
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=PENALTY_CONTEXT,
+        presence_penalty=presence_penalty,
+        presence_context_size=PENALTY_CONTEXT,
+    )
     vocab_mask = _vocab_mask(model, processor)
     eos = processor.eos_token_ids
     detokenizer = processor.tokenizer.detokenizer
     detokenizer.reset()
-    history = mx.array((cached_tokens or []) + tokens)
+    # The penalties look back PENALTY_CONTEXT tokens (mlx-lm's default window); keep only those, not the
+    # whole context, so each decode step does not copy a growing array.
+    history = mx.array(((cached_tokens or []) + tokens)[-PENALTY_CONTEXT:])
 
     def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
@@ -186,7 +194,7 @@ def stream_generate(
         token_id = budget.choose(token.item())
         if token_id != token.item():
             token = mx.array([token_id], dtype=token.dtype)
-        history = mx.concatenate([history, token])
+        history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
         finish = None
         if token_id in eos:
             finish = "stop"
