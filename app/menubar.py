@@ -25,7 +25,12 @@ class MenuBarApp(rumps.App):
         for entry in self.models:
             picker.add(rumps.MenuItem(entry.label, callback=self._pick(entry)))
         self.toggle_item = rumps.MenuItem("Start Server", callback=self.toggle)
-        self.menu = [rumps.MenuItem("Open Chat", callback=self.open_chat, key="o"), picker, self.toggle_item, self.status_item]
+        self.menu = [
+            rumps.MenuItem("Open Chat", callback=self.open_chat, key="o"),
+            picker,
+            self.toggle_item,
+            self.status_item,
+        ]
         self.refresh(None)
 
     def _pick(self, entry):

@@ -124,7 +124,9 @@ print(json.dumps({"peak_kb": peak_kb(), "baseline_kb": baseline, "predicted": pr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="Where to write the checkpoints (default: a temp dir).")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where to write the checkpoints (default: a temp dir)."
+    )
     parser.add_argument("--shard-mb", type=int, default=400, help="Input shard size in MB.")
     parser.add_argument("--recipes", nargs="+", default=["bf16", "4bit"])
     args = parser.parse_args()
@@ -134,22 +136,30 @@ def main() -> None:
     try:
         start = time.perf_counter()
         shards = write_checkpoint(source, args.shard_mb * 10**6)
-        print(f"checkpoint: {len(shards)} shards, {sum(shards) / 1e9:.2f} GB, largest {max(shards) / 1e9:.3f} GB "
-              f"(written in {time.perf_counter() - start:.0f} s)")
+        print(
+            f"checkpoint: {len(shards)} shards, {sum(shards) / 1e9:.2f} GB, largest {max(shards) / 1e9:.3f} GB "
+            f"(written in {time.perf_counter() - start:.0f} s)"
+        )
         budget = max(shards) + 10**9
         for recipe in args.recipes:
             target = work / f"mlx-{recipe}"
-            result = subprocess.run([sys.executable, "-c", CHILD, str(source), str(target), recipe],
-                                    cwd=REPO, capture_output=True, text=True)
+            result = subprocess.run(
+                [sys.executable, "-c", CHILD, str(source), str(target), recipe],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
             if result.returncode:
                 sys.exit(f"convert {recipe} failed: {result.stderr.strip()}")
             r = json.loads(result.stdout.strip().splitlines()[-1])
             peak = r["peak_kb"] * 1024
             written = sum(f.stat().st_size for f in target.glob("*.safetensors"))
-            print(f"{recipe:>6}: peak RSS {peak / 1e9:.3f} GB (python + mlx alone {r['baseline_kb'] * 1024 / 1e9:.3f} GB) "
-                  f"vs budget {budget / 1e9:.3f} GB → {'OK' if peak <= budget else 'OVER'}; "
-                  f"{r['seconds']:.0f} s; size {written / 1e9:.4f} GB vs predicted {r['predicted'] / 1e9:.4f} GB "
-                  f"({written / r['predicted'] - 1:+.3%})")
+            print(
+                f"{recipe:>6}: peak RSS {peak / 1e9:.3f} GB (python + mlx alone {r['baseline_kb'] * 1024 / 1e9:.3f} GB) "
+                f"vs budget {budget / 1e9:.3f} GB → {'OK' if peak <= budget else 'OVER'}; "
+                f"{r['seconds']:.0f} s; size {written / 1e9:.4f} GB vs predicted {r['predicted'] / 1e9:.4f} GB "
+                f"({written / r['predicted'] - 1:+.3%})"
+            )
             shutil.rmtree(target)
     finally:
         if args.workdir is None:

@@ -55,8 +55,10 @@ def main() -> None:
     }
     if mx.metal.is_available():
         paths["ours, Metal kernels"] = lambda *a: routed_experts(*a, use_kernel=True)
-    print(f"device {mx.default_device()}, E={args.experts} k={args.k} H={args.hidden} I={args.intermediate} "
-          f"{args.bits}-bit group {args.group_size}, median of {args.runs} alternating runs")
+    print(
+        f"device {mx.default_device()}, E={args.experts} k={args.k} H={args.hidden} I={args.intermediate} "
+        f"{args.bits}-bit group {args.group_size}, median of {args.runs} alternating runs"
+    )
     for name, tokens in (("decode", 1), ("prefill", args.tokens)):
         x = mx.random.normal((1, tokens, args.hidden))
         indices = mx.argpartition(-mx.random.normal((1, tokens, args.experts)), args.k - 1, axis=-1)[..., : args.k]

@@ -41,8 +41,16 @@ def tiny_model_dir(workdir: Path) -> Path:
         from mlx_qwen35.convert import convert
 
         source = build_per_expert_checkpoint(workdir / "tiny-moe-hf", moe=True, seed=0)
-        convert(hf_path=str(source.path), mlx_path=out, recipe="bf16", dtype="float32",
-                shard_size_gb=0.05, revision=None, overwrite=True, dry_run=False)
+        convert(
+            hf_path=str(source.path),
+            mlx_path=out,
+            recipe="bf16",
+            dtype="float32",
+            shard_size_gb=0.05,
+            revision=None,
+            overwrite=True,
+            dry_run=False,
+        )
     return out
 
 
@@ -81,7 +89,9 @@ def main() -> None:
 
     model, processor = load(args.model or str(tiny_model_dir(args.workdir)))
     settings = ConversationSettings(
-        system="You are a helpful assistant.", max_tokens=args.max_tokens, thinking_budget=args.max_tokens // 2,
+        system="You are a helpful assistant.",
+        max_tokens=args.max_tokens,
+        thinking_budget=args.max_tokens // 2,
         sampling={"temp": 0.0},
     )
     conversation = Conversation(model, processor, settings)
@@ -103,7 +113,9 @@ def main() -> None:
         stats = conversation.last_stats
         del conversation
         mx.clear_cache()
-        prefilled.append(first_token_seconds(stream_generate(model, processor, tokens, max_tokens=args.max_tokens, temp=0.0)))
+        prefilled.append(
+            first_token_seconds(stream_generate(model, processor, tokens, max_tokens=args.max_tokens, temp=0.0))
+        )
         mx.clear_cache()
 
     result = {

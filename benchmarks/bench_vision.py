@@ -39,10 +39,20 @@ REAL_TOWER = dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=43
 
 def vision_config(args) -> dict:
     """The tower's vision_config: real geometry, narrow unless --real."""
-    size = REAL_TOWER if args.real else dict(
-        depth=args.depth, hidden_size=args.width, num_heads=args.heads, intermediate_size=2 * args.width, out_hidden_size=256
+    size = (
+        REAL_TOWER
+        if args.real
+        else dict(
+            depth=args.depth,
+            hidden_size=args.width,
+            num_heads=args.heads,
+            intermediate_size=2 * args.width,
+            out_hidden_size=256,
+        )
     )
-    return size | dict(patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304, in_channels=3)
+    return size | dict(
+        patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=2304, in_channels=3
+    )
 
 
 def peer_tower(ours: VisionModel, cfg: dict) -> VlmVisionModel:
@@ -65,34 +75,62 @@ def bench_encode(args) -> None:
     mx.eval(ours.parameters())
     theirs = peer_tower(ours, cfg)
     mx.eval(theirs.parameters())
-    print(f"encode: tower depth {cfg['depth']} width {cfg['hidden_size']} heads {cfg['num_heads']}, "
-          f"device {mx.default_device()}, median of {args.runs} alternating runs")
+    print(
+        f"encode: tower depth {cfg['depth']} width {cfg['hidden_size']} heads {cfg['num_heads']}, "
+        f"device {mx.default_device()}, median of {args.runs} alternating runs"
+    )
     for name, grid in INPUTS.items():
         t, h, w = grid
         pixels = mx.random.uniform(-1, 1, (t * h * w, PATCH_DIM))
         grid_thw = mx.array([grid])
-        paths = {"ours": lambda: ours(pixels, grid_thw), "mlx-vlm": lambda: theirs(pixels, grid_thw)[0]}
+        paths = {
+            "ours": lambda p=pixels, g=grid_thw: ours(p, g),
+            "mlx-vlm": lambda p=pixels, g=grid_thw: theirs(p, g)[0],
+        }
         delta = mx.abs(paths["ours"]() - paths["mlx-vlm"]()).max().item()
         times = {k: [] for k in paths}
         for _ in range(args.runs):
             for k, fn in paths.items():
                 times[k].append(timed(fn))
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"  {name:24s} grid {grid}: ours {med['ours']:.3f} s, mlx-vlm {med['mlx-vlm']:.3f} s, "
-              f"ratio {med['ours'] / med['mlx-vlm']:.2f}, max |Δ| {delta:.1e}, {t * h * w // 4} LM tokens")
+        print(
+            f"  {name:24s} grid {grid}: ours {med['ours']:.3f} s, mlx-vlm {med['mlx-vlm']:.3f} s, "
+            f"ratio {med['ours'] / med['mlx-vlm']:.2f}, max |Δ| {delta:.1e}, {t * h * w // 4} LM tokens"
+        )
 
 
 def small_model(args) -> Qwen35Model:
     """A random MoE language model (hidden 256, 4 layers, 3:1 DeltaNet:attention) with the narrow tower."""
     text = dict(
-        vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
-        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=128,
-        rope_parameters=dict(rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 2], mrope_interleaved=True),
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+        rope_parameters=dict(
+            rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[3, 3, 2], mrope_interleaved=True
+        ),
     )
     vision = vision_config(args) | dict(out_hidden_size=256)
-    config = parse_config(dict(model_type="qwen3_5_moe", text_config=text, vision_config=vision,
-                               image_token_id=4000, vision_start_token_id=4001, vision_end_token_id=4002))
+    config = parse_config(
+        dict(
+            model_type="qwen3_5_moe",
+            text_config=text,
+            vision_config=vision,
+            image_token_id=4000,
+            vision_start_token_id=4001,
+            vision_end_token_id=4002,
+        )
+    )
     mx.random.seed(1)
     model = Qwen35Model(config)
     mx.eval(model.parameters())
@@ -122,8 +160,16 @@ def bench_decode(args) -> None:
     rng = np.random.default_rng(0)
     text = lambda n: rng.integers(0, 3000, n).tolist()  # noqa: E731
     t, h, w = INPUTS["image 1344x1344"]
-    ids = text(20) + [cfg.vision_start_token_id] + [cfg.image_token_id] * (h * w // 4) + [cfg.vision_end_token_id] + text(20)
-    image = ModelInputs(ids, pixel_values=mx.random.uniform(-1, 1, (t * h * w, PATCH_DIM)), image_grid_thw=mx.array([[t, h, w]]))
+    ids = (
+        text(20)
+        + [cfg.vision_start_token_id]
+        + [cfg.image_token_id] * (h * w // 4)
+        + [cfg.vision_end_token_id]
+        + text(20)
+    )
+    image = ModelInputs(
+        ids, pixel_values=mx.random.uniform(-1, 1, (t * h * w, PATCH_DIM)), image_grid_thw=mx.array([[t, h, w]])
+    )
     # Encoded once: this compares the decode path after the prompt, not the encode (measured above).
     image_prompt = model.prompt_embeddings(image)
     mx.eval(image_prompt[:2])
@@ -133,9 +179,11 @@ def bench_decode(args) -> None:
         for k, prompt in prompts.items():
             per[k].append(decode_seconds_per_token(model, prompt, args.decode_tokens))
     med = {k: statistics.median(v) for k, v in per.items()}
-    print(f"decode after a {len(ids)}-token prompt (small random MoE LM, {args.decode_tokens} tokens, median of {args.runs}): "
-          f"text-only {med['text'] * 1e3:.2f} ms/token, after an image {med['image'] * 1e3:.2f} ms/token, "
-          f"ratio {med['image'] / med['text']:.3f}")
+    print(
+        f"decode after a {len(ids)}-token prompt (small random MoE LM, {args.decode_tokens} tokens, median of {args.runs}): "
+        f"text-only {med['text'] * 1e3:.2f} ms/token, after an image {med['image'] * 1e3:.2f} ms/token, "
+        f"ratio {med['image'] / med['text']:.3f}"
+    )
 
 
 def main() -> None:

@@ -51,7 +51,9 @@ def _is_qwen35_dir(path: Path) -> bool:
     return str(config.get("model_type", "")).startswith("qwen3_5") and any(path.glob("*.safetensors"))
 
 
-def find_models(search_dirs: list[Path], hf_cache: Path | None = None, memory_bytes: int | None = None) -> list[ModelEntry]:
+def find_models(
+    search_dirs: list[Path], hf_cache: Path | None = None, memory_bytes: int | None = None
+) -> list[ModelEntry]:
     """Qwen3.5 MLX checkpoints in ``search_dirs`` (and their subdirs) and the Hugging Face cache, largest first."""
     memory = memory_bytes or total_memory_bytes()
     candidates: list[tuple[str, Path]] = []
@@ -99,13 +101,25 @@ class AppController:
             raise Qwen35Error("no model chosen; pick one from the Model menu")
         if self.running:
             return
-        command = [sys.executable, "-m", "mlx_qwen35.cli", "serve", "--model", str(self.model.path),
-                   "--host", self.host, "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "mlx_qwen35.cli",
+            "serve",
+            "--model",
+            str(self.model.path),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + timeout
         while self.health() is None:
             if not self.running:
-                raise Qwen35Error(f"the server for {self.model.name} exited (code {self._process.returncode}); run 'mlx-qwen35 serve --model {self.model.path}' to see why")
+                raise Qwen35Error(
+                    f"the server for {self.model.name} exited (code {self._process.returncode}); run 'mlx-qwen35 serve --model {self.model.path}' to see why"
+                )
             if time.time() > deadline:
                 self.stop()
                 raise Qwen35Error(f"the server did not answer on {self.url} within {timeout:.0f} s")

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,15 +26,17 @@ app = typer.Typer(
 
 # Options that several commands share, named as in mlx-lm where they overlap.
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="MLX checkpoint directory or Hub repo id.")]
-TopP = Annotated[Optional[float], typer.Option("--top-p")]
-TopK = Annotated[Optional[int], typer.Option("--top-k")]
-MinP = Annotated[Optional[float], typer.Option("--min-p")]
-RepetitionPenalty = Annotated[Optional[float], typer.Option("--repetition-penalty")]
-PresencePenalty = Annotated[Optional[float], typer.Option("--presence-penalty")]
-Seed = Annotated[Optional[int], typer.Option("--seed")]
-SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
-ThinkingBudget = Annotated[Optional[int], typer.Option("--thinking-budget", help="Close the reasoning after this many tokens.")]
-KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits.")]
+TopP = Annotated[float | None, typer.Option("--top-p")]
+TopK = Annotated[int | None, typer.Option("--top-k")]
+MinP = Annotated[float | None, typer.Option("--min-p")]
+RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty")]
+PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty")]
+Seed = Annotated[int | None, typer.Option("--seed")]
+SystemPrompt = Annotated[str | None, typer.Option("--system", help="System prompt.")]
+ThinkingBudget = Annotated[
+    int | None, typer.Option("--thinking-budget", help="Close the reasoning after this many tokens.")
+]
+KVBits = Annotated[int | None, typer.Option("--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits.")]
 
 
 @app.command()
@@ -42,9 +44,9 @@ def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Hugging Face checkpoint: a local directory or a Hub repo id."),
     mlx_path: Path = typer.Option(..., "--mlx-path", help="Output directory for the MLX checkpoint."),
     recipe: str = typer.Option("4bit", "--recipe", "-q", help="Quantisation recipe (see --list-recipes)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Dtype of unquantised tensors: float32, bfloat16, float16."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Dtype of unquantised tensors: float32, bfloat16, float16."),
     shard_size_gb: float = typer.Option(5.0, "--shard-size-gb", help="Largest output shard, in GB."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision when --hf-path is a repo id."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision when --hf-path is a repo id."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --mlx-path."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the predicted size of each recipe."),
 ) -> None:
@@ -68,7 +70,7 @@ def generate(
     model: ModelOption,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads standard input)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate."),
-    temp: Optional[float] = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy)."),
+    temp: float | None = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy)."),
     top_p: TopP = None,
     top_k: TopK = None,
     min_p: MinP = None,
@@ -79,21 +81,33 @@ def generate(
     think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
-    image: Optional[list[str]] = typer.Option(None, "--image", help="Image file to ask about (repeat for several)."),
-    video: Optional[str] = typer.Option(None, "--video", help="Video file to ask about."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest image area in pixels (default: the checkpoint's)."),
-    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Smallest image area in pixels (default: the checkpoint's)."),
-    fps: Optional[float] = typer.Option(None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2)."),
-    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Most video frames sampled."),
-    video_start: Optional[float] = typer.Option(None, "--video-start", help="Start of the video window, in seconds (default 0)."),
-    video_end: Optional[float] = typer.Option(None, "--video-end", help="End of the video window, in seconds (default start + 60)."),
-    tools: Optional[Path] = typer.Option(None, "--tools", help="JSON file of tool schemas; the model's tool calls are printed as JSON."),
-    prompt_cache_file: Optional[Path] = typer.Option(
+    image: list[str] | None = typer.Option(None, "--image", help="Image file to ask about (repeat for several)."),
+    video: str | None = typer.Option(None, "--video", help="Video file to ask about."),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", help="Largest image area in pixels (default: the checkpoint's)."
+    ),
+    min_pixels: int | None = typer.Option(
+        None, "--min-pixels", help="Smallest image area in pixels (default: the checkpoint's)."
+    ),
+    fps: float | None = typer.Option(
+        None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2)."
+    ),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Most video frames sampled."),
+    video_start: float | None = typer.Option(
+        None, "--video-start", help="Start of the video window, in seconds (default 0)."
+    ),
+    video_end: float | None = typer.Option(
+        None, "--video-end", help="End of the video window, in seconds (default start + 60)."
+    ),
+    tools: Path | None = typer.Option(
+        None, "--tools", help="JSON file of tool schemas; the model's tool calls are printed as JSON."
+    ),
+    prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Saved conversation directory: continued and updated (created if missing)."
     ),
     thinking_budget: ThinkingBudget = None,
     kv_bits: KVBits = None,
-    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Most tokens of context (prompt + reply)."),
+    max_kv_size: int | None = typer.Option(None, "--max-kv-size", help="Most tokens of context (prompt + reply)."),
 ) -> None:
     """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
     import mlx.core as mx
@@ -110,7 +124,9 @@ def generate(
     overrides = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty)
     sampling.update({k: v for k, v in overrides.items() if v is not None})
     model_obj, processor = load(model)
-    media = [{"type": "image", "image": path} for path in image or []] + ([{"type": "video", "video": video}] if video else [])
+    media = [{"type": "image", "image": path} for path in image or []] + (
+        [{"type": "video", "video": video}] if video else []
+    )
     if raw and media:
         raise Qwen35Error("--raw sends text only; drop --raw to ask about --image / --video")
     vision_tokens, vision_seconds = 0, 0.0
@@ -141,8 +157,13 @@ def generate(
         if raw or media:
             raise Qwen35Error("--prompt-cache-file continues a text chat; drop --raw / --image / --video")
         settings = ConversationSettings(
-            system=system, enable_thinking=think, tools=tool_schemas, max_tokens=max_tokens, thinking_budget=thinking_budget,
-            kv_bits=kv_bits, sampling=sampling | ({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
+            system=system,
+            enable_thinking=think,
+            tools=tool_schemas,
+            max_tokens=max_tokens,
+            thinking_budget=thinking_budget,
+            kv_bits=kv_bits,
+            sampling=sampling | ({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
         )
         if seed is not None:
             mx.random.seed(seed)
@@ -159,8 +180,17 @@ def generate(
             conversation.settings.max_tokens = max_tokens  # read when the reply starts
     if not conversation:
         responses = stream_generate(
-            model_obj, processor, request, max_tokens=max_tokens, repetition_penalty=repetition_penalty, seed=seed,
-            enable_thinking=think, tools=tool_schemas, thinking_budget=thinking_budget, kv_bits=kv_bits, **sampling,
+            model_obj,
+            processor,
+            request,
+            max_tokens=max_tokens,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            enable_thinking=think,
+            tools=tool_schemas,
+            thinking_budget=thinking_budget,
+            kv_bits=kv_bits,
+            **sampling,
         )
     parser = OutputParser(think and not raw, tool_schemas)
     text, pieces, last = [], [], None
@@ -176,7 +206,9 @@ def generate(
         for piece in new if tool_schemas and not as_json else []:  # the text as it comes, each call as a JSON line
             if pieces and pieces[-1].kind != piece.kind:
                 typer.echo()
-            typer.echo(json.dumps(piece.tool_call.to_dict(), ensure_ascii=False) if piece.tool_call else piece.text, nl=False)
+            typer.echo(
+                json.dumps(piece.tool_call.to_dict(), ensure_ascii=False) if piece.tool_call else piece.text, nl=False
+            )
         pieces += [piece for piece in new if piece.text or piece.tool_call]
         last = response
     prompt_tokens, prompt_tps = last.prompt_tokens, last.prompt_tps
@@ -199,7 +231,10 @@ def generate(
         if tool_schemas:
             stats["tool_calls"] = [piece.tool_call.to_dict() for piece in pieces if piece.tool_call]
         if conversation:
-            stats |= dict(reused_tokens=conversation.last_stats.reused_tokens, prefilled_tokens=conversation.last_stats.prefilled_tokens)
+            stats |= dict(
+                reused_tokens=conversation.last_stats.reused_tokens,
+                prefilled_tokens=conversation.last_stats.prefilled_tokens,
+            )
         typer.echo(json.dumps(stats, ensure_ascii=False))
     else:
         typer.echo(
@@ -214,20 +249,26 @@ def generate(
 def chat(
     model: ModelOption,
     system: SystemPrompt = None,
-    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering (/think on|off switches)."),
+    think: bool = typer.Option(
+        True, "--think/--no-think", help="Let the model reason before answering (/think on|off switches)."
+    ),
     thinking_budget: ThinkingBudget = None,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the reasoning, only the answer."),
     max_tokens: int = typer.Option(32768, "--max-tokens", help="Most tokens to generate per answer."),
-    temp: Optional[float] = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy; default: the model card's)."),
+    temp: float | None = typer.Option(
+        None, "--temp", help="Sampling temperature (0 = greedy; default: the model card's)."
+    ),
     top_p: TopP = None,
     top_k: TopK = None,
     min_p: MinP = None,
     repetition_penalty: RepetitionPenalty = None,
     presence_penalty: PresencePenalty = None,
     seed: Seed = None,
-    max_kv_size: Optional[int] = typer.Option(None, "--max-kv-size", help="Most tokens of context (default: the model's)."),
+    max_kv_size: int | None = typer.Option(
+        None, "--max-kv-size", help="Most tokens of context (default: the model's)."
+    ),
     kv_bits: KVBits = None,
-    sessions_dir: Optional[Path] = typer.Option(
+    sessions_dir: Path | None = typer.Option(
         None, "--sessions-dir", envvar="MLX_QWEN35_SESSIONS_DIR", help="Where /save and /load keep conversations."
     ),
 ) -> None:
@@ -242,8 +283,12 @@ def chat(
         hide_thinking=hide_thinking,
         max_tokens=max_tokens,
         sampling_overrides=dict(
-            temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
         ),
         seed=seed,
         max_kv_size=max_kv_size,
@@ -268,7 +313,7 @@ def serve(
     model: ModelOption,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost only by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
     max_tokens: int = typer.Option(32768, "--max-tokens", help="Default and largest max_tokens of a request."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
@@ -279,7 +324,7 @@ def serve(
 
 @app.command(name="app")
 def menubar_app(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to start with (default: the first one found)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model to start with (default: the first one found)."),
     port: int = typer.Option(8080, "--port", help="Port of the local server."),
 ) -> None:
     """The macOS menu-bar app: start/stop the local server, pick a model, open the chat."""

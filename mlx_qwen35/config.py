@@ -146,7 +146,9 @@ def _parse_rope(text: dict) -> RopeConfig:
             params[key] = text[key]
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params.pop("type")
-    rope = RopeConfig(**{k: v for k, v in params.items() if k in {f.name for f in fields(RopeConfig)} and v is not None})
+    rope = RopeConfig(
+        **{k: v for k, v in params.items() if k in {f.name for f in fields(RopeConfig)} and v is not None}
+    )
     if rope.rope_type not in ("default", "yarn", "mrope"):
         raise Qwen35Error(
             f"config.json: text_config.rope_parameters.rope_type '{rope.rope_type}' is not supported; use 'default' or 'yarn'"
@@ -183,7 +185,9 @@ def parse_text_config(text: dict, model_type: str, top: dict) -> TextConfig:
         )
     bad = sorted(set(cfg.layer_types) - set(LAYER_TYPES))
     if bad:
-        raise Qwen35Error(f"config.json: text_config.layer_types has unknown entries {bad}; expected {list(LAYER_TYPES)}")
+        raise Qwen35Error(
+            f"config.json: text_config.layer_types has unknown entries {bad}; expected {list(LAYER_TYPES)}"
+        )
 
     if model_type in MOE_MODEL_TYPES:
         for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
@@ -197,7 +201,9 @@ def parse_text_config(text: dict, model_type: str, top: dict) -> TextConfig:
     else:
         cfg.num_experts = 0
         if not cfg.intermediate_size:
-            raise Qwen35Error(f"config.json: missing field 'text_config.intermediate_size' for a dense {model_type} checkpoint")
+            raise Qwen35Error(
+                f"config.json: missing field 'text_config.intermediate_size' for a dense {model_type} checkpoint"
+            )
 
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise Qwen35Error(
@@ -210,7 +216,9 @@ def parse_text_config(text: dict, model_type: str, top: dict) -> TextConfig:
             f"linear_num_key_heads ({cfg.linear_num_key_heads})"
         )
     if cfg.hidden_act != "silu":
-        raise Qwen35Error(f"config.json: text_config.hidden_act '{cfg.hidden_act}' is not supported; Qwen3.5 uses 'silu'")
+        raise Qwen35Error(
+            f"config.json: text_config.hidden_act '{cfg.hidden_act}' is not supported; Qwen3.5 uses 'silu'"
+        )
     return cfg
 
 
@@ -232,7 +240,11 @@ def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
         rope = vision_raw.get("rope_parameters") or {}
         if rope.get("rope_theta"):
             vision.rope_theta = float(rope["rope_theta"])
-    top_ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id") if k in raw}
+    top_ids = {
+        k: raw[k]
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        if k in raw
+    }
     return ModelConfig(
         model_type=model_type,
         text=parse_text_config(text, model_type, raw),
@@ -247,11 +259,15 @@ def read_config_json(model_dir: str | Path, argument: str = "--model") -> dict:
     """The raw ``<model_dir>/config.json``; errors name the file and the ``argument`` that pointed at it."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise Qwen35Error(f"{path}: not found; {argument} must point at a Qwen3.5 checkpoint directory (it holds config.json)")
+        raise Qwen35Error(
+            f"{path}: not found; {argument} must point at a Qwen3.5 checkpoint directory (it holds config.json)"
+        )
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Qwen35Error(f"{path}: not valid JSON ({e.__class__.__name__}); re-download or re-convert the checkpoint") from None
+        raise Qwen35Error(
+            f"{path}: not valid JSON ({e.__class__.__name__}); re-download or re-convert the checkpoint"
+        ) from None
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

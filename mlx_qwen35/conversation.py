@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -115,7 +116,9 @@ class ConversationCache:
         keys = self._cache_keys(inputs)
         self.reused_tokens = self._restore_longest_prefix(keys)
         try:
-            position = self._prefill_with_checkpoints(inputs, keys, self.reused_tokens, options.get("prefill_step_size", 2048))
+            position = self._prefill_with_checkpoints(
+                inputs, keys, self.reused_tokens, options.get("prefill_step_size", 2048)
+            )
         except BaseException:
             self.tokens = None  # a forward pass may have stopped halfway
             raise
@@ -174,9 +177,13 @@ class ConversationCache:
             (c for c in self.checkpoints if not c.snapshot.stale and tuple(keys[: len(c.tokens)]) == c.tokens),
             key=lambda c: len(c.tokens),
         )
-        self.checkpoints = on_path[:CHECKPOINTS_KEPT_AT_START] + on_path[CHECKPOINTS_KEPT_AT_START:][-CHECKPOINTS_KEPT_AT_END:]
+        self.checkpoints = (
+            on_path[:CHECKPOINTS_KEPT_AT_START] + on_path[CHECKPOINTS_KEPT_AT_START:][-CHECKPOINTS_KEPT_AT_END:]
+        )
 
-    def _generate(self, inputs: ModelInputs, keys: list[int], position: int, options: dict) -> Iterator[GenerationResponse]:
+    def _generate(
+        self, inputs: ModelInputs, keys: list[int], position: int, options: dict
+    ) -> Iterator[GenerationResponse]:
         """Stream the reply from ``position`` on and keep track of what the cache holds, however it ends."""
         generated: list[int] = []
         consistent = False  # an exception inside a forward pass may leave layers half-updated
@@ -265,7 +272,9 @@ class Conversation:
         if not self.messages:
             raise Qwen35Error("the conversation has no message yet")
         system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-        return self.processor(system + self.messages, enable_thinking=self.settings.enable_thinking, tools=self.settings.tools)
+        return self.processor(
+            system + self.messages, enable_thinking=self.settings.enable_thinking, tools=self.settings.tools
+        )
 
     def prompt_tokens(self) -> list[int]:
         """The conversation rendered by the chat template, with the generation prompt, as token ids."""
@@ -287,7 +296,9 @@ class Conversation:
             **self.sampling(),
         )
         reused = self.cache.reused_tokens
-        stats = TurnStats(prompt_tokens=len(inputs.input_ids), reused_tokens=reused, prefilled_tokens=len(inputs.input_ids) - reused)
+        stats = TurnStats(
+            prompt_tokens=len(inputs.input_ids), reused_tokens=reused, prefilled_tokens=len(inputs.input_ids) - reused
+        )
         self.last_stats = stats
         parser = OutputParser(settings.enable_thinking, settings.tools)
         pieces: list[OutputPiece] = []
@@ -322,5 +333,7 @@ def _reply_message(pieces: list[OutputPiece]) -> dict:
     content = "\n\n".join([parsed.content] + malformed if parsed.content else malformed)
     message = {"role": "assistant", "content": content, "reasoning_content": parsed.reasoning}
     if calls:
-        message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ]
     return message

@@ -15,16 +15,16 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig, parse_config, read_config_json
-from .hub import resolve_checkpoint
 from .errors import Qwen35Error
+from .hub import resolve_checkpoint
 from .quantize import (
     DTYPE_BYTES,
     RECIPES,
@@ -139,7 +139,9 @@ def _read_header(path: Path) -> dict[str, SourceTensor]:
             raise Qwen35Error(f"{path}: truncated ({size} bytes, no safetensors header); {fix}")
         header_len = int.from_bytes(head, "little")
         if header_len > size - 8:
-            raise Qwen35Error(f"{path}: truncated or corrupt (header of {header_len} bytes in a {size}-byte file); {fix}")
+            raise Qwen35Error(
+                f"{path}: truncated or corrupt (header of {header_len} bytes in a {size}-byte file); {fix}"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -151,9 +153,13 @@ def _read_header(path: Path) -> dict[str, SourceTensor]:
             continue
         begin, end = info["data_offsets"]
         if data_start + end > size:
-            raise Qwen35Error(f"{path}: truncated ({size} bytes, tensor '{key}' ends at byte {data_start + end}); {fix}")
+            raise Qwen35Error(
+                f"{path}: truncated ({size} bytes, tensor '{key}' ends at byte {data_start + end}); {fix}"
+            )
         if info["dtype"] not in _SOURCE_DTYPES:
-            raise Qwen35Error(f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}; expected BF16, F16, F32 or F8_E4M3")
+            raise Qwen35Error(
+                f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}; expected BF16, F16, F32 or F8_E4M3"
+            )
         tensors[key] = SourceTensor(path, key, info["dtype"], tuple(info["shape"]), data_start + begin)
     return tensors
 
@@ -182,18 +188,24 @@ def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
     if index.is_file():
         missing = sorted(set(weight_map) - set(sources))
         if missing:
-            raise Qwen35Error(f"{src / weight_map[missing[0]]}: tensor '{missing[0]}' listed in {index.name} is not in it; re-download this shard")
+            raise Qwen35Error(
+                f"{src / weight_map[missing[0]]}: tensor '{missing[0]}' listed in {index.name} is not in it; re-download this shard"
+            )
 
     # Attach block-FP8 scales to their weights.
     for key in [k for k in sources if k.endswith(".weight_scale_inv")]:
         scale = sources.pop(key)
         weight = sources.get(key[: -len("_scale_inv")])
         if weight is None:
-            raise Qwen35Error(f"{scale.file}: '{key}' has no matching weight; the checkpoint is incomplete, re-download it")
+            raise Qwen35Error(
+                f"{scale.file}: '{key}' has no matching weight; the checkpoint is incomplete, re-download it"
+            )
         weight.scale = scale
     for t in sources.values():
         if t.dtype == "F8_E4M3" and (t.scale is None or len(t.shape) != 2):
-            raise Qwen35Error(f"{t.file}: FP8 tensor '{t.key}' needs a 2-D weight with a '{t.key}_scale_inv'; re-download the checkpoint")
+            raise Qwen35Error(
+                f"{t.file}: FP8 tensor '{t.key}' needs a 2-D weight with a '{t.key}_scale_inv'; re-download the checkpoint"
+            )
     return sources, listing
 
 
@@ -255,13 +267,19 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
         name = our_name(key)
         if name is None:
             if key.startswith("language_model."):
-                raise Qwen35Error(f"{listing}: tensor names are already MLX-style ('{key}'); load this checkpoint directly")
-            raise Qwen35Error(f"{src.file}: unexpected tensor '{key}' (not model.language_model/model.visual/lm_head/mtp); is this a Qwen3.5 checkpoint?")
+                raise Qwen35Error(
+                    f"{listing}: tensor names are already MLX-style ('{key}'); load this checkpoint directly"
+                )
+            raise Qwen35Error(
+                f"{src.file}: unexpected tensor '{key}' (not model.language_model/model.visual/lm_head/mtp); is this a Qwen3.5 checkpoint?"
+            )
         if m := _PER_EXPERT.match(name):
             per_expert.setdefault(f"{m['prefix']}.{m['proj']}_proj.weight", {})[int(m["e"])] = src
         elif m := _FUSED.match(name):
             if m["proj"] == "down":
-                outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(f"{m['prefix']}.down_proj.weight", src.shape, src.read_rows)
+                outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(
+                    f"{m['prefix']}.down_proj.weight", src.shape, src.read_rows
+                )
             else:
                 E, two_i, H = src.shape
                 for half, proj in enumerate(("gate", "up")):
@@ -278,11 +296,15 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
         missing = [e for e in range(num_experts) if e not in experts]
         if missing:
             hf = _hf_name(name).replace("experts.", f"experts.{missing[0]}.")
-            raise Qwen35Error(f"{listing}: tensor '{hf}' (expert {missing[0]} of {num_experts}) is missing; the checkpoint is incomplete, re-download it")
+            raise Qwen35Error(
+                f"{listing}: tensor '{hf}' (expert {missing[0]} of {num_experts}) is missing; the checkpoint is incomplete, re-download it"
+            )
         ordered = [experts[e] for e in range(num_experts)]
         odd = next((t for t in ordered if t.shape != ordered[0].shape), None)
         if odd is not None:
-            raise Qwen35Error(f"{odd.file}: expert tensor '{odd.key}' has shape {list(odd.shape)}, unlike expert 0 {list(ordered[0].shape)}; re-download it")
+            raise Qwen35Error(
+                f"{odd.file}: expert tensor '{odd.key}' has shape {list(odd.shape)}, unlike expert 0 {list(ordered[0].shape)}; re-download it"
+            )
         outputs[name] = OutputTensor(name, (num_experts,) + ordered[0].shape, _stacked(ordered))
 
     has_mtp = any(n.startswith("mtp.") for n in outputs)
@@ -291,14 +313,19 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
         if name.startswith("mtp.") and not has_mtp:
             continue
         if name not in outputs:
-            raise Qwen35Error(f"{listing}: tensor '{_hf_name(name)}' is missing; the checkpoint is incomplete, re-download it")
+            raise Qwen35Error(
+                f"{listing}: tensor '{_hf_name(name)}' is missing; the checkpoint is incomplete, re-download it"
+            )
         if outputs[name].shape != shape:
             raise Qwen35Error(
                 f"{listing}: tensor '{_hf_name(name)}' has shape {list(outputs[name].shape)} but config.json implies "
                 f"{list(shape)}; the config does not belong to these weights"
             )
     if not has_mtp and cfg.text.mtp_num_hidden_layers:
-        print(f"warning: {listing} has no mtp.* tensors; converting without the MTP block (no speculative decoding)", file=sys.stderr)
+        print(
+            f"warning: {listing} has no mtp.* tensors; converting without the MTP block (no speculative decoding)",
+            file=sys.stderr,
+        )
     return sorted(outputs.values(), key=lambda o: _natural_key(o.name)), has_mtp
 
 
@@ -338,7 +365,11 @@ class Shard:
         offset = 0
         for name, shape, dtype in self.entries:
             size = nbytes(shape, dtype)
-            meta[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            meta[name] = {
+                "dtype": SAFETENSORS_DTYPE[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         text = json.dumps(meta, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -413,9 +444,11 @@ def _convert_chunk(out: OutputTensor, spec: QuantSpec | None, dtype: str, x: mx.
     if is_zero_centred_norm(out.name):
         x = x.astype(mx.float32) + 1.0
     if spec is None:
-        (name, _, stored), = stored_tensors(out.name, out.shape, None, dtype)
+        ((name, _, stored),) = stored_tensors(out.name, out.shape, None, dtype)
         return [(name, x.astype(_MX_DTYPES[stored]))]
-    w, scales, biases = mx.quantize(x.astype(_MX_DTYPES[dtype]), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    w, scales, biases = mx.quantize(
+        x.astype(_MX_DTYPES[dtype]), group_size=spec.group_size, bits=spec.bits, mode=spec.mode
+    )
     prefix = out.name[: -len(".weight")]
     return [(f"{prefix}.weight", w), (f"{prefix}.scales", scales), (f"{prefix}.biases", biases)]
 
@@ -443,7 +476,9 @@ def _staging_dir(target: Path) -> Path:
             shutil.rmtree(staging)
         staging.mkdir()
     except OSError as e:
-        raise Qwen35Error(f"--mlx-path {target}: cannot write in {parent} ({e.strerror}); choose a writable --mlx-path") from None
+        raise Qwen35Error(
+            f"--mlx-path {target}: cannot write in {parent} ({e.strerror}); choose a writable --mlx-path"
+        ) from None
     return staging
 
 
@@ -476,7 +511,9 @@ def _describe(p: SizePrediction, file_bytes: int) -> str:
     return f"{_human(file_bytes)}, {p.bits_per_weight:.2f} bits/weight"
 
 
-def predict_recipes(hf_path: str, dtype: str | None = None, shard_size_gb: float = 5.0, revision: str | None = None) -> dict[str, int]:
+def predict_recipes(
+    hf_path: str, dtype: str | None = None, shard_size_gb: float = 5.0, revision: str | None = None
+) -> dict[str, int]:
     """Print and return the predicted bytes on disk of every recipe, reading only the shard headers.
 
     For a Hub repo only config.json is fetched and the prediction counts tensor data (headers excluded).
@@ -492,7 +529,9 @@ def predict_recipes(hf_path: str, dtype: str | None = None, shard_size_gb: float
     else:
         outputs, dtype = [], dtype or "bfloat16"
         tensors = expected_tensors(cfg)
-    print(f"{hf_path}: {sum(math.prod(s) for s in tensors.values()) / 1e9:,.3f} B parameters; unquantised tensors in {dtype}")
+    print(
+        f"{hf_path}: {sum(math.prod(s) for s in tensors.values()) / 1e9:,.3f} B parameters; unquantised tensors in {dtype}"
+    )
     sizes = {}
     for recipe in RECIPES.values():
         p = predict_size(tensors, recipe, dtype)
@@ -529,7 +568,9 @@ def convert(
     shards = plan_shards(outputs, the_recipe, dtype, int(shard_size_gb * GB))
     predicted = predict_size({o.name: o.shape for o in outputs}, the_recipe, dtype)
     predicted_bytes = sum(s.file_bytes for s in shards)
-    print(f"{hf_path} → {target}: recipe {recipe}, unquantised tensors in {dtype}; predicted {_describe(predicted, predicted_bytes)} in {len(shards)} shard(s)")
+    print(
+        f"{hf_path} → {target}: recipe {recipe}, unquantised tensors in {dtype}; predicted {_describe(predicted, predicted_bytes)} in {len(shards)} shard(s)"
+    )
 
     staging = _staging_dir(target)
     try:
@@ -550,8 +591,12 @@ def convert(
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         if e.filename and not str(e.filename).startswith(str(staging)):
-            raise Qwen35Error(f"{e.filename}: cannot read it ({e.strerror or e}); check the checkpoint download") from None
-        raise Qwen35Error(f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path") from None
+            raise Qwen35Error(
+                f"{e.filename}: cannot read it ({e.strerror or e}); check the checkpoint download"
+            ) from None
+        raise Qwen35Error(
+            f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

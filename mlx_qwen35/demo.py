@@ -112,7 +112,9 @@ def build_demo(target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
     try:
         print(f"building the demo checkpoint in {target} (once; random weights, no download)…")
-        write_random_hf_checkpoint(staging / "hf", demo_config(), seed=DEMO_SEED, layout="fused", max_shard_bytes=8 * 1024**2)
+        write_random_hf_checkpoint(
+            staging / "hf", demo_config(), seed=DEMO_SEED, layout="fused", max_shard_bytes=8 * 1024**2
+        )
         convert(
             hf_path=str(staging / "hf"),
             mlx_path=staging / "mlx-4bit",

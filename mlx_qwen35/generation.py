@@ -7,8 +7,8 @@ logprobs, running statistics, finish reason); ``generate`` collects the text.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
@@ -93,7 +93,12 @@ class ThinkingBudget:
 
 
 def prefill(
-    model, tokens: mx.array, cache: list, step_size: int = 2048, embeds: mx.array | None = None, positions: mx.array | None = None
+    model,
+    tokens: mx.array,
+    cache: list,
+    step_size: int = 2048,
+    embeds: mx.array | None = None,
+    positions: mx.array | None = None,
 ) -> None:
     """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length.
 
@@ -181,7 +186,9 @@ def stream_generate(
 
     start = time.perf_counter()
     # The last token is text (<|vision_end|> at the latest), so the step below embeds it itself.
-    head = prompt.span(0, len(tokens) - 1, model.config) if isinstance(prompt, ModelInputs) else ModelInputs(tokens[:-1])
+    head = (
+        prompt.span(0, len(tokens) - 1, model.config) if isinstance(prompt, ModelInputs) else ModelInputs(tokens[:-1])
+    )
     prefill_prompt(model, head, cache, prefill_step_size)
     token, logprobs = step(history[-1:])
     mx.eval(token, logprobs)

@@ -19,7 +19,9 @@ def resolve_checkpoint(
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise Qwen35Error(f"{argument} {path_or_repo}: not a directory; give the checkpoint directory or a Hub repo id")
+            raise Qwen35Error(
+                f"{argument} {path_or_repo}: not a directory; give the checkpoint directory or a Hub repo id"
+            )
         return path
     if path_or_repo.startswith((".", "/", "~")) or not _REPO_ID.match(path_or_repo):  # a path, not an id
         raise Qwen35Error(

@@ -23,6 +23,7 @@ from .processing.processor import Processor
 
 log = logging.getLogger(__name__)
 
+
 def read_weights(model_dir: Path) -> dict[str, mx.array]:
     """All tensors of the checkpoint's safetensors shards, lazily (memory-mapped on evaluation)."""
     files = sorted(glob.glob(str(model_dir / "*.safetensors")))
@@ -56,7 +57,9 @@ def _quantize_from_map(model: nn.Module, quantization: dict, weights: dict) -> N
 
 def _compute_on_cpu_in_fp32(model: nn.Module) -> None:
     """Off Metal, run in float32: MLX's CPU gather_mm takes fp32 only and quantised matmuls are ~8× faster in fp32."""
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
 
 
 def _activation_dtype(model: Qwen35Model) -> mx.Dtype:

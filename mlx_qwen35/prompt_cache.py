@@ -135,7 +135,9 @@ def load_conversation(path: str | Path, model, processor) -> Conversation:
     try:
         layers = load_prompt_cache(str(arrays))
     except Exception as e:  # mlx and mlx-lm raise several types for unreadable files
-        raise Qwen35Error(f"{arrays}: unreadable ({e}); its messages are readable in {path / CONVERSATION_FILE}") from None
+        raise Qwen35Error(
+            f"{arrays}: unreadable ({e}); its messages are readable in {path / CONVERSATION_FILE}"
+        ) from None
 
     settings = ConversationSettings(**record["settings"])
     conversation = Conversation(model, processor, settings)

@@ -119,7 +119,9 @@ def stored_dtype(name: str, dtype: str) -> str:
     return dtype
 
 
-def stored_tensors(name: str, shape: tuple[int, ...], spec: QuantSpec | None, dtype: str) -> list[tuple[str, tuple[int, ...], str]]:
+def stored_tensors(
+    name: str, shape: tuple[int, ...], spec: QuantSpec | None, dtype: str
+) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of what tensor ``name`` becomes on disk: itself, or weight + scales + biases."""
     if spec is None:
         return [(name, tuple(shape), stored_dtype(name, dtype))]
@@ -253,27 +255,56 @@ def _vision_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[f"{p}.{norm}.weight"] = out[f"{p}.{norm}.bias"] = (W,)
         out[f"{p}.attn.qkv.weight"], out[f"{p}.attn.qkv.bias"] = (3 * W, W), (3 * W,)
         out[f"{p}.attn.proj.weight"], out[f"{p}.attn.proj.bias"] = (W, W), (W,)
-        out[f"{p}.mlp.linear_fc1.weight"], out[f"{p}.mlp.linear_fc1.bias"] = (v.intermediate_size, W), (v.intermediate_size,)
+        out[f"{p}.mlp.linear_fc1.weight"], out[f"{p}.mlp.linear_fc1.bias"] = (
+            (v.intermediate_size, W),
+            (v.intermediate_size,),
+        )
         out[f"{p}.mlp.linear_fc2.weight"], out[f"{p}.mlp.linear_fc2.bias"] = (W, v.intermediate_size), (W,)
     out["visual.merger.norm.weight"] = out["visual.merger.norm.bias"] = (W,)
     out["visual.merger.linear_fc1.weight"], out["visual.merger.linear_fc1.bias"] = (M, M), (M,)
-    out["visual.merger.linear_fc2.weight"], out["visual.merger.linear_fc2.bias"] = (v.out_hidden_size, M), (v.out_hidden_size,)
+    out["visual.merger.linear_fc2.weight"], out["visual.merger.linear_fc2.bias"] = (
+        (v.out_hidden_size, M),
+        (v.out_hidden_size,),
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------- README table
 
 # text_config values of the released MoE members (ARCHITECTURE.md §1.3); every member uses the large ViT.
-_SHARED_TEXT = {"head_dim": 256, "vocab_size": 248320, "linear_num_key_heads": 16, "mtp_num_hidden_layers": 1, "tie_word_embeddings": False}
-_LARGE_VIT = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304, "patch_size": 16,
-              "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 2304, "in_channels": 3}
+_SHARED_TEXT = {
+    "head_dim": 256,
+    "vocab_size": 248320,
+    "linear_num_key_heads": 16,
+    "mtp_num_hidden_layers": 1,
+    "tie_word_embeddings": False,
+}
+_LARGE_VIT = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "num_heads": 16,
+    "intermediate_size": 4304,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "num_position_embeddings": 2304,
+    "in_channels": 3,
+}
 RELEASED_MOE_CONFIGS = {
     name: {
         "model_type": "qwen3_5_moe",
-        "text_config": _SHARED_TEXT | dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
-                                           num_key_value_heads=2, linear_num_value_heads=hv, num_experts=experts,
-                                           num_experts_per_tok=top_k, moe_intermediate_size=inter,
-                                           shared_expert_intermediate_size=inter),
+        "text_config": _SHARED_TEXT
+        | dict(
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            linear_num_value_heads=hv,
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=inter,
+            shared_expert_intermediate_size=inter,
+        ),
         "vision_config": _LARGE_VIT | {"out_hidden_size": h},
     }
     for name, (h, layers, heads, hv, experts, top_k, inter) in {
@@ -295,8 +326,10 @@ def cache_bytes(cfg: ModelConfig, tokens: int) -> int:
     attention = t.layer_types.count("full_attention")
     linear = len(t.layer_types) - attention
     kv = attention * 2 * t.num_key_value_heads * t.head_dim * 2 * tokens
-    delta = linear * (t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
-                      + (t.linear_conv_kernel_dim - 1) * t.linear_conv_dim * 2)
+    delta = linear * (
+        t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
+        + (t.linear_conv_kernel_dim - 1) * t.linear_conv_dim * 2
+    )
     return kv + delta
 
 
@@ -312,7 +345,11 @@ def size_table(dtype: str = "bfloat16") -> str:
             p = predict_size(tensors, recipe, dtype)
             free = [ram - need - p.bytes / 2**30 for ram in MAC_MEMORY_GIB]
             fits = [f"yes ({f:.0f} GiB spare)" if f >= 0 else "no" for f in free]
-            rows.append(f"| {name} | {recipe.name} | {p.bytes / 1e9:,.1f} | {p.bits_per_weight:.2f} | " + " | ".join(fits) + " |")
+            rows.append(
+                f"| {name} | {recipe.name} | {p.bytes / 1e9:,.1f} | {p.bits_per_weight:.2f} | "
+                + " | ".join(fits)
+                + " |"
+            )
     return "\n".join(rows)
 
 

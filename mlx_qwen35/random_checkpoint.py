@@ -248,7 +248,9 @@ def random_parameter(name: str, shape: tuple[int, ...], rng: np.random.Generator
 
     if ZERO_CENTRED_NORM.search(name):
         return normal(0.3)  # used as (1 + w)
-    if name.endswith("linear_attn.norm.weight") or (name.startswith(VISUAL) and "norm" in name and name.endswith(".weight")):
+    if name.endswith("linear_attn.norm.weight") or (
+        name.startswith(VISUAL) and "norm" in name and name.endswith(".weight")
+    ):
         return normal(0.3, mean=1.0)  # used as w
     if name.endswith(".bias"):
         return normal(0.1)
@@ -287,7 +289,9 @@ def tokenizer_base_size(config: Mapping[str, Any]) -> int:
     expected = {"vision_start_token_id": "<|vision_start|>", "image_token_id": "<|image_pad|>"}
     for key, token in expected.items():
         if config[key] != base + [t for t, _ in QWEN_ADDED_TOKENS].index(token):
-            raise Qwen35Error(f"config {key}={config[key]}: inconsistent with <|endoftext|> = text_config.eos_token_id = {base}")
+            raise Qwen35Error(
+                f"config {key}={config[key]}: inconsistent with <|endoftext|> = text_config.eos_token_id = {base}"
+            )
     return base
 
 

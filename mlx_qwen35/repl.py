@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
@@ -54,7 +54,9 @@ COMMANDS: dict[str, CommandSpec] = {
     "help": CommandSpec("/help", "show this help"),
     "reset": CommandSpec("/reset", "start a new conversation (the system prompt stays)"),
     "retry": CommandSpec("/retry", "answer the last message again"),
-    "edit": CommandSpec("/edit [TEXT]", "replace the last message and answer it (no TEXT: edit it at the prompt)", "optional"),
+    "edit": CommandSpec(
+        "/edit [TEXT]", "replace the last message and answer it (no TEXT: edit it at the prompt)", "optional"
+    ),
     "think": CommandSpec("/think on|off", "switch reasoning on or off", "required"),
     "image": CommandSpec("/image PATH", "attach an image to the next message", "required"),
     "video": CommandSpec("/video PATH", "attach a video to the next message", "required"),
@@ -213,7 +215,7 @@ class StopRequest:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
         return self
 
@@ -370,8 +372,10 @@ class ChatRepl:
         for message in reversed(self.conversation.messages):
             if message["role"] == "user":
                 content = message["content"]
-                return content if isinstance(content, str) else "".join(
-                    item.get("text", "") for item in content if item.get("type") == "text"
+                return (
+                    content
+                    if isinstance(content, str)
+                    else "".join(item.get("text", "") for item in content if item.get("type") == "text")
                 )
         raise Qwen35Error("no message to edit yet")
 
@@ -388,8 +392,14 @@ class ChatRepl:
         rows = [
             ("messages", len(conversation.messages)),
             ("context", f"{conversation.context_tokens}/{self.context_max} tokens"),
-            ("last prompt", f"{last.prompt_tokens} tokens: {last.reused_tokens} reused from the cache, {last.prefilled_tokens} prefilled"),
-            ("last reply", f"{last.generated_tokens} tokens at {last.generation_tps:.1f} tok/s, first after {last.time_to_first_token:.2f} s"),
+            (
+                "last prompt",
+                f"{last.prompt_tokens} tokens: {last.reused_tokens} reused from the cache, {last.prefilled_tokens} prefilled",
+            ),
+            (
+                "last reply",
+                f"{last.generated_tokens} tokens at {last.generation_tps:.1f} tok/s, first after {last.time_to_first_token:.2f} s",
+            ),
             ("reasoning", "on" if conversation.settings.enable_thinking else "off"),
             ("sampling", sampling),
             ("peak memory", f"{last.peak_memory_gb:.2f} GB"),

@@ -18,9 +18,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Union
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,7 +39,9 @@ MAX_SEED = 2**63 - 1
 
 
 class ImageURL(BaseModel):
-    url: str = Field(description="A data: URL (base64 image) or a local file path / file:// URL; remote URLs are refused.")
+    url: str = Field(
+        description="A data: URL (base64 image) or a local file path / file:// URL; remote URLs are refused."
+    )
     detail: str | None = None
 
 
@@ -52,7 +55,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -170,7 +173,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def image_source(url: str) -> Any:
     """What the processor takes for an ``image_url``: a PIL image for data: URLs, a path for local files."""
     if url.startswith(("http://", "https://")):
-        raise ApiError("remote image URLs are not fetched; send the image as a data: URL or a local file path", param="image_url")
+        raise ApiError(
+            "remote image URLs are not fetched; send the image as a data: URL or a local file path", param="image_url"
+        )
     if url.startswith("data:"):
         from PIL import Image, UnidentifiedImageError
 
@@ -197,7 +202,9 @@ def _template_content(content: str | list[TextPart | ImagePart] | None) -> str |
     if not isinstance(content, list):
         return content
     return [
-        {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image", "image": image_source(part.image_url.url)}
+        {"type": "text", "text": part.text}
+        if isinstance(part, TextPart)
+        else {"type": "image", "image": image_source(part.image_url.url)}
         for part in content
     ]
 
@@ -206,7 +213,9 @@ def _template_tool_call(call: ToolCall) -> dict:
     try:
         arguments = json.loads(call.function.arguments or "{}")
     except json.JSONDecodeError as e:
-        raise ApiError(f"tool call {call.function.name}: arguments are not valid JSON ({e})", param="messages.tool_calls") from e
+        raise ApiError(
+            f"tool call {call.function.name}: arguments are not valid JSON ({e})", param="messages.tool_calls"
+        ) from e
     if not isinstance(arguments, dict):
         raise ApiError(f"tool call {call.function.name}: arguments must be a JSON object", param="messages.tool_calls")
     return {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
@@ -239,7 +248,9 @@ def offered_tools(request: ChatCompletionRequest) -> list[dict] | None:
     if isinstance(request.tool_choice, NamedToolChoice):
         tools = [t for t in tools if t["function"]["name"] == request.tool_choice.function.name]
         if not tools:
-            raise ApiError(f"tool_choice names {request.tool_choice.function.name!r}, which is not in tools", param="tool_choice")
+            raise ApiError(
+                f"tool_choice names {request.tool_choice.function.name!r}, which is not in tools", param="tool_choice"
+            )
     return tools
 
 
@@ -271,10 +282,17 @@ class Token:
     peak_memory_gb: float
 
     @classmethod
-    def of(cls, response: Any) -> "Token":
+    def of(cls, response: Any) -> Token:
         """From an mlx-lm ``GenerationResponse``."""
-        return cls(response.text, response.finish_reason, response.prompt_tokens, response.generation_tokens,
-                   response.prompt_tps, response.generation_tps, response.peak_memory)
+        return cls(
+            response.text,
+            response.finish_reason,
+            response.prompt_tokens,
+            response.generation_tokens,
+            response.prompt_tps,
+            response.generation_tps,
+            response.peak_memory,
+        )
 
 
 @dataclass
@@ -488,8 +506,13 @@ def generation_options(request: SamplingRequest, settings: ServerSettings, enabl
     from .generation import recommended_sampling
 
     options = recommended_sampling(enable_thinking)
-    overrides = dict(temp=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
-                     presence_penalty=request.presence_penalty)
+    overrides = dict(
+        temp=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+    )
     options.update({k: v for k, v in overrides.items() if v is not None})
     requested = request.max_completion_tokens or request.max_tokens or settings.max_tokens
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
@@ -520,8 +543,11 @@ def _timings(last: Any) -> dict:
     """Speed and memory of the generation (llama.cpp's server reports ``timings`` the same way)."""
     if last is None:
         return {}
-    return {"prompt_tps": round(last.prompt_tps, 2), "generation_tps": round(last.generation_tps, 2),
-            "peak_memory_gb": round(last.peak_memory_gb, 3)}
+    return {
+        "prompt_tps": round(last.prompt_tps, 2),
+        "generation_tps": round(last.generation_tps, 2),
+        "peak_memory_gb": round(last.peak_memory_gb, 3),
+    }
 
 
 def _sse(payload: dict | str) -> str:
@@ -532,7 +558,11 @@ async def first_event(events: JobEvents) -> Started:
     """Wait for the job to reach the model; prompt errors become a 400 before any response starts."""
     event = await events.next()
     if isinstance(event, Failed):
-        raise ApiError(event.message, status=500 if event.internal else 400, kind="server_error" if event.internal else "invalid_request_error")
+        raise ApiError(
+            event.message,
+            status=500 if event.internal else 400,
+            kind="server_error" if event.internal else "invalid_request_error",
+        )
     if not isinstance(event, Started):
         raise ApiError("the request was cancelled before it started", status=499)
     return event
@@ -570,14 +600,17 @@ class ChatReply:
                 call = {
                     "id": f"call_{uuid.uuid4().hex[:24]}",
                     "type": "function",
-                    "function": {"name": piece.tool_call.name, "arguments": json.dumps(piece.tool_call.arguments, ensure_ascii=False)},
+                    "function": {
+                        "name": piece.tool_call.name,
+                        "arguments": json.dumps(piece.tool_call.arguments, ensure_ascii=False),
+                    },
                 }
                 deltas.append({"tool_calls": [{"index": len(self.tool_calls), **call}]})
                 self.tool_calls.append(call)
         return deltas
 
     def finish_reason(self, model_reason: str | None) -> str:
-        """"tool_calls" when the model called tools, else the generation's reason ("stop", "length")."""
+        """ "tool_calls" when the model called tools, else the generation's reason ("stop", "length")."""
         return "tool_calls" if self.tool_calls and model_reason == "stop" else model_reason or "stop"
 
 
@@ -586,19 +619,37 @@ class Completion:
 
     def __init__(self, kind: Literal["chat.completion", "text_completion"], model_id: str):
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-        self.id, self.kind, self.model_id, self.created = f"{prefix}-{uuid.uuid4().hex}", kind, model_id, int(time.time())
+        self.id, self.kind, self.model_id, self.created = (
+            f"{prefix}-{uuid.uuid4().hex}",
+            kind,
+            model_id,
+            int(time.time()),
+        )
 
     def body(self, choices: list[dict], **extra: Any) -> dict:
         """A response (or, with ``chunk``, an SSE chunk) object around ``choices``."""
         chunk = extra.pop("chunk", False)
         kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model_id,
+            "choices": choices,
+            **extra,
+        }
 
 
-async def stream_chat(events: JobEvents, started: Started, reply: ChatReply, completion: Completion, include_usage: bool) -> AsyncIterator[str]:
+async def stream_chat(
+    events: JobEvents, started: Started, reply: ChatReply, completion: Completion, include_usage: bool
+) -> AsyncIterator[str]:
     """SSE chunks of a chat completion: role, then reasoning/content/tool-call deltas, then the finish reason."""
     try:
-        yield _sse(completion.body([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], chunk=True))
+        yield _sse(
+            completion.body(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], chunk=True
+            )
+        )
         last = None
         while not isinstance(event := await events.next(), (Finished, Cancelled)):
             if isinstance(event, Failed):
@@ -611,7 +662,9 @@ async def stream_chat(events: JobEvents, started: Started, reply: ChatReply, com
             if event.finish_reason:
                 final = completion.body(
                     [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason(event.finish_reason)}],
-                    chunk=True, usage=_usage(started, last), timings=_timings(last),
+                    chunk=True,
+                    usage=_usage(started, last),
+                    timings=_timings(last),
                 )
                 yield _sse(final)
         if include_usage and last is not None:
@@ -621,7 +674,9 @@ async def stream_chat(events: JobEvents, started: Started, reply: ChatReply, com
         events.close()
 
 
-async def stream_text(events: JobEvents, started: Started, completion: Completion, include_usage: bool) -> AsyncIterator[str]:
+async def stream_text(
+    events: JobEvents, started: Started, completion: Completion, include_usage: bool
+) -> AsyncIterator[str]:
     """SSE chunks of a text completion."""
     try:
         last = None
@@ -648,7 +703,11 @@ async def collect_events(events: JobEvents) -> tuple[str, Any]:
             if isinstance(event, Cancelled):
                 raise ApiError("the client closed the request", status=499)
             if isinstance(event, Failed):
-                raise ApiError(event.message, status=500 if event.internal else 400, kind="server_error" if event.internal else "invalid_request_error")
+                raise ApiError(
+                    event.message,
+                    status=500 if event.internal else 400,
+                    kind="server_error" if event.internal else "invalid_request_error",
+                )
             text.append(event.text)
             last = event
         return "".join(text), last
@@ -665,7 +724,9 @@ def web_root() -> Path:
     for candidate in (package / "app" / "web", package.parent / "app" / "web"):
         if (candidate / "index.html").is_file():
             return candidate
-    raise Qwen35Error(f"the chat page is missing (looked in {package / 'app' / 'web'} and {package.parent / 'app' / 'web'}); reinstall mlx-qwen35")
+    raise Qwen35Error(
+        f"the chat page is missing (looked in {package / 'app' / 'web'} and {package.parent / 'app' / 'web'}); reinstall mlx-qwen35"
+    )
 
 
 def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
@@ -687,7 +748,9 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
 
     def authorized(request: Request) -> None:
         if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            raise ApiError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error")
+            raise ApiError(
+                "missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error"
+            )
 
     api = [Depends(authorized)]
     error_responses = {400: {"description": "Invalid request"}, 401: {"description": "Missing or wrong API key"}}
@@ -695,19 +758,31 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     def health() -> dict:
         """Liveness and the worker's state: queue length and the last generation's speed and memory."""
-        return {"status": "ok", "model": settings.model_id, "busy": worker.busy, "queued": worker.queued, **worker.last_stats}
+        return {
+            "status": "ok",
+            "model": settings.model_id,
+            "busy": worker.busy,
+            "queued": worker.queued,
+            **worker.last_stats,
+        }
 
     @app.get("/v1/models", dependencies=api, responses=error_responses)
     def models() -> dict:
         """The one model this server holds."""
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-qwen35"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-qwen35"}],
+        }
 
     @app.post("/v1/chat/completions", dependencies=api, responses=error_responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Chat completion (streamed as server-sent events with ``stream: true``)."""
         thinking = (body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None) is not False
         tools = offered_tools(body)
-        options = generation_options(body, settings, thinking) | {"tools": tools, "thinking_budget": body.thinking_budget}
+        options = generation_options(body, settings, thinking) | {
+            "tools": tools,
+            "thinking_budget": body.thinking_budget,
+        }
         events = JobEvents(worker, request, template_messages(body.messages), options)
         try:
             started = await first_event(events)
@@ -717,15 +792,25 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         completion, reply = Completion("chat.completion", settings.model_id), ChatReply(thinking, tools)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_chat(events, started, reply, completion, include_usage), media_type="text/event-stream")
+            return StreamingResponse(
+                stream_chat(events, started, reply, completion, include_usage), media_type="text/event-stream"
+            )
         text, last = await collect_events(events)
         reply.feed(text)
         reply.finish()
-        message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else ""),
-                   "reasoning_content": reply.reasoning or None}
+        message = {
+            "role": "assistant",
+            "content": reply.content or (None if reply.tool_calls else ""),
+            "reasoning_content": reply.reasoning or None,
+        }
         if reply.tool_calls:
             message["tool_calls"] = reply.tool_calls
-        choice = {"index": 0, "message": message, "finish_reason": reply.finish_reason(last.finish_reason if last else None), "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": message,
+            "finish_reason": reply.finish_reason(last.finish_reason if last else None),
+            "logprobs": None,
+        }
         return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
 
     @app.post("/v1/completions", dependencies=api, responses=error_responses)
@@ -743,7 +828,9 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         completion = Completion("text_completion", settings.model_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_text(events, started, completion, include_usage), media_type="text/event-stream")
+            return StreamingResponse(
+                stream_text(events, started, completion, include_usage), media_type="text/event-stream"
+            )
         text, last = await collect_events(events)
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason if last else "stop"}
         return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
@@ -752,7 +839,9 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
     return app
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_tokens: int = 32768) -> None:
+def serve(
+    model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_tokens: int = 32768
+) -> None:
     """Load ``model`` and serve the API and the chat page until interrupted."""
     import uvicorn
 

@@ -169,7 +169,9 @@ def build_tokenizer(base_vocab_size: int = 512) -> tuple[Tokenizer, TokenizerInf
     """Train the byte-level BPE to exactly ``base_vocab_size`` tokens, then append Qwen's added tokens."""
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     if base_vocab_size < len(byte_alphabet):
-        raise Qwen35Error(f"base_vocab_size={base_vocab_size}: must be at least {len(byte_alphabet)} (the byte alphabet)")
+        raise Qwen35Error(
+            f"base_vocab_size={base_vocab_size}: must be at least {len(byte_alphabet)} (the byte alphabet)"
+        )
     tokenizer = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(

@@ -98,9 +98,7 @@ def padded_vocab_size(tokens: TokenizerInfo) -> int:
     return math.ceil(tokens.size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
 
-def tiny_text_config(
-    tokens: TokenizerInfo, moe: bool, hidden_size: int = 64, moe_intermediate_size: int = 32
-) -> dict:
+def tiny_text_config(tokens: TokenizerInfo, moe: bool, hidden_size: int = 64, moe_intermediate_size: int = 32) -> dict:
     """A small ``text_config`` exercising every code path: both mixers, GQA, partial M-RoPE, MoE or MLP."""
     text = {
         "vocab_size": padded_vocab_size(tokens),
@@ -208,7 +206,9 @@ def build_per_expert_checkpoint(
         "tie_word_embeddings": text["tie_word_embeddings"],
     }
     config_cls, model_cls = (
-        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)
+        if moe
+        else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
     )
     torch.manual_seed(seed)
     model = model_cls(config_cls(text_config=text, vision_config=vision, **special)).eval()
@@ -247,7 +247,9 @@ def rewrite_fused(source: TinyCheckpoint, path: Path) -> TinyCheckpoint:
     """Rewrite a per-expert MoE checkpoint into the fused-expert layout of the BF16 release (also ``mtp.layers.0``)."""
     _copy_side_files(source.path, path)
     write_shards(fuse_experts(_read_tensors(source.path)), path, MAX_SHARD_BYTES, save_file)
-    return TinyCheckpoint(path=path, layout="fused", config=source.config, tokens=source.tokens, reference_path=source.reference_path)
+    return TinyCheckpoint(
+        path=path, layout="fused", config=source.config, tokens=source.tokens, reference_path=source.reference_path
+    )
 
 
 def quantize_fp8_blockwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -317,7 +319,13 @@ def convert_tiny(checkpoint: TinyCheckpoint, out: Path, recipe: str = "bf16") ->
     from mlx_qwen35.convert import convert
 
     convert(
-        hf_path=str(checkpoint.path), mlx_path=out, recipe=recipe, dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
+        hf_path=str(checkpoint.path),
+        mlx_path=out,
+        recipe=recipe,
+        dtype="float32",
+        shard_size_gb=0.001,
+        revision=None,
+        overwrite=False,
+        dry_run=False,
     )
     return out

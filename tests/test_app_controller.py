@@ -8,9 +8,9 @@ import sys
 
 import httpx
 import pytest
+from checkpoints import convert_tiny
 from test_server import free_port
 
-from checkpoints import convert_tiny
 from mlx_qwen35.app_controller import AppController, find_models
 from mlx_qwen35.errors import Qwen35Error
 
@@ -34,12 +34,15 @@ def test_models_from_local_dirs_and_the_hub_cache_with_sizes_and_fit(tmp_path):
     (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe"}))
     (snapshot / "model.safetensors").symlink_to(blob_dir / "abc")
     models = find_models([local], hf_cache=tmp_path / "hub", memory_bytes=4000)
-    assert [(m.name, m.size_bytes, m.fits) for m in models] == [("mlx-community/Qwen3.5-big", 5000, False), ("small", 1000, True)]
+    assert [(m.name, m.size_bytes, m.fits) for m in models] == [
+        ("mlx-community/Qwen3.5-big", 5000, False),
+        ("small", 1000, True),
+    ]
     assert "too large" in models[0].label and "too large" not in models[1].label
 
 
 def test_start_status_stop(tiny_moe_checkpoint, tmp_path):
-    
+
     out = tmp_path / "models" / "tiny"
     convert_tiny(tiny_moe_checkpoint, out)
     controller = AppController(port=free_port())
@@ -50,7 +53,9 @@ def test_start_status_stop(tiny_moe_checkpoint, tmp_path):
     controller.start()
     try:
         assert controller.running and controller.health()["model"] == "tiny"
-        httpx.post(f"{controller.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60).raise_for_status()
+        httpx.post(
+            f"{controller.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60
+        ).raise_for_status()
         status = controller.status()
         assert status.startswith("Running · tiny") and "tok/s" in status and "GB" in status
     finally:
@@ -61,4 +66,6 @@ def test_start_status_stop(tiny_moe_checkpoint, tmp_path):
 def test_app_command_without_rumps_says_what_it_needs():
     result = subprocess.run([sys.executable, "-m", "mlx_qwen35.cli", "app"], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: the menu-bar app needs macOS and its extra: pip install 'mlx-qwen35[app]'"]
+    assert result.stderr.strip().splitlines() == [
+        "error: the menu-bar app needs macOS and its extra: pip install 'mlx-qwen35[app]'"
+    ]

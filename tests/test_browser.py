@@ -56,9 +56,18 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,800", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,800",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -78,9 +87,14 @@ def test_chat_page_streams_stops_and_attaches(page_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(page_server.url)
+
     # Read through JavaScript: the page re-renders while streaming, which makes element handles stale.
-    find = lambda css: browser.execute_script(f"return document.querySelectorAll({css!r}).length")
-    text = lambda css: browser.execute_script(f"const e = document.querySelector({css!r}); return e ? e.textContent : ''")
+    def find(css):
+        return browser.execute_script(f"return document.querySelectorAll({css!r}).length")
+
+    def text(css):
+        return browser.execute_script(f"const e = document.querySelector({css!r}); return e ? e.textContent : ''")
+
     wait_for(lambda: browser.find_element(By.ID, "model-name").text == "scripted")
 
     # Send a message and watch the answer stream in, then stop it mid-way.

@@ -8,10 +8,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import convert_tiny
 from mlx_lm.generate import GenerationResponse
 from typer.testing import CliRunner
 
-from checkpoints import convert_tiny
 from mlx_qwen35 import load, stream_generate
 from mlx_qwen35.cli import app
 from mlx_qwen35.conversation import Conversation, ConversationSettings
@@ -39,8 +39,12 @@ def loaded(model_dir):
 def new_conversation(loaded, thinking: bool, **overrides) -> Conversation:
     model, processor = loaded
     settings = ConversationSettings(
-        system=SYSTEM, enable_thinking=thinking, sampling=dict(GREEDY), max_tokens=MAX_TOKENS,
-        thinking_budget=THINKING_BUDGET, **overrides,
+        system=SYSTEM,
+        enable_thinking=thinking,
+        sampling=dict(GREEDY),
+        max_tokens=MAX_TOKENS,
+        thinking_budget=THINKING_BUDGET,
+        **overrides,
     )
     return Conversation(model, processor, settings)
 
@@ -59,8 +63,15 @@ def assert_same_as_fresh_prefill(loaded, conversation: Conversation, tokens: lis
     model, processor = loaded
     s = conversation.settings
     fresh = list(
-        stream_generate(model, processor, tokens, max_tokens=s.max_tokens, enable_thinking=s.enable_thinking,
-                        thinking_budget=s.thinking_budget, **conversation.sampling())
+        stream_generate(
+            model,
+            processor,
+            tokens,
+            max_tokens=s.max_tokens,
+            enable_thinking=s.enable_thinking,
+            thinking_budget=s.thinking_budget,
+            **conversation.sampling(),
+        )
     )
     assert [r.token for r in responses] == [r.token for r in fresh]
     for ours, theirs in zip(responses, fresh):
@@ -96,7 +107,9 @@ def test_second_turn_reuses_the_cache_up_to_the_reply_and_matches_a_full_prefill
     responses = run(second)
     stats = conversation.last_stats
     assert (stats.prompt_tokens, stats.reused_tokens, stats.prefilled_tokens) == (
-        len(second_tokens), shared, len(second_tokens) - shared,
+        len(second_tokens),
+        shared,
+        len(second_tokens) - shared,
     )
     assert_same_as_fresh_prefill(loaded, conversation, second_tokens, responses)
     # The last token (EOS, or the one at max_tokens) is never fed back.
@@ -194,19 +207,25 @@ def test_quantised_kv_cache_reuses_the_same_way(loaded):
     assert conversation.context_tokens > shared
 
 
-
 def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
     """``generate --tools``: the calls in the reply come out as JSON lines, and in --json's ``tool_calls``."""
     import mlx_qwen35.generation as generation
 
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"properties": {"days": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": {"properties": {"days": {"type": "integer"}}}},
+        }
+    ]
     (tmp_path / "tools.json").write_text(json.dumps(tools))
     reply = "Checking.\n</think>\n\nLet me look.\n\n<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
 
     def scripted_reply(*args, **kwargs):  # the tiny random model never writes a call: script the text
         for n, i in enumerate(range(0, len(reply), 7), start=1):
             end = i + 7 >= len(reply)
-            yield GenerationResponse(reply[i : i + 7], 0, mx.zeros(1), False, 5, 1.0, n, 1.0, 0.0, "stop" if end else None)
+            yield GenerationResponse(
+                reply[i : i + 7], 0, mx.zeros(1), False, 5, 1.0, n, 1.0, 0.0, "stop" if end else None
+            )
 
     monkeypatch.setattr(generation, "stream_generate", scripted_reply)
     base = ["generate", "-m", str(model_dir), "-p", "Weather?", "--tools", str(tmp_path / "tools.json")]

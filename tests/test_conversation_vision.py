@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from checkpoints import convert_tiny
 from PIL import Image
 
-from checkpoints import convert_tiny
 from mlx_qwen35 import load, stream_generate
 from mlx_qwen35.conversation import Conversation, ConversationSettings
 from mlx_qwen35.model.vision import VisionModel
@@ -52,7 +52,9 @@ def asking(image: str, text: str) -> list[dict]:
 
 
 def new_conversation(loaded) -> Conversation:
-    settings = ConversationSettings(system="You are terse.", enable_thinking=False, sampling=dict(SAMPLING), max_tokens=MAX_TOKENS)
+    settings = ConversationSettings(
+        system="You are terse.", enable_thinking=False, sampling=dict(SAMPLING), max_tokens=MAX_TOKENS
+    )
     return Conversation(*loaded, settings)
 
 
@@ -67,7 +69,11 @@ def turn(conversation: Conversation, events, tower_calls: list) -> tuple[list, l
     calls = tower_calls[before:]
     model, processor = conversation.model, conversation.processor
     s = conversation.settings
-    fresh = list(stream_generate(model, processor, inputs, max_tokens=s.max_tokens, enable_thinking=False, **conversation.sampling()))
+    fresh = list(
+        stream_generate(
+            model, processor, inputs, max_tokens=s.max_tokens, enable_thinking=False, **conversation.sampling()
+        )
+    )
     return responses, fresh, calls
 
 
@@ -107,7 +113,9 @@ def test_text_turn_then_image_turn_encodes_only_the_new_image(loaded, tower_call
     conversation = new_conversation(loaded)
     _, _, calls = turn(conversation, conversation.send("Hello"), tower_calls)
     assert calls == []
-    responses, fresh, calls = turn(conversation, conversation.send(asking(png(tmp_path / "b.png", 1), "This?")), tower_calls)
+    responses, fresh, calls = turn(
+        conversation, conversation.send(asking(png(tmp_path / "b.png", 1), "This?")), tower_calls
+    )
     assert_same(responses, fresh)
     assert len(calls) == 1 and conversation.last_stats.reused_tokens > 0  # the prefix ends before the image
 

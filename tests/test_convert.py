@@ -107,7 +107,11 @@ def test_zero_centred_norms_are_shifted_once_in_fp32(tiny_moe_checkpoint, per_ex
     for name in shifted:
         hf = "model." + name if name.startswith("language_model.") else name
         np.testing.assert_array_equal(np.array(per_expert_fp32[name]), src[hf].astype(np.float32) + np.float32(1))
-    for plain in ("language_model.layers.0.linear_attn.norm.weight", "visual.blocks.0.norm1.weight", "visual.merger.norm.weight"):
+    for plain in (
+        "language_model.layers.0.linear_attn.norm.weight",
+        "visual.blocks.0.norm1.weight",
+        "visual.merger.norm.weight",
+    ):
         np.testing.assert_array_equal(np.array(per_expert_fp32[plain]), src["model." + plain])
 
 
@@ -147,7 +151,13 @@ def test_output_dir_has_config_index_and_side_files(tiny_moe_fp8_checkpoint, tmp
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(x.nbytes for x in tensors.values())
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "preprocessor_config.json",
+    ):
         assert (out / name).read_bytes() == (tiny_moe_fp8_checkpoint.path / name).read_bytes()
     assert not list(tmp_path.glob(".*"))  # no staging dir left behind
 
@@ -229,7 +239,9 @@ def test_shards_are_bounded_and_indexed(tiny_moe_checkpoint, tmp_path):
     converted(tiny_moe_checkpoint.path, out, "4bit", shard_size_gb=limit_gb)
     files = sorted(out.glob("*.safetensors"))
     assert len(files) >= 3
-    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert [f.name for f in files] == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     for f in files:
         names = list(mx.load(str(f)))
@@ -353,7 +365,16 @@ def test_bad_input_is_one_line_naming_the_file(tiny_moe_checkpoint, tmp_path, ca
     source = _broken_copy(tiny_moe_checkpoint.path, tmp_path / "src", break_it)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    command = [sys.executable, "-m", "mlx_qwen35.cli", "convert", "--hf-path", str(source), "--mlx-path", str(outputs / "mlx")]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_qwen35.cli",
+        "convert",
+        "--hf-path",
+        str(source),
+        "--mlx-path",
+        str(outputs / "mlx"),
+    ]
     result = subprocess.run(command + args, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
@@ -364,14 +385,31 @@ def test_bad_input_is_one_line_naming_the_file(tiny_moe_checkpoint, tmp_path, ca
 def test_unwritable_output_via_the_script(tiny_moe_checkpoint, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    command = [sys.executable, "convert.py", "--hf-path", str(tiny_moe_checkpoint.path), "--mlx-path", str(blocker / "mlx")]
+    command = [
+        sys.executable,
+        "convert.py",
+        "--hf-path",
+        str(tiny_moe_checkpoint.path),
+        "--mlx-path",
+        str(blocker / "mlx"),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and f"--mlx-path {blocker / 'mlx'}: cannot write in {blocker}" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1 and f"--mlx-path {blocker / 'mlx'}: cannot write in {blocker}" in result.stderr
+    )
 
 
 def test_dry_run_predicts_every_recipe_and_writes_nothing(tiny_moe_checkpoint, tmp_path):
-    command = [sys.executable, "convert.py", "--hf-path", str(tiny_moe_checkpoint.path), "--mlx-path", str(tmp_path / "x"), "--dry-run"]
+    command = [
+        sys.executable,
+        "convert.py",
+        "--hf-path",
+        str(tiny_moe_checkpoint.path),
+        "--mlx-path",
+        str(tmp_path / "x"),
+        "--dry-run",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for recipe in RECIPES:

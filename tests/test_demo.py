@@ -12,7 +12,10 @@ def run_demo(cache_home) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
     return subprocess.run(
         [sys.executable, "-m", "mlx_qwen35.cli", "demo", "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -28,4 +31,7 @@ def test_demo_builds_once_and_generates(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "building the demo checkpoint" not in second.stdout
     # Same checkpoint and greedy decoding (stream_generate defaults to temp 0): the same text both times.
-    assert first.stdout.split("assistant: ", 1)[1].split("\n")[0] == second.stdout.split("assistant: ", 1)[1].split("\n")[0]
+    assert (
+        first.stdout.split("assistant: ", 1)[1].split("\n")[0]
+        == second.stdout.split("assistant: ", 1)[1].split("\n")[0]
+    )

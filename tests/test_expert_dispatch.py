@@ -40,6 +40,7 @@ def make_routing(tokens: int, seed: int = 0, dtype=mx.float32) -> tuple[mx.array
 
 def gather_qmm_reference(x, indices, weights, experts) -> np.ndarray:
     """ARCHITECTURE.md §6 with one mx.gather_qmm per projection (unsorted), all in fp32."""
+
     def project(p, a):
         return mx.gather_qmm(
             a, p.weight, p.scales, p.biases, rhs_indices=indices, transpose=True, group_size=p.group_size, bits=p.bits
@@ -74,7 +75,13 @@ def test_pure_path_equals_switchglu(bits, tokens):
 def test_pure_path_matches_gather_qmm_reference(tokens):
     experts = make_experts(4, 64)
     x, indices, weights = make_routing(tokens)
-    assert rel_diff(routed_experts(x, indices, weights, experts, use_kernel=False), gather_qmm_reference(x, indices, weights, experts)) <= TOL
+    assert (
+        rel_diff(
+            routed_experts(x, indices, weights, experts, use_kernel=False),
+            gather_qmm_reference(x, indices, weights, experts),
+        )
+        <= TOL
+    )
 
 
 @pytest.fixture
@@ -101,7 +108,10 @@ def test_kernels_take_every_affine_width(bits, kernels_on):
     experts = make_experts(bits, 64, seed=bits)
     for tokens in (1, 40):
         x, indices, weights = make_routing(tokens, seed=tokens)
-        assert rel_diff(routed_experts(x, indices, weights, experts), gather_qmm_reference(x, indices, weights, experts)) <= TOL
+        assert (
+            rel_diff(routed_experts(x, indices, weights, experts), gather_qmm_reference(x, indices, weights, experts))
+            <= TOL
+        )
 
 
 @pytest.mark.parametrize("tokens", [1, 40])

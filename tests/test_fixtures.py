@@ -74,7 +74,9 @@ def test_mtp_block_present(any_checkpoint: TinyCheckpoint) -> None:
     for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
         assert tensors[f"mtp.{norm}.weight"].shape == (hidden,)
     full = any_checkpoint.text_config["layer_types"].index("full_attention")
-    main_layer = {k.split(f"layers.{full}.", 1)[1] for k in keys if k.startswith(f"model.language_model.layers.{full}.")}
+    main_layer = {
+        k.split(f"layers.{full}.", 1)[1] for k in keys if k.startswith(f"model.language_model.layers.{full}.")
+    }
     mtp_layer = {k.removeprefix("mtp.layers.0.") for k in keys if k.startswith("mtp.layers.0.")}
     assert mtp_layer == main_layer  # a full-attention decoder layer with the same FFN kind and layout
 
@@ -160,9 +162,12 @@ def test_per_expert_and_fused_give_identical_transformers_logits(
     ids = torch.tensor([tiny_moe_checkpoint.prompt_ids(64)])
     with torch.no_grad():
         a = tiny_moe_checkpoint.load_reference()(ids).logits
-        b = type(tiny_moe_checkpoint.load_reference()).from_pretrained(
-            tiny_moe_fused_checkpoint.path, dtype=torch.float32
-        ).eval()(ids).logits
+        b = (
+            type(tiny_moe_checkpoint.load_reference())
+            .from_pretrained(tiny_moe_fused_checkpoint.path, dtype=torch.float32)
+            .eval()(ids)
+            .logits
+        )
     assert torch.equal(a, b)
 
 
@@ -177,7 +182,9 @@ def test_greedy_path_has_a_clear_top1_margin(fixture: str, request: pytest.Fixtu
 
 
 @pytest.mark.parametrize("fixture", ["tiny_moe_checkpoint", "tiny_dense_checkpoint", "tiny_moe_fp8_checkpoint"])
-def test_reference_float32_error_is_well_below_the_parity_tolerance(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_reference_float32_error_is_well_below_the_parity_tolerance(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
     ckpt: TinyCheckpoint = request.getfixturevalue(fixture)
     model = ckpt.load_reference()
     ids = torch.tensor([ckpt.prompt_ids(64)])
@@ -229,7 +236,10 @@ def test_chat_template_generation_prompts(tiny_moe_checkpoint: TinyCheckpoint) -
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     on = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     off = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    assert on == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert (
+        on
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )
     assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
@@ -260,9 +270,15 @@ def test_chat_template_tools_and_vision(tiny_moe_checkpoint: TinyCheckpoint) -> 
 
 @pytest.mark.parametrize(
     "fixture, layout",
-    [("tiny_moe_checkpoint", "per_expert"), ("tiny_dense_checkpoint", "per_expert"), ("tiny_moe_fused_checkpoint", "fused")],
+    [
+        ("tiny_moe_checkpoint", "per_expert"),
+        ("tiny_dense_checkpoint", "per_expert"),
+        ("tiny_moe_fused_checkpoint", "fused"),
+    ],
 )
-def test_release_tensor_spec_matches_what_transformers_writes(fixture: str, layout: str, request: pytest.FixtureRequest) -> None:
+def test_release_tensor_spec_matches_what_transformers_writes(
+    fixture: str, layout: str, request: pytest.FixtureRequest
+) -> None:
     """The torch-free writer behind the demo names and shapes tensors exactly as transformers does."""
     from mlx_qwen35.random_checkpoint import hf_tensor_shapes
 
@@ -275,7 +291,9 @@ def test_torch_free_writer_makes_a_checkpoint_transformers_loads(tiny_moe_checkp
     """The demo's writer (numpy + mlx, fused experts, bf16) produces a complete release transformers accepts."""
     from mlx_qwen35.random_checkpoint import hf_tensor_shapes, write_random_hf_checkpoint
 
-    shards = write_random_hf_checkpoint(tmp_path, tiny_moe_checkpoint.config, seed=0, layout="fused", max_shard_bytes=256 * 1024)
+    shards = write_random_hf_checkpoint(
+        tmp_path, tiny_moe_checkpoint.config, seed=0, layout="fused", max_shard_bytes=256 * 1024
+    )
     assert len(shards) >= 2
     tensors = read_tensors(tmp_path)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == hf_tensor_shapes(tiny_moe_checkpoint.config, "fused")

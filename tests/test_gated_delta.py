@@ -25,7 +25,9 @@ def make_inputs(B, T, Hk, Hv, D, seed=0, dtype=mx.float32, with_state=True):
 
 def reference(q, k, v, a, b, A_log, dt_bias, state, mask=None):
     """ARCHITECTURE.md §4.3–4.6 token by token in float64, state [B, Hv, Dv, Dk]."""
-    q, k, v, a, b, A_log, dt_bias = (np.array(x.astype(mx.float32)).astype(np.float64) for x in (q, k, v, a, b, A_log, dt_bias))
+    q, k, v, a, b, A_log, dt_bias = (
+        np.array(x.astype(mx.float32)).astype(np.float64) for x in (q, k, v, a, b, A_log, dt_bias)
+    )
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     S = np.zeros((B, Hv, Dv, Dk)) if state is None else np.array(state).astype(np.float64)
@@ -76,7 +78,17 @@ def test_pure_steps_match_sequential_reference(shape):
     ro, rS = reference(q, k, v, a, b, A_log, dt_bias, S)
     outs = []
     for t in range(shape[1]):
-        o, S = gated_delta_step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], a[:, t : t + 1], b[:, t : t + 1], A_log, dt_bias, S, use_kernel=False)
+        o, S = gated_delta_step(
+            q[:, t : t + 1],
+            k[:, t : t + 1],
+            v[:, t : t + 1],
+            a[:, t : t + 1],
+            b[:, t : t + 1],
+            A_log,
+            dt_bias,
+            S,
+            use_kernel=False,
+        )
         outs.append(o)
     assert max_diff(mx.concatenate(outs, 1), ro) <= TOL and max_diff(S, rS) <= TOL
 
@@ -84,8 +96,12 @@ def test_pure_steps_match_sequential_reference(shape):
 def test_prefill_from_zero_state_and_in_two_pieces():
     q, k, v, a, b, A_log, dt_bias, _ = make_inputs(1, 100, 2, 8, 32, seed=3)
     o, S = gated_delta_prefill(q, k, v, a, b, A_log, dt_bias, use_kernel=False)
-    o1, S1 = gated_delta_prefill(q[:, :37], k[:, :37], v[:, :37], a[:, :37], b[:, :37], A_log, dt_bias, use_kernel=False)
-    o2, S2 = gated_delta_prefill(q[:, 37:], k[:, 37:], v[:, 37:], a[:, 37:], b[:, 37:], A_log, dt_bias, S1, use_kernel=False)
+    o1, S1 = gated_delta_prefill(
+        q[:, :37], k[:, :37], v[:, :37], a[:, :37], b[:, :37], A_log, dt_bias, use_kernel=False
+    )
+    o2, S2 = gated_delta_prefill(
+        q[:, 37:], k[:, 37:], v[:, 37:], a[:, 37:], b[:, 37:], A_log, dt_bias, S1, use_kernel=False
+    )
     assert max_diff(mx.concatenate([o1, o2], 1), np.array(o)) <= TOL and max_diff(S2, np.array(S)) <= TOL
 
 

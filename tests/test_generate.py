@@ -8,8 +8,8 @@ import sys
 
 import mlx.core as mx
 import pytest
-
 from checkpoints import convert_tiny
+
 from mlx_qwen35 import generate, load, stream_generate
 from mlx_qwen35.generation import prompt_token_ids
 
@@ -35,7 +35,7 @@ def test_stream_reports_each_token_and_stops_at_max_tokens(loaded, tiny_moe_chec
     assert all(r.prompt_tokens == 12 for r in responses)
     assert "".join(r.text for r in responses) == processor.decode([r.token for r in responses])
     assert responses[-1].logprobs.shape == (model.config.text.vocab_size,)
-    assert abs(float(mx.logsumexp(responses[-1].logprobs)) ) < 1e-4  # normalised log-probabilities
+    assert abs(float(mx.logsumexp(responses[-1].logprobs))) < 1e-4  # normalised log-probabilities
 
 
 def test_stop_string_truncates_text(loaded, tiny_moe_checkpoint):
@@ -96,7 +96,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_generate_json(converted):
-    result = run_cli("generate", "--model", str(converted), "--prompt", "hello", "--max-tokens", "5", "--temp", "0", "--json")
+    result = run_cli(
+        "generate", "--model", str(converted), "--prompt", "hello", "--max-tokens", "5", "--temp", "0", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert set(out) >= {"text", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "peak_memory_gb"}
@@ -122,7 +124,8 @@ def test_thinking_budget_closes_the_block_and_an_answer_follows(loaded):
     assert tokens[: len(closing)] == closing
     off = [r.token for r in stream_generate(model, processor, messages, max_tokens=6, enable_thinking=False)]
     off_budget = [
-        r.token for r in stream_generate(model, processor, messages, max_tokens=6, enable_thinking=False, thinking_budget=0)
+        r.token
+        for r in stream_generate(model, processor, messages, max_tokens=6, enable_thinking=False, thinking_budget=0)
     ]
     assert off == off_budget
 

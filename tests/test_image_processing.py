@@ -50,7 +50,9 @@ def noise(width: int, height: int, seed: int, channels: int = 3) -> np.ndarray:
     return pixels.clip(0, 255).astype(np.uint8)
 
 
-def assert_matches_reference(ours, reference: Qwen2VLImageProcessorPil, reference_image: Image.Image, **overrides) -> float:
+def assert_matches_reference(
+    ours, reference: Qwen2VLImageProcessorPil, reference_image: Image.Image, **overrides
+) -> float:
     expected = reference(images=[reference_image], return_tensors="np", **overrides)
     assert ours.grid_thw == tuple(expected["image_grid_thw"][0].tolist())
     assert ours.pixel_values.dtype == np.float32
@@ -99,7 +101,9 @@ def test_min_pixels_override_upscales(config, reference):
     image = Image.fromarray(noise(300, 200, seed=8))
     ours = preprocess_image(image, config, min_pixels=512 * 512)
     assert ours.grid_thw[1] * ours.grid_thw[2] * 256 >= 512 * 512
-    assert_matches_reference(ours, reference, image, size={"longest_edge": config.max_pixels, "shortest_edge": 512 * 512})
+    assert_matches_reference(
+        ours, reference, image, size={"longest_edge": config.max_pixels, "shortest_edge": 512 * 512}
+    )
 
 
 def test_exif_rotated_jpeg(tmp_path, config, reference):

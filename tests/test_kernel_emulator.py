@@ -13,7 +13,14 @@ from mlx_qwen35.kernels.emulator import emulated_metal_kernel
 def run(source, inputs, out_shape, out_dtype=mx.float32, grid=(64, 1, 1), tg=(64, 1, 1), template=None, header=""):
     names = [f"in{i}" for i in range(len(inputs))]
     kernel = emulated_metal_kernel("t" + hashlib.sha1(source.encode()).hexdigest()[:10], names, ["out"], source, header)
-    return kernel(inputs=inputs, grid=grid, threadgroup=tg, output_shapes=[out_shape], output_dtypes=[out_dtype], template=template)[0]
+    return kernel(
+        inputs=inputs,
+        grid=grid,
+        threadgroup=tg,
+        output_shapes=[out_shape],
+        output_dtypes=[out_dtype],
+        template=template,
+    )[0]
 
 
 def test_simd_sum_is_the_ascending_xor_butterfly_bit_for_bit():
@@ -102,7 +109,14 @@ def test_signature_follows_mlx_scalars_templates_shapes_and_strides():
     src = "uint i = thread_position_in_grid.x; out[i] = static_cast<T>(in0[i] * scale + N + in0_shape[1] + in0_strides[0] + in0_ndim);"
     x = mx.ones((2, 4))
     kernel = emulated_metal_kernel("sig", ["in0", "scale"], ["out"], src)
-    out = kernel(inputs=[x, 0.5], template=[("T", mx.float32), ("N", 3)], grid=(8, 1, 1), threadgroup=(8, 1, 1), output_shapes=[(8,)], output_dtypes=[mx.float32])[0]
+    out = kernel(
+        inputs=[x, 0.5],
+        template=[("T", mx.float32), ("N", 3)],
+        grid=(8, 1, 1),
+        threadgroup=(8, 1, 1),
+        output_shapes=[(8,)],
+        output_dtypes=[mx.float32],
+    )[0]
     assert np.array_equal(np.array(out), np.full(8, 0.5 + 3 + 4 + 4 + 2))
     tu = kernel.translation_unit([x, mx.array(0.5)], [mx.float32], [("T", mx.float32), ("N", 3)])
     assert "const device float* in0 [[buffer(0)]]" in tu and "const constant float& scale [[buffer(4)]]" in tu
@@ -115,7 +129,12 @@ def test_half_and_bfloat16_round_like_the_hardware():
     for dtype in (mx.float16, mx.bfloat16):
         out = run(src, [x], (64,), out_dtype=dtype, template=[("T", dtype)])
         assert out.dtype == dtype and mx.array_equal(out, (x * 3.0).astype(dtype)).item()
-    h = run("uint i = thread_position_in_grid.x; out[i] = in0[i] + in0[i];", [x.astype(mx.bfloat16)], (64,), out_dtype=mx.bfloat16)
+    h = run(
+        "uint i = thread_position_in_grid.x; out[i] = in0[i] + in0[i];",
+        [x.astype(mx.bfloat16)],
+        (64,),
+        out_dtype=mx.bfloat16,
+    )
     assert mx.array_equal(h, x.astype(mx.bfloat16) * 2).item()
 
 

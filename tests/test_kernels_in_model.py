@@ -55,9 +55,19 @@ def test_kernels_on_equal_pure_paths():
     mx.random.seed(0)
     model = Qwen35Model(parse_config(CONFIG))
     model.update(model.parameters())  # materialise the random init
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, _: path.endswith("mlp.experts.gate_proj")
-                or path.endswith("mlp.experts.up_proj") or path.endswith("mlp.experts.down_proj"))
-    ids = [int(i) for i in mx.random.randint(0, 128, (40,)).tolist()]  # 38 prompt tokens × top-2 ≥ 64 pairs: the sorted expert path
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda path, _: (
+            path.endswith("mlp.experts.gate_proj")
+            or path.endswith("mlp.experts.up_proj")
+            or path.endswith("mlp.experts.down_proj")
+        ),
+    )
+    ids = [
+        int(i) for i in mx.random.randint(0, 128, (40,)).tolist()
+    ]  # 38 prompt tokens × top-2 ≥ 64 pairs: the sorted expert path
 
     set_use_kernels(False)
     pure = logits_prefill_then_decode(model, ids)

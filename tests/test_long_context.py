@@ -26,8 +26,14 @@ YARN_PROMPT = 320  # past original_max_position_embeddings, where YaRN is what m
 def converted(checkpoint_path, tmp_path_factory, name: str):
     out = tmp_path_factory.mktemp(name) / "model"
     convert(
-        hf_path=str(checkpoint_path), mlx_path=out, recipe="bf16", dtype="float32",
-        shard_size_gb=0.001, revision=None, overwrite=False, dry_run=False,
+        hf_path=str(checkpoint_path),
+        mlx_path=out,
+        recipe="bf16",
+        dtype="float32",
+        shard_size_gb=0.001,
+        revision=None,
+        overwrite=False,
+        dry_run=False,
     )
     return load(str(out))
 
@@ -78,7 +84,9 @@ def test_chunked_prefill_memory_grows_with_the_kv_cache_not_with_length_squared(
     # An unchunked prefill would hold [heads, T, T] scores: at 4k that alone is 4× more than the bound.
     full_scores = text.num_attention_heads * LONG * LONG * 4
     assert bound < full_scores / 4
-    assert long - short <= bound, f"peak grew {(long - short) / 1e6:.1f} MB from {SHORT} to {LONG} tokens, bound {bound / 1e6:.1f} MB"
+    assert long - short <= bound, (
+        f"peak grew {(long - short) / 1e6:.1f} MB from {SHORT} to {LONG} tokens, bound {bound / 1e6:.1f} MB"
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -98,7 +106,9 @@ def test_quantised_kv_cache_shrinks_the_cache_and_keeps_the_logits_close(loaded,
     assert drift < {8: 0.05, 4: 0.5}[bits]  # a sanity bound: quantisation error, not a parity claim
 
 
-def test_yarn_logits_match_transformers_past_the_original_context(loaded, yarn_checkpoint, tiny_moe_checkpoint, tmp_path_factory):
+def test_yarn_logits_match_transformers_past_the_original_context(
+    loaded, yarn_checkpoint, tiny_moe_checkpoint, tmp_path_factory
+):
     model, _ = converted(yarn_checkpoint, tmp_path_factory, "yarn")
     assert model.config.text.rope.rope_type == "yarn"
     ids = token_ids(tiny_moe_checkpoint, YARN_PROMPT)

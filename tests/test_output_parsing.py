@@ -65,7 +65,9 @@ def stream_in_pieces(text: str, cuts: list[int], thinking: bool, tools=None):
 
 
 def test_complete_call_in_the_template_format(template_tokenizer):
-    reply = rendered_reply(template_tokenizer, "Let me check.", [("get_weather", NESTED_ARGUMENTS)], reasoning="Need weather.")
+    reply = rendered_reply(
+        template_tokenizer, "Let me check.", [("get_weather", NESTED_ARGUMENTS)], reasoning="Need weather."
+    )
     assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n" in reply
     parsed = parse_output(reply, thinking=True, tools=[WEATHER_TOOL])
     assert parsed.reasoning == "Need weather."
@@ -115,7 +117,9 @@ def test_booleans_as_json_or_as_the_template_renders_them(template_tokenizer):
 
 
 def test_string_values_keep_inner_whitespace_and_non_json_text():
-    block = "<tool_call>\n<function=write>\n<parameter=text>\n  indented\n\nlast\n</parameter>\n</function>\n</tool_call>"
+    block = (
+        "<tool_call>\n<function=write>\n<parameter=text>\n  indented\n\nlast\n</parameter>\n</function>\n</tool_call>"
+    )
     assert parse_tool_call(block).arguments == {"text": "  indented\n\nlast"}
 
 
@@ -124,7 +128,10 @@ def test_string_values_keep_inner_whitespace_and_non_json_text():
     [
         ("<tool_call>\n{not xml}\n</tool_call>", "expected <function=NAME>"),
         ("<tool_call>\n<function=f>\n<parameter=a>\n1\n</function>\n</tool_call>", "unexpected text"),
-        ("<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=a>\n2\n</parameter>\n</function>\n</tool_call>", "twice"),
+        (
+            "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=a>\n2\n</parameter>\n</function>\n</tool_call>",
+            "twice",
+        ),
     ],
 )
 def test_malformed_calls_are_reported_with_their_raw_text(block, error):

@@ -27,7 +27,10 @@ def test_wheel_carries_metal_kernels_and_finds_them_installed(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     sources = sorted(p.name for p in (REPO / "metal_kernels").glob("*.metal"))
     assert sources, "metal_kernels/ has no kernels"
-    assert sorted(n.split("/")[-1] for n in names if n.startswith("mlx_qwen35/metal_kernels/") and n.endswith(".metal")) == sources
+    assert (
+        sorted(n.split("/")[-1] for n in names if n.startswith("mlx_qwen35/metal_kernels/") and n.endswith(".metal"))
+        == sources
+    )
 
     # Installed (not a source checkout): the package must read its kernels from inside itself.
     target = tmp_path / "site"

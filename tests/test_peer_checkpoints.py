@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,7 +68,12 @@ CASES = [
     PeerCase("mlx-lm-moe-fp32", "mlx-lm", "moe", dict(dtype="float32")),
     # What mlx-community publishes: bf16 tensors, 4-bit affine, router and shared-expert gate 8-bit.
     PeerCase("mlx-lm-moe-bf16-4bit", "mlx-lm", "moe", dict(dtype="bfloat16", quantize=True, q_bits=4, q_group_size=64)),
-    PeerCase("mlx-lm-moe-mixed_3_6", "mlx-lm", "moe", dict(dtype="float32", quantize=True, q_group_size=32, quant_predicate="mixed_3_6")),
+    PeerCase(
+        "mlx-lm-moe-mixed_3_6",
+        "mlx-lm",
+        "moe",
+        dict(dtype="float32", quantize=True, q_group_size=32, quant_predicate="mixed_3_6"),
+    ),
     PeerCase("mlx-lm-moe-mxfp4", "mlx-lm", "moe", dict(dtype="float32", quantize=True, q_mode="mxfp4")),
     PeerCase("mlx-lm-moe-nvfp4", "mlx-lm", "moe", dict(dtype="float32", quantize=True, q_mode="nvfp4")),
     PeerCase("mlx-lm-moe-mxfp8", "mlx-lm", "moe", dict(dtype="float32", quantize=True, q_mode="mxfp8")),
@@ -76,9 +81,13 @@ CASES = [
     PeerCase("mlx-lm-dense-4bit", "mlx-lm", "dense", dict(dtype="float32", quantize=True, q_bits=4, q_group_size=32)),
     PeerCase("mlx-vlm-moe-fp32", "mlx-vlm", "moe", dict(dtype="float32")),
     PeerCase("mlx-vlm-moe-4bit", "mlx-vlm", "moe", dict(dtype="float32", quantize=True, q_bits=4, q_group_size=64)),
-    PeerCase("mlx-vlm-moe-nvfp4", "mlx-vlm", "moe", dict(dtype="float32", quantize=True, q_mode="nvfp4", q_group_size=16)),
+    PeerCase(
+        "mlx-vlm-moe-nvfp4", "mlx-vlm", "moe", dict(dtype="float32", quantize=True, q_mode="nvfp4", q_group_size=16)
+    ),
     PeerCase("mlx-vlm-dense-fp32", "mlx-vlm", "dense", dict(dtype="float32")),
-    PeerCase("mlx-vlm-dense-mxfp4", "mlx-vlm", "dense", dict(dtype="float32", quantize=True, q_mode="mxfp4", q_group_size=32)),
+    PeerCase(
+        "mlx-vlm-dense-mxfp4", "mlx-vlm", "dense", dict(dtype="float32", quantize=True, q_mode="mxfp4", q_group_size=32)
+    ),
 ]
 
 
@@ -129,7 +138,9 @@ def peer_dir(peer_sources, tmp_path_factory):
 def load_peer(case: PeerCase, path: Path) -> nn.Module:
     """The peer's own model of ``path``, its floating parameters cast to float32 like ours off Metal."""
     model, _ = (mlx_lm.load if case.peer == "mlx-lm" else mlx_vlm.load)(str(path))
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
     return model
 
 
@@ -222,7 +233,9 @@ def test_greedy_continuation_matches_peer(pair):
         if case.peer == "mlx-lm":
             steps = mlx_lm_generate_step(mx.array(prompt), theirs, max_tokens=GREEDY_TOKENS, sampler=argmax)
         else:
-            steps = mlx_vlm_generate_step(mx.array([prompt]), theirs, None, None, max_tokens=GREEDY_TOKENS, sampler=argmax)
+            steps = mlx_vlm_generate_step(
+                mx.array([prompt]), theirs, None, None, max_tokens=GREEDY_TOKENS, sampler=argmax
+            )
         peer = [int(token) for token, _ in steps]
     assert len(mine) == GREEDY_TOKENS, "stopped on EOS early; pick a prompt with a longer continuation"
     assert mine == peer[:GREEDY_TOKENS]

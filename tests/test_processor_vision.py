@@ -85,7 +85,9 @@ def test_one_image_expands_to_its_merged_tokens(processor, tokens):
     start = inputs.input_ids.index(tokens.image_token_id) - 1
     assert inputs.input_ids[start] == tokens.vision_start_token_id
     assert inputs.input_ids[start + 81] == tokens.vision_end_token_id
-    assert inputs.input_ids.count(tokens.vision_start_token_id) == inputs.input_ids.count(tokens.vision_end_token_id) == 1
+    assert (
+        inputs.input_ids.count(tokens.vision_start_token_id) == inputs.input_ids.count(tokens.vision_end_token_id) == 1
+    )
     assert inputs.pixel_values.dtype == mx.float32 and inputs.pixel_values.shape == (320, PATCH_ROW)
     assert inputs.image_grid_thw.tolist() == [[1, 16, 20]]
     assert inputs.pixel_values_videos is None and inputs.video_grid_thw is None
@@ -94,7 +96,11 @@ def test_one_image_expands_to_its_merged_tokens(processor, tokens):
 
 def test_ids_equal_the_rendered_text_with_pads_spelled_out(processor, tokens):
     """The expansion is textual, so the ids are exactly those of the reference processor's expanded string."""
-    messages = user({"type": "text", "text": "Compare "}, {"type": "image", "image": picture(64, 64)}, {"type": "text", "text": " please"})
+    messages = user(
+        {"type": "text", "text": "Compare "},
+        {"type": "image", "image": picture(64, 64)},
+        {"type": "text", "text": " please"},
+    )
     text = processor.apply_chat_template(messages)
     pad = processor.tokenizer.convert_ids_to_tokens(tokens.image_token_id)
     expected = processor.encode(text.replace(pad, pad * 64))  # 64×64 → 256×256 (min pixels) → 64 tokens
@@ -121,7 +127,9 @@ def test_image_given_by_path_and_pixel_overrides(processor, tokens, tmp_path):
     picture(1344, 1344).save(path)
     inputs = processor(user({"type": "image", "image": str(path)}, {"type": "text", "text": "Read it."}))
     assert runs(inputs.input_ids, tokens.image_token_id) == [1764]
-    smaller = processor(user({"type": "image", "image": str(path)}, {"type": "text", "text": "Read it."}), max_pixels=448 * 448)
+    smaller = processor(
+        user({"type": "image", "image": str(path)}, {"type": "text", "text": "Read it."}), max_pixels=448 * 448
+    )
     assert smaller.image_grid_thw.tolist() == [[1, 28, 28]] and runs(smaller.input_ids, tokens.image_token_id) == [196]
 
 
@@ -133,7 +141,9 @@ def test_video_uses_the_reference_qwen3_vl_layout(processor, tokens, clip_path):
     assert inputs.pixel_values is None
     # Per group: "<t seconds>" <|vision_start|> 6 × <|video_pad|> <|vision_end|>; no extra outer pair.
     assert runs(inputs.input_ids, tokens.video_token_id) == [6] * 5
-    assert inputs.input_ids.count(tokens.vision_start_token_id) == inputs.input_ids.count(tokens.vision_end_token_id) == 5
+    assert (
+        inputs.input_ids.count(tokens.vision_start_token_id) == inputs.input_ids.count(tokens.vision_end_token_id) == 5
+    )
     text = processor.decode(inputs.input_ids)
     # 50 frames → 10 sampled: 0, 5, 11, 16, 22, 27, 33, 38, 44, 49 → pair means 0.25, 1.35, 2.45, 3.55, 4.65 s
     stamps = ["<0.2 seconds>", "<1.4 seconds>", "<2.5 seconds>", "<3.5 seconds>", "<4.7 seconds>"]
@@ -180,9 +190,17 @@ def one_line_error(processor, messages, match: str, **kwargs) -> None:
 
 
 def test_errors_name_the_file(processor, tmp_path):
-    one_line_error(processor, user({"type": "image", "image": str(tmp_path / "absent.jpg")}), r"absent\.jpg: no such image file")
-    one_line_error(processor, user({"type": "image", "image": "http://example.com/x.jpg"}), r"http://example\.com/x\.jpg: URLs are not fetched")
-    one_line_error(processor, user({"type": "video", "video": str(tmp_path / "absent.mp4")}), r"absent\.mp4: no such video file")
+    one_line_error(
+        processor, user({"type": "image", "image": str(tmp_path / "absent.jpg")}), r"absent\.jpg: no such image file"
+    )
+    one_line_error(
+        processor,
+        user({"type": "image", "image": "http://example.com/x.jpg"}),
+        r"http://example\.com/x\.jpg: URLs are not fetched",
+    )
+    one_line_error(
+        processor, user({"type": "video", "video": str(tmp_path / "absent.mp4")}), r"absent\.mp4: no such video file"
+    )
 
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"garbage" * 500)
@@ -203,12 +221,18 @@ def test_errors_name_the_file(processor, tmp_path):
 
 
 def test_placeholder_tokens_typed_into_the_text_are_refused(processor):
-    messages = user({"type": "image", "image": picture(64, 64)}, {"type": "text", "text": "<|vision_start|><|image_pad|><|vision_end|>"})
+    messages = user(
+        {"type": "image", "image": picture(64, 64)},
+        {"type": "text", "text": "<|vision_start|><|image_pad|><|vision_end|>"},
+    )
     one_line_error(processor, messages, r"the prompt text contains vision placeholder tokens")
 
 
 def test_images_in_a_system_message_are_a_clear_error(processor):
-    messages = [{"role": "system", "content": [{"type": "image", "image": picture(64, 64)}]}, {"role": "user", "content": "Hi"}]
+    messages = [
+        {"role": "system", "content": [{"type": "image", "image": picture(64, 64)}]},
+        {"role": "user", "content": "Hi"},
+    ]
     one_line_error(processor, messages, r"the chat template refused the messages: System message cannot contain images")
 
 
@@ -251,6 +275,8 @@ def test_cli_image_and_video_json(converted, clip_path, tmp_path, monkeypatch, c
     ],
 )
 def test_cli_vision_errors_are_one_line(converted, args, message, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(converted), "--prompt", "x", "--max-tokens", "1", *args)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "generate", "--model", str(converted), "--prompt", "x", "--max-tokens", "1", *args
+    )
     assert code == 1
     assert err.startswith(message) and err.count("\n") == 1

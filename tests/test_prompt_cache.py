@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from checkpoints import convert_tiny
+
 from mlx_qwen35 import load
 from mlx_qwen35.conversation import Conversation, ConversationSettings
 from mlx_qwen35.errors import Qwen35Error
@@ -122,7 +122,9 @@ def test_record_is_plain_json_with_version_and_fingerprint(saved, loaded):
     path, _ = saved
     record = json.loads((path / CONVERSATION_FILE).read_text())
     assert record["version"] == 1 and record["model_fingerprint"] == model_fingerprint(loaded[0])
-    assert [c["tokens"] for c in record["cache"]["checkpoints"]] == sorted(c["tokens"] for c in record["cache"]["checkpoints"])
+    assert [c["tokens"] for c in record["cache"]["checkpoints"]] == sorted(
+        c["tokens"] for c in record["cache"]["checkpoints"]
+    )
 
 
 def test_cli_prompt_cache_file_continues_and_updates_the_saved_conversation(moe_dir, tmp_path):
@@ -130,9 +132,28 @@ def test_cli_prompt_cache_file_continues_and_updates_the_saved_conversation(moe_
     results = []
     for prompt in ("What is MLX?", "And Metal?"):
         out = subprocess.run(
-            [sys.executable, "-m", "mlx_qwen35.cli", "generate", "-m", str(moe_dir), "-p", prompt, "--max-tokens", "8",
-             "--thinking-budget", "2", "--temp", "0", "--prompt-cache-file", str(saved), "--json"],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "mlx_qwen35.cli",
+                "generate",
+                "-m",
+                str(moe_dir),
+                "-p",
+                prompt,
+                "--max-tokens",
+                "8",
+                "--thinking-budget",
+                "2",
+                "--temp",
+                "0",
+                "--prompt-cache-file",
+                str(saved),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results.append(json.loads(out.stdout))
     assert results[0]["reused_tokens"] == 0 and results[1]["reused_tokens"] > 0

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-
 from checkpoints import convert_tiny
+
 from mlx_qwen35 import load, stream_generate
 
 KL_BOUND = {"8bit": 0.15, "4bit": 1.0, "3bit": 2.0}

@@ -14,9 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import pexpect
 import pytest
+from checkpoints import convert_tiny
 from rich.console import Console
 
-from checkpoints import convert_tiny
 from mlx_qwen35 import load
 from mlx_qwen35.conversation import TurnStats
 from mlx_qwen35.errors import Qwen35Error
@@ -62,9 +62,14 @@ def spawn_chat(model: Path, home: Path, *args: str) -> pexpect.spawn:
         "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor-position requests
     }
     child = pexpect.spawn(
-        sys.executable, ["-m", "mlx_qwen35.cli", "chat", "--model", str(model), *args],
-        cwd=REPO, env=env, encoding="utf-8", codec_errors="replace",  # ^C flushes tty output, maybe mid-character
-        timeout=TIMEOUT, dimensions=(40, 100),
+        sys.executable,
+        ["-m", "mlx_qwen35.cli", "chat", "--model", str(model), *args],
+        cwd=REPO,
+        env=env,
+        encoding="utf-8",
+        codec_errors="replace",  # ^C flushes tty output, maybe mid-character
+        timeout=TIMEOUT,
+        dimensions=(40, 100),
     )
     child.expect_exact(PROMPT_READY)
     return child
@@ -136,7 +141,11 @@ def test_piped_chat_keeps_within_max_kv_size(endless_model, tmp_path):
     command = [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(endless_model), "--no-think"]
     result = subprocess.run(
         command + ["--max-tokens", "40", "--max-kv-size", "25"],
-        input="Hello\nAnd then?\n/stats\n", cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+        input="Hello\nAnd then?\n/stats\n",
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
         env=os.environ | {"HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
@@ -153,10 +162,25 @@ def test_piped_chat_with_an_image_reuses_it_in_the_next_turn(chat_model, tmp_pat
 
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), "red").save(image)
-    command = [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(chat_model), "--no-think", "--max-tokens", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_qwen35.cli",
+        "chat",
+        "--model",
+        str(chat_model),
+        "--no-think",
+        "--max-tokens",
+        "3",
+    ]
     result = subprocess.run(
-        command, input=f"/image {image}\nWhat colour is it?\nAre you sure?\n", cwd=REPO, capture_output=True, text=True,
-        timeout=TIMEOUT, env=os.environ | {"HOME": str(tmp_path)},
+        command,
+        input=f"/image {image}\nWhat colour is it?\nAre you sure?\n",
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=os.environ | {"HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
     assert "error" not in result.stdout, result.stdout
@@ -216,8 +240,13 @@ def test_media_items_point_at_existing_files(tmp_path):
 
 def test_status_line():
     stats = TurnStats(
-        prompt_tokens=120, reused_tokens=100, prefilled_tokens=20, generated_tokens=64,
-        generation_tps=31.25, peak_memory_gb=12.346, context_tokens=184,
+        prompt_tokens=120,
+        reused_tokens=100,
+        prefilled_tokens=20,
+        generated_tokens=64,
+        generation_tps=31.25,
+        peak_memory_gb=12.346,
+        context_tokens=184,
     )
     assert status_line(stats, 262144) == (
         "64 tokens, 31.2 tok/s · prompt 20 new + 100 cached · context 184/262144 · peak 12.35 GB"
@@ -235,7 +264,12 @@ def render_reply(pieces: list[tuple[str, str]], show_reasoning: bool, stopped: b
 
 
 def test_reply_view_separates_reasoning_from_the_markdown_answer():
-    pieces = [("reasoning", "Paris is "), ("reasoning", "well known."), ("content", "It is **Paris**"), ("content", ".")]
+    pieces = [
+        ("reasoning", "Paris is "),
+        ("reasoning", "well known."),
+        ("content", "It is **Paris**"),
+        ("content", "."),
+    ]
     shown = render_reply(pieces, show_reasoning=True)
     assert shown.index("Paris is well known.") < shown.index("It is Paris.")  # markdown rendered: no **
     hidden = render_reply(pieces, show_reasoning=False)

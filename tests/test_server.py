@@ -20,11 +20,11 @@ import httpx
 import pytest
 import schemathesis
 import uvicorn
+from checkpoints import convert_tiny
 from hypothesis import HealthCheck, given, settings
 from mlx_lm.generate import GenerationResponse
 from schemathesis.checks import not_a_server_error
 
-from checkpoints import convert_tiny
 from mlx_qwen35 import load
 from mlx_qwen35.server import GenerationWorker, ServerSettings, create_app
 
@@ -79,7 +79,17 @@ class ServerProcess:
     def __init__(self, model_dir, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "mlx_qwen35.cli", "serve", "--model", str(model_dir), "--port", str(self.port), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "mlx_qwen35.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self.log = Path(model_dir).parent / f"serve-{self.port}.log"  # read it when a request fails with 500
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
         deadline = time.time() + 60
@@ -110,9 +120,18 @@ def scripted(text: str, delay: float = 0.0):
     def generate(model, processor, prompt, **options):
         for n, char in enumerate(text, 1):
             time.sleep(delay)
-            yield GenerationResponse(text=char, token=0, logprobs=None, from_draft=False, prompt_tokens=len(prompt),
-                                     prompt_tps=1.0, generation_tokens=n, generation_tps=1.0, peak_memory=0.0,
-                                     finish_reason="stop" if n == len(text) else None)
+            yield GenerationResponse(
+                text=char,
+                token=0,
+                logprobs=None,
+                from_draft=False,
+                prompt_tokens=len(prompt),
+                prompt_tps=1.0,
+                generation_tokens=n,
+                generation_tps=1.0,
+                peak_memory=0.0,
+                finish_reason="stop" if n == len(text) else None,
+            )
 
     return generate
 
@@ -156,10 +175,19 @@ def test_chat_non_streaming_is_the_models_greedy_reply(server, loaded):
 
 def test_chat_streaming_equals_non_streaming(server):
     whole = chat(server.url, temperature=0, max_tokens=6, chat_template_kwargs={"enable_thinking": False}).json()
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "Hello"}], "temperature": 0, "max_tokens": 6, "stream": True,
-        "chat_template_kwargs": {"enable_thinking": False}, "stream_options": {"include_usage": True},
-    }) as response:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "Hello"}],
+            "temperature": 0,
+            "max_tokens": 6,
+            "stream": True,
+            "chat_template_kwargs": {"enable_thinking": False},
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         chunks = sse_chunks(response)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
@@ -172,7 +200,9 @@ def test_chat_streaming_equals_non_streaming(server):
 def test_text_completion(server, loaded):
     from mlx_qwen35 import generate
 
-    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once upon", "max_tokens": 5, "temperature": 0}).json()
+    reply = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "Once upon", "max_tokens": 5, "temperature": 0}
+    ).json()
     model, processor = loaded
     assert reply["choices"][0]["text"] == generate(model, processor, "Once upon", max_tokens=5, temp=0.0)
 
@@ -187,7 +217,12 @@ def test_twenty_concurrent_requests_each_get_their_own_answer(server):
     for p in prompts[:3]:  # sequential references for a few; all must agree with their own prompt
         expected[p] = chat(server.url, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=4).json()
     with ThreadPoolExecutor(20) as pool:
-        replies = list(pool.map(lambda p: chat(server.url, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=4), prompts))
+        replies = list(
+            pool.map(
+                lambda p: chat(server.url, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=4),
+                prompts,
+            )
+        )
     assert all(r.status_code == 200 for r in replies)
     for p, r in zip(prompts, replies):
         assert r.json()["usage"]["completion_tokens"] == 4
@@ -217,24 +252,63 @@ def test_a_growing_chat_reuses_the_cache_and_answers_as_a_fresh_prefill(server, 
     unrelated = [{"role": "user", "content": "Tell me about rivers."}]
     reply = chat(server.url, messages=unrelated, **options).json()
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    expected = generate(model, processor, unrelated, max_tokens=4, temp=0.0, presence_penalty=1.5, enable_thinking=False)
+    expected = generate(
+        model, processor, unrelated, max_tokens=4, temp=0.0, presence_penalty=1.5, enable_thinking=False
+    )
     assert reply["choices"][0]["message"]["content"] == expected.strip()
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"messages": []}), "messages"),
-    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), "role"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}), "temperature"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
-    (json.dumps({"messages": [{"role": "system", "content": "only a system prompt"}]}), "No user query"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}), "remote image URLs"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}), "readable image"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
-                 "tool_choice": {"type": "function", "function": {"name": "g"}}}), "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"messages": []}), "messages"),
+        (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), "role"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}), "temperature"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
+        (json.dumps({"messages": [{"role": "system", "content": "only a system prompt"}]}), "No user query"),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+                        }
+                    ]
+                }
+            ),
+            "remote image URLs",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                        }
+                    ]
+                }
+            ),
+            "readable image",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "tools": [{"type": "function", "function": {"name": "f"}}],
+                    "tool_choice": {"type": "function", "function": {"name": "g"}},
+                }
+            ),
+            "tool_choice",
+        ),
+    ],
+)
 def test_bad_requests_get_400_with_a_message(server, body, fragment):
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400, response.text
     assert fragment in response.json()["error"]["message"]
 
@@ -256,8 +330,11 @@ def test_image_parts_reach_the_processor(loaded, tmp_path):
     type(processor).__call__ = lambda self, *a, **k: fake_call(*a, **k)
     running = scripted_server(loaded, "unused")
     try:
-        content = [{"type": "text", "text": "What colour?"}, {"type": "image_url", "image_url": {"url": str(path)}},
-                   {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
+        content = [
+            {"type": "text", "text": "What colour?"},
+            {"type": "image_url", "image_url": {"url": str(path)}},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        ]
         assert chat(running.url, messages=[{"role": "user", "content": content}]).status_code == 400
     finally:
         running.close()
@@ -272,15 +349,31 @@ def test_image_parts_reach_the_processor(loaded, tmp_path):
 
 
 def test_thinking_goes_to_reasoning_content_and_tool_calls_are_parsed(loaded):
-    text = ("Let me look it up.\n</think>\n\nChecking.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
-            "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    text = (
+        "Let me look it up.\n</think>\n\nChecking.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+        "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
     running = scripted_server(loaded, text)
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                },
+            },
+        }
+    ]
     try:
         reply = chat(running.url, tools=tools).json()
-        with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,
-                          json={"messages": [{"role": "user", "content": "Weather?"}], "tools": tools, "stream": True}) as response:
+        with httpx.stream(
+            "POST",
+            f"{running.url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "Weather?"}], "tools": tools, "stream": True},
+        ) as response:
             chunks = sse_chunks(response)
     finally:
         running.close()
@@ -288,7 +381,8 @@ def test_thinking_goes_to_reasoning_content_and_tool_calls_are_parsed(loaded):
     assert message["reasoning_content"] == "Let me look it up."
     assert message["content"] == "Checking."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
-        ("get_weather", {"city": "Paris", "days": 3})]
+        ("get_weather", {"city": "Paris", "days": 3})
+    ]
     assert reply["choices"][0]["finish_reason"] == "tool_calls"
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Let me look it up."
@@ -300,8 +394,12 @@ def test_thinking_goes_to_reasoning_content_and_tool_calls_are_parsed(loaded):
 def test_cancelled_stream_frees_the_model(loaded):
     running = scripted_server(loaded, "x" * 2000, delay=0.01)  # 20 s if nobody stops it
     try:
-        with httpx.stream("POST", f"{running.url}/v1/chat/completions", timeout=60,
-                          json={"messages": [{"role": "user", "content": "Go"}], "stream": True}) as response:
+        with httpx.stream(
+            "POST",
+            f"{running.url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "Go"}], "stream": True},
+        ) as response:
             for line in response.iter_lines():
                 if '"x"' in line:  # the first generated token (as reasoning: thinking is on)
                     break  # leaving the block closes the connection mid-stream
@@ -331,10 +429,13 @@ def test_official_openai_client(server):
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["tiny-moe"]
-    reply = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    reply = client.chat.completions.create(
+        model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
-    stream = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny-moe", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "length"
     text = client.completions.create(model="tiny-moe", prompt="Hello", max_tokens=3, temperature=0)
@@ -353,7 +454,9 @@ def test_openapi_schema_fuzzed_without_server_errors(server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @settings(
+            max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def no_server_error(case):
             case.call_and_validate(checks=[not_a_server_error], timeout=30)
 

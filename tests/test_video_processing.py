@@ -47,7 +47,9 @@ WIDTH, HEIGHT = 100, 60  # not multiples of 32, so both sides resize (to 96×64)
 VISION_CONFIG = {"patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2}
 
 
-def write_moving_square(path: Path, seconds: int, fps: int = VIDEO_FPS, size: tuple[int, int] = (WIDTH, HEIGHT)) -> Path:
+def write_moving_square(
+    path: Path, seconds: int, fps: int = VIDEO_FPS, size: tuple[int, int] = (WIDTH, HEIGHT)
+) -> Path:
     """An H.264 clip of a white square crossing a gradient, so every frame differs."""
     width, height = size
     y, x = np.mgrid[0:height, 0:width]
@@ -125,7 +127,9 @@ def reference_module():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backends, "tvF", functional, raising=False)
         patch.setattr(video_utils, "tvF", functional, raising=False)
-        patch.setattr(backends, "pil_torch_interpolation_mapping", {2: _InterpolationMode.BILINEAR, 3: _InterpolationMode.BICUBIC})
+        patch.setattr(
+            backends, "pil_torch_interpolation_mapping", {2: _InterpolationMode.BILINEAR, 3: _InterpolationMode.BICUBIC}
+        )
         spec = importlib.util.spec_from_file_location(name, Path(qwen3_vl.__path__[0]) / "video_processing_qwen3_vl.py")
         module = importlib.util.module_from_spec(spec)
         patch.setitem(sys.modules, name, module)  # auto_docstring looks the class's file up here
@@ -153,7 +157,9 @@ def run_reference(reference, frames: np.ndarray, first: int = 0):
     from transformers.video_utils import VideoMetadata
 
     metadata = VideoMetadata(total_num_frames=len(frames), fps=float(VIDEO_FPS))
-    out = reference(videos=[frames], video_metadata=[metadata], do_sample_frames=True, return_metadata=True, return_tensors="np")
+    out = reference(
+        videos=[frames], video_metadata=[metadata], do_sample_frames=True, return_metadata=True, return_tensors="np"
+    )
     indices = np.asarray(out["video_metadata"][0].frames_indices) + first
     return out["pixel_values_videos"], tuple(out["video_grid_thw"][0].tolist()), indices
 
@@ -196,7 +202,9 @@ def test_explicit_window_has_absolute_timestamps(clips, config, reference, caplo
     with caplog.at_level(logging.WARNING):
         ours = preprocess_video(clips[90], config, video_start=30.0, video_end=75.0)
     assert not caplog.records  # the window was asked for
-    expected_pixels, expected_grid, expected_indices = run_reference(reference, decode_all(clips[90])[300:750], first=300)
+    expected_pixels, expected_grid, expected_indices = run_reference(
+        reference, decode_all(clips[90])[300:750], first=300
+    )
     np.testing.assert_array_equal(ours.frame_indices, expected_indices)
     assert ours.frame_indices[0] == 300 and ours.frame_indices[-1] == 749
     assert ours.timestamps == reference_timestamps(expected_indices, VIDEO_FPS)
@@ -212,7 +220,9 @@ def test_odd_frame_count_repeats_the_last_frame(tmp_path, config, reference):
     np.testing.assert_array_equal(ours.frame_indices, expected_indices)
     assert len(ours.frame_indices) == 3 and ours.grid_thw == expected_grid and ours.grid_thw[0] == 2
     assert ours.timestamps == reference_timestamps(expected_indices, 3.0) == [1 / 6, 2 / 3]
-    assert np.array_equal(ours.pixel_values[-24:].reshape(24, 3, 2, 256)[:, :, 0], ours.pixel_values[-24:].reshape(24, 3, 2, 256)[:, :, 1])
+    assert np.array_equal(
+        ours.pixel_values[-24:].reshape(24, 3, 2, 256)[:, :, 0], ours.pixel_values[-24:].reshape(24, 3, 2, 256)[:, :, 1]
+    )
     assert_pixels_close(ours.pixel_values, expected_pixels)
 
 

@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
 from checkpoints import convert_tiny
+
 from mlx_qwen35 import load
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.generation import stream_generate
@@ -65,7 +65,7 @@ class Prompt:
         self.videos: list[list[int]] = []
         self.seed = seed
 
-    def add_text(self, n: int) -> "Prompt":
+    def add_text(self, n: int) -> Prompt:
         start = len(self.ids) % 100
         self.ids += self.text[start : start + n]
         self.types += [0] * n
@@ -75,12 +75,12 @@ class Prompt:
         self.ids += [self.tokens.vision_start_token_id] + [pad] * n + [self.tokens.vision_end_token_id]
         self.types += [0] + [kind] * n + [0]
 
-    def add_image(self, h: int, w: int) -> "Prompt":
+    def add_image(self, h: int, w: int) -> Prompt:
         self.images.append([1, h, w])
         self._vision(self.tokens.image_token_id, 1, h * w // MERGE**2)
         return self
 
-    def add_video(self, t: int, h: int, w: int) -> "Prompt":
+    def add_video(self, t: int, h: int, w: int) -> Prompt:
         self.videos.append([t, h, w])
         for _ in range(t):
             self.add_text(3)  # the timestamp, e.g. "<0.5 seconds>": ordinary text tokens
@@ -106,7 +106,10 @@ class Prompt:
             "mm_token_type_ids": torch.tensor([self.types + [0] * len(extra)]),
         }
         if self.images:
-            kwargs |= {"pixel_values": torch.from_numpy(random_pixels(self.images, self.seed)), "image_grid_thw": torch.tensor(self.images)}
+            kwargs |= {
+                "pixel_values": torch.from_numpy(random_pixels(self.images, self.seed)),
+                "image_grid_thw": torch.tensor(self.images),
+            }
         if self.videos:
             kwargs |= {
                 "pixel_values_videos": torch.from_numpy(random_pixels(self.videos, self.seed + 1)),
@@ -146,7 +149,9 @@ def test_tower_matches_transformers(pair, grids):
     ours = np.array(model.visual(mx.array(pixels), mx.array(grids)))
     with torch.no_grad():
         ref = hf.model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grids)).pooler_output.numpy()
-    assert ours.shape == ref.shape == (sum(t * h * w for t, h, w in grids) // MERGE**2, hf.config.text_config.hidden_size)
+    assert (
+        ours.shape == ref.shape == (sum(t * h * w for t, h, w in grids) // MERGE**2, hf.config.text_config.hidden_size)
+    )
     assert np.abs(ours - ref).max() <= TOL
 
 
@@ -154,7 +159,9 @@ def test_tower_matches_transformers(pair, grids):
 def test_positions_match_get_rope_index(pair, build):
     ckpt, model, _, hf = pair
     prompt = build(ckpt)
-    ours, delta = mrope_positions(np.array(prompt.ids), model.config, prompt.inputs().image_grid_thw, prompt.inputs().video_grid_thw)
+    ours, delta = mrope_positions(
+        np.array(prompt.ids), model.config, prompt.inputs().image_grid_thw, prompt.inputs().video_grid_thw
+    )
     kwargs = prompt.hf_kwargs()
     ref, ref_delta = hf.model.get_rope_index(
         kwargs["input_ids"], kwargs["mm_token_type_ids"], kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")
@@ -191,7 +198,8 @@ def test_chunked_prefill_then_decode_matches_full_forward(pair):
     embeds, positions, rope_delta = model.prompt_embeddings(prompt.inputs(), cache)
     T = embeds.shape[1]
     pieces = [
-        model(None, cache, inputs_embeds=embeds[:, s : s + 8], position_ids=positions[..., s : s + 8])[0] for s in range(0, T, 8)
+        model(None, cache, inputs_embeds=embeds[:, s : s + 8], position_ids=positions[..., s : s + 8])[0]
+        for s in range(0, T, 8)
     ]
     cache.rope_delta = rope_delta
     pieces += [model(mx.array([[t]]), cache)[0] for t in follow]
@@ -207,7 +215,9 @@ def test_multimodal_turn_after_cached_text(pair):
     inputs = prompt.inputs()
     cache = model.make_cache()
     first = model(mx.array([prompt.ids[:head]]), cache)[0]
-    second = model(mx.array([prompt.ids[head:]]), cache, pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)[0]
+    second = model(
+        mx.array([prompt.ids[head:]]), cache, pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw
+    )[0]
     ours = np.array(mx.concatenate([first, second], axis=0))
     assert np.abs(ours - hf_logits(hf, prompt)).max() <= TOL
 
@@ -216,7 +226,11 @@ def hf_greedy_multimodal(hf, prompt: Prompt, max_new_tokens: int) -> tuple[list[
     """transformers' greedy continuation of a multimodal prompt and its smallest top-1 − top-2 logit gap."""
     with torch.no_grad():
         out = hf.generate(
-            **prompt.hf_kwargs(), do_sample=False, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True
+            **prompt.hf_kwargs(),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     gaps = [float(t[0].topk(2).values[0] - t[0].topk(2).values[1]) for t in out.logits]
     return out.sequences[0, len(prompt.ids) :].tolist(), min(gaps)
@@ -228,7 +242,10 @@ def test_greedy_continuation_equals_transformers(pair, build):
     prompt = build(ckpt)
     expected, margin = hf_greedy_multimodal(hf, prompt, max_new_tokens=12)
     assert margin > 1e-3, "the checkpoint's greedy path is too close to a tie to compare"
-    ours = [r.token for r in stream_generate(model, processor, prompt.inputs(), max_tokens=12, temp=0.0, prefill_step_size=8)]
+    ours = [
+        r.token
+        for r in stream_generate(model, processor, prompt.inputs(), max_tokens=12, temp=0.0, prefill_step_size=8)
+    ]
     assert ours == expected
 
 
@@ -243,11 +260,19 @@ def test_feature_count_mismatch_names_both_numbers(pair, kind):
     dropped.remove(pad)
     n_features = 6 if kind == "image" else 8
     inputs.input_ids = dropped
-    with pytest.raises(Qwen35Error, match=f"{n_features - 1} {kind} placeholder tokens .* {n_features} {kind} features"):
+    with pytest.raises(
+        Qwen35Error, match=f"{n_features - 1} {kind} placeholder tokens .* {n_features} {kind} features"
+    ):
         model.prompt_embeddings(inputs)
     inputs.input_ids = [t for t in prompt.ids if t != pad]
     with pytest.raises(Qwen35Error, match=f"0 {kind} placeholder tokens .* {n_features} {kind} features"):
-        model(mx.array([inputs.input_ids]), **{k: getattr(inputs, k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")})
+        model(
+            mx.array([inputs.input_ids]),
+            **{
+                k: getattr(inputs, k)
+                for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+            },
+        )
 
 
 def test_head_padding_for_the_fused_kernel_is_exact():

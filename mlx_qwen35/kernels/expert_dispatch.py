@@ -66,8 +66,11 @@ def _kernel_fits(experts: nn.Module) -> bool:
     return (
         isinstance(experts.activation, SwiGLU)
         and all(
-            isinstance(p, QuantizedSwitchLinear) and p.mode == "affine" and p.bits in KERNEL_BITS
-            and p.group_size % 32 == 0 and "bias" not in p
+            isinstance(p, QuantizedSwitchLinear)
+            and p.mode == "affine"
+            and p.bits in KERNEL_BITS
+            and p.group_size % 32 == 0
+            and "bias" not in p
             for p in (gate, up, down)
         )
         and (gate.bits, gate.group_size, gate.scales.dtype) == (up.bits, up.group_size, up.scales.dtype)
@@ -84,8 +87,11 @@ def _kernel(name: str, emulate: bool):
     else:
         make = mx.fast.metal_kernel
     return make(
-        name=name, input_names=list(src.input_names), output_names=list(src.output_names),
-        source=src.body, header=helpers + src.header,
+        name=name,
+        input_names=list(src.input_names),
+        output_names=list(src.output_names),
+        source=src.body,
+        header=helpers + src.header,
     )
 
 
@@ -129,21 +135,30 @@ def _routed_kernel(x: mx.array, indices: mx.array, weights: mx.array, experts: n
     gu = dict(T=x.dtype, S=gate.scales.dtype, H=H, I=I, BITS=gate.bits, GROUP_SIZE=gate.group_size)
     (h,) = _kernel("expert_dispatch_gate_up", emulate)(
         inputs=[tokens, *_quant(gate), *_quant(up), seg_expert, seg_start, pair_token],
-        template=list(gu.items()), grid=(32, _rows(I), seg_expert.size), threadgroup=(32, ROWS, 1),
-        output_shapes=[(P, I)], output_dtypes=[mx.float32],
+        template=list(gu.items()),
+        grid=(32, _rows(I), seg_expert.size),
+        threadgroup=(32, ROWS, 1),
+        output_shapes=[(P, I)],
+        output_dtypes=[mx.float32],
     )  # [P, I] float32, in segment order
     dn = dict(T=x.dtype, S=down.scales.dtype, H=H, I=I, BITS=down.bits, GROUP_SIZE=down.group_size)
     if do_sort:
         (y,) = _kernel("expert_dispatch_down_sorted", emulate)(
             inputs=[h, *_quant(down), seg_expert, seg_start, order, w],
-            template=list(dn.items()), grid=(32, _rows(H), seg_expert.size), threadgroup=(32, ROWS, 1),
-            output_shapes=[(P, H)], output_dtypes=[mx.float32],
+            template=list(dn.items()),
+            grid=(32, _rows(H), seg_expert.size),
+            threadgroup=(32, ROWS, 1),
+            output_shapes=[(P, H)],
+            output_dtypes=[mx.float32],
         )  # [P, H] by pair
         out = y.reshape(N, k, H).sum(axis=1).astype(x.dtype)
     else:
         (out,) = _kernel("expert_dispatch_down_sum", emulate)(
             inputs=[h, *_quant(down), flat, w],
-            template=list({**dn, "K": k}.items()), grid=(32, _rows(H), N), threadgroup=(32, ROWS, 1),
-            output_shapes=[(N, H)], output_dtypes=[x.dtype],
+            template=list({**dn, "K": k}.items()),
+            grid=(32, _rows(H), N),
+            threadgroup=(32, ROWS, 1),
+            output_shapes=[(N, H)],
+            output_dtypes=[x.dtype],
         )
     return out.reshape(x.shape)

@@ -80,7 +80,9 @@ def _step_pure(q, k, v, a, b, A_log, dt_bias, state):
     return o[:, None].astype(v.dtype), state
 
 
-def gated_delta_step(q, k, v, a, b, A_log, dt_bias, state, *, use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
+def gated_delta_step(
+    q, k, v, a, b, A_log, dt_bias, state, *, use_kernel: bool | None = None
+) -> tuple[mx.array, mx.array]:
     """One decode token: (o [B, 1, Hv, Dv] in v.dtype, new state [B, Hv, Dv, Dk] fp32)."""
     _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
     if q.shape[1] != 1:
@@ -199,7 +201,9 @@ def _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask):
     results = []
     for stream, heads in zip(_cpu_streams(len(groups)), groups):
         with mx.stream(stream):
-            results.append(_chunks_in_sequence(q[:, heads], k[:, heads], v[:, heads], beta[:, heads], g[:, heads], S_t[:, heads]))
+            results.append(
+                _chunks_in_sequence(q[:, heads], k[:, heads], v[:, heads], beta[:, heads], g[:, heads], S_t[:, heads])
+            )
     o = mx.concatenate([o for o, _ in results], axis=1)  # [B, Hk, r, N, C, Dv]
     S_t = mx.concatenate([s for _, s in results], axis=1)
     o = o.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * CHUNK, Hv, Dv)[:, :T]
@@ -222,7 +226,6 @@ def gated_delta_prefill(
         return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
     o, state = _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask)
     return o.astype(v.dtype), state
-
 
 
 def _kernel_inputs(q, k, v, a, b, A_log, dt_bias):

@@ -53,7 +53,13 @@ def _build(name: str, emulate: bool):
         from mlx_qwen35.kernels.emulator import emulated_metal_kernel as make
     else:
         make = mx.fast.metal_kernel
-    return make(name=name, input_names=list(src.input_names), output_names=list(src.output_names), source=src.body, header=src.header)
+    return make(
+        name=name,
+        input_names=list(src.input_names),
+        output_names=list(src.output_names),
+        source=src.body,
+        header=src.header,
+    )
 
 
 def metal_kernel(name: str):

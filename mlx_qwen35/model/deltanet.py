@@ -40,7 +40,11 @@ class GatedDeltaNet(nn.Module):
     def _causal_conv(self, qkv: mx.array, cache) -> mx.array:
         """SiLU(depthwise conv over the last K inputs); positions before the sequence are zeros."""
         B, T, C = qkv.shape
-        history = cache[0] if cache is not None and cache[0] is not None else mx.zeros((B, self.conv_kernel_size - 1, C), qkv.dtype)
+        history = (
+            cache[0]
+            if cache is not None and cache[0] is not None
+            else mx.zeros((B, self.conv_kernel_size - 1, C), qkv.dtype)
+        )
         window = mx.concatenate([history, qkv], axis=1)  # [B, K−1+T, C]
         if cache is not None:
             cache[0] = window[:, -(self.conv_kernel_size - 1) :]

@@ -24,7 +24,9 @@ def _grids(grid_thw, split_temporal: bool) -> list[tuple[int, int, int]]:
     return [(1, h, w) for t, h, w in grids for _ in range(t)] if split_temporal else grids
 
 
-def check_placeholder_counts(input_ids: np.ndarray, config: ModelConfig, image_grid_thw=None, video_grid_thw=None) -> None:
+def check_placeholder_counts(
+    input_ids: np.ndarray, config: ModelConfig, image_grid_thw=None, video_grid_thw=None
+) -> None:
     """Raise a clear error when the prompt's image/video placeholders and the vision features disagree in number."""
     merge = config.vision.spatial_merge_size if config.vision else 1
     for kind, token_id, grid_thw, token in (
@@ -49,7 +51,10 @@ def mrope_positions(
     input_ids = np.asarray(input_ids).reshape(-1)
     check_placeholder_counts(input_ids, config, image_grid_thw, video_grid_thw)
     merge = config.vision.spatial_merge_size if config.vision else 1
-    pending = {config.image_token_id: iter(_grids(image_grid_thw, False)), config.video_token_id: iter(_grids(video_grid_thw, True))}
+    pending = {
+        config.image_token_id: iter(_grids(image_grid_thw, False)),
+        config.video_token_id: iter(_grids(video_grid_thw, True)),
+    }
     is_vision = np.isin(input_ids, list(pending))
     # Runs of equal token kind: text, or consecutive placeholders of one modality.
     kind = np.where(is_vision, input_ids, -1)

@@ -44,7 +44,9 @@ class Qwen35Model(nn.Module):
         if pixel_values is not None or pixel_values_videos is not None:
             if input_ids is None or input_ids.size != input_ids.shape[-1]:
                 raise Qwen35Error("vision inputs need the prompt's input_ids, one prompt (batch 1) at a time")
-            inputs = ModelInputs(input_ids.reshape(-1).tolist(), pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            inputs = ModelInputs(
+                input_ids.reshape(-1).tolist(), pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
             inputs_embeds, mm_positions, rope_delta = self.prompt_embeddings(inputs, cache)
             position_ids = mm_positions if position_ids is None else position_ids
             if cache is not None:

@@ -31,7 +31,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.proj = nn.Module()  # holds the Conv3d's weight and bias under the checkpoint's names
-        self.proj.weight = mx.zeros((cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size))
+        self.proj.weight = mx.zeros(
+            (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        )
         self.proj.bias = mx.zeros((cfg.hidden_size,))
 
     def __call__(self, patches: mx.array) -> mx.array:
@@ -59,7 +61,9 @@ class VisionAttention(nn.Module):
         for count, length in segments:
             # One image, or a video's `count` temporal groups as one batch: no padding, no mask.
             end = start + count * length
-            q_s, k_s, v_s = (a[start:end].reshape(count, length, self.num_heads, -1).transpose(0, 2, 1, 3) for a in (q, k, v))
+            q_s, k_s, v_s = (
+                a[start:end].reshape(count, length, self.num_heads, -1).transpose(0, 2, 1, 3) for a in (q, k, v)
+            )
             o = segment_attention(q_s, k_s, v_s, self.head_dim**-0.5)  # [count, heads, L, D]
             out.append(o.transpose(0, 2, 1, 3).reshape(count * length, -1))
             start = end
@@ -191,8 +195,12 @@ class VisionModel(nn.Module):
 
     def rotary(self, gh: int, gw: int) -> tuple[mx.array, mx.array]:
         """cos, sin [gh·gw, head_dim] fp32 for patches at (row, col) in merge-block order."""
-        rc = merge_block_order(np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1), self.config.spatial_merge_size)
-        angles = (rc[:, :, None] * self._inv_freq).reshape(gh * gw, -1)  # [gh·gw, head_dim/2]: row freqs, then col freqs
+        rc = merge_block_order(
+            np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1), self.config.spatial_merge_size
+        )
+        angles = (rc[:, :, None] * self._inv_freq).reshape(
+            gh * gw, -1
+        )  # [gh·gw, head_dim/2]: row freqs, then col freqs
         angles = mx.array(np.concatenate([angles, angles], axis=-1), dtype=mx.float32)
         return mx.cos(angles), mx.sin(angles)
 

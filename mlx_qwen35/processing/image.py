@@ -62,12 +62,16 @@ class ImageProcessorConfig:
                 rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
             )
         except (KeyError, TypeError) as e:
-            raise Qwen35Error(f"{path}: missing or malformed key {e}; copy the file from the original checkpoint") from None
+            raise Qwen35Error(
+                f"{path}: missing or malformed key {e}; copy the file from the original checkpoint"
+            ) from None
 
     @classmethod
-    def load(cls, model_dir: Path) -> "ImageProcessorConfig":
+    def load(cls, model_dir: Path) -> ImageProcessorConfig:
         """Read ``preprocessor_config.json`` of a checkpoint directory."""
-        return cls(**cls.fields_from_dict(read_processor_file(model_dir / IMAGE_CONFIG_FILE), model_dir / IMAGE_CONFIG_FILE))
+        return cls(
+            **cls.fields_from_dict(read_processor_file(model_dir / IMAGE_CONFIG_FILE), model_dir / IMAGE_CONFIG_FILE)
+        )
 
 
 @dataclass(frozen=True)

@@ -253,5 +253,7 @@ def read_tools_file(path: str | Path) -> list[dict]:
     if isinstance(tools, dict) and "tools" in tools:
         tools = tools["tools"]
     if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in t.get("function", t) for t in tools):
-        raise Qwen35Error(f'{path}: expected a list of tools like [{{"type": "function", "function": {{"name": …, "parameters": …}}}}]')
+        raise Qwen35Error(
+            f'{path}: expected a list of tools like [{{"type": "function", "function": {{"name": …, "parameters": …}}}}]'
+        )
     return tools

@@ -65,12 +65,14 @@ class Processor:
         self.model_dir = model_dir  # where preprocessor_config.json / video_preprocessor_config.json are
 
     @classmethod
-    def from_dir(cls, model_dir: Path, config: ModelConfig) -> "Processor":
+    def from_dir(cls, model_dir: Path, config: ModelConfig) -> Processor:
         """Load the tokenizer files of a checkpoint directory."""
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
         if not (model_dir / "tokenizer.json").is_file():
-            raise Qwen35Error(f"{model_dir / 'tokenizer.json'}: not found; copy the tokenizer files of the original checkpoint")
+            raise Qwen35Error(
+                f"{model_dir / 'tokenizer.json'}: not found; copy the tokenizer files of the original checkpoint"
+            )
         tokenizer = load_tokenizer(model_dir)
         for token_id in _stop_token_ids(model_dir, config, tokenizer):
             tokenizer.add_eos_token(token_id)
@@ -90,7 +92,9 @@ class Processor:
     ) -> str:
         """Render messages with the checkpoint's template; thinking on by default, as the model card says."""
         if not self.tokenizer.has_chat_template:
-            raise Qwen35Error("the checkpoint has no chat template (chat_template.jinja); pass --raw to send the prompt as is")
+            raise Qwen35Error(
+                "the checkpoint has no chat template (chat_template.jinja); pass --raw to send the prompt as is"
+            )
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
@@ -121,7 +125,9 @@ class Processor:
 
     def _processor_dir(self) -> Path:
         if self.model_dir is None:
-            raise Qwen35Error("this processor was made without a checkpoint directory; load it with mlx_qwen35.load(path)")
+            raise Qwen35Error(
+                "this processor was made without a checkpoint directory; load it with mlx_qwen35.load(path)"
+            )
         return self.model_dir
 
     def _token(self, token_id: int) -> str:
@@ -165,7 +171,12 @@ class Processor:
                 images.append(patches)
             else:
                 clip = preprocess_video(
-                    source, self.video_config, fps=fps, max_frames=max_frames, video_start=video_start, video_end=video_end
+                    source,
+                    self.video_config,
+                    fps=fps,
+                    max_frames=max_frames,
+                    video_start=video_start,
+                    video_end=video_end,
                 )
                 # The reference Qwen3-VL layout: time as text, then each temporal group in its own start/end pair.
                 per_group = start + video_pad * self._merged_tokens((1, *clip.grid_thw[1:]), self.video_config) + end

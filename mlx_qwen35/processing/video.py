@@ -42,7 +42,7 @@ class VideoProcessorConfig(ImageProcessorConfig):
     max_frames: int = 768
 
     @classmethod
-    def load(cls, model_dir: Path) -> "VideoProcessorConfig":
+    def load(cls, model_dir: Path) -> VideoProcessorConfig:
         """Read ``video_preprocessor_config.json`` of a checkpoint directory (class defaults as the reference's)."""
         path = model_dir / VIDEO_CONFIG_FILE
         raw = read_processor_file(path)
@@ -139,7 +139,9 @@ class _Decoder:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             if not rate:
-                raise Qwen35Error(f"{self.name}: the frame rate cannot be read; re-encode it (e.g. ffmpeg -i IN -r 30 OUT.mp4)")
+                raise Qwen35Error(
+                    f"{self.name}: the frame rate cannot be read; re-encode it (e.g. ffmpeg -i IN -r 30 OUT.mp4)"
+                )
             self.video_fps = float(rate)
             self.height, self.width = stream.height, stream.width
             self.frame_count = stream.frames or self._frames_from_duration(container, stream)
@@ -213,7 +215,13 @@ def _decode_resized(
 ) -> tuple[int, int, dict[int, np.ndarray], int]:
     """The clip's frame size, its sampled frames resized as they are decoded, and how many frames were decoded."""
     height, width = video_smart_resize(
-        len(indices), decoder.height, decoder.width, config.factor, config.temporal_patch_size, config.min_pixels, config.max_pixels
+        len(indices),
+        decoder.height,
+        decoder.width,
+        config.factor,
+        config.temporal_patch_size,
+        config.min_pixels,
+        config.max_pixels,
     )
     # Resizing each frame as it arrives keeps memory at the resized clip (120 4K frames would be 3 GB).
     frames, seen = decoder.decode(set(indices.tolist()), lambda frame: resize_frame(frame, height, width))

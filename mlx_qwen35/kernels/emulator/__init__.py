@@ -24,33 +24,55 @@ _CXX_FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-U_
 _MAX_CONSTANT_ARRAY_SIZE = 8  # MLX passes smaller inputs in the `constant` address space
 
 _TYPE_NAMES = {
-    mx.bool_: "bool", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
-    mx.uint64: "uint64_t", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
-    mx.int64: "int64_t", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.float32: "float",
+    mx.bool_: "bool",
+    mx.uint8: "uint8_t",
+    mx.uint16: "uint16_t",
+    mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t",
+    mx.int8: "int8_t",
+    mx.int16: "int16_t",
+    mx.int32: "int32_t",
+    mx.int64: "int64_t",
+    mx.float16: "float16_t",
+    mx.bfloat16: "bfloat16_t",
+    mx.float32: "float",
 }
 
 # (attribute, type) in MLX's order; a kernel gets the ones its body mentions.
 _ATTRIBUTES = [
-    ("dispatch_quadgroups_per_threadgroup", "uint"), ("dispatch_simdgroups_per_threadgroup", "uint"),
-    ("dispatch_threads_per_threadgroup", "uint3"), ("grid_origin", "uint3"), ("grid_size", "uint3"),
-    ("quadgroup_index_in_threadgroup", "uint"), ("quadgroups_per_threadgroup", "uint"),
-    ("simdgroup_index_in_threadgroup", "uint"), ("simdgroups_per_threadgroup", "uint"),
-    ("thread_execution_width", "uint"), ("thread_index_in_quadgroup", "uint"),
-    ("thread_index_in_simdgroup", "uint"), ("thread_index_in_threadgroup", "uint"),
-    ("thread_position_in_grid", "uint3"), ("thread_position_in_threadgroup", "uint3"),
-    ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3"),
-    ("threads_per_grid", "uint3"), ("threads_per_simdgroup", "uint"), ("threads_per_threadgroup", "uint3"),
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
 ]
 _EMULATED_ATTRIBUTES = {  # the ThreadIds field (or constant) each attribute is fed from
     "simdgroup_index_in_threadgroup": "id.simdgroup_index_in_threadgroup",
     "simdgroups_per_threadgroup": "id.simdgroups_per_threadgroup",
-    "thread_execution_width": "32u", "threads_per_simdgroup": "32u",
+    "thread_execution_width": "32u",
+    "threads_per_simdgroup": "32u",
     "thread_index_in_simdgroup": "id.thread_index_in_simdgroup",
     "thread_index_in_threadgroup": "id.thread_index_in_threadgroup",
     "thread_position_in_grid": "id.thread_position_in_grid",
     "thread_position_in_threadgroup": "id.thread_position_in_threadgroup",
     "threadgroup_position_in_grid": "id.threadgroup_position_in_grid",
-    "threadgroups_per_grid": "id.threadgroups_per_grid", "threads_per_grid": "id.threads_per_grid",
+    "threadgroups_per_grid": "id.threadgroups_per_grid",
+    "threads_per_grid": "id.threads_per_grid",
     "threads_per_threadgroup": "id.threads_per_threadgroup",
 }
 
@@ -89,7 +111,9 @@ def _template_kind(arg) -> str:
 class EmulatedKernel:
     """The callable `mx.fast.metal_kernel` returns, run by the CPU emulator."""
 
-    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False):
+    def __init__(
+        self, name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False
+    ):
         if atomic_outputs:
             raise NotImplementedError("the Metal emulator has no atomic outputs")
         self.name, self.source, self.header = name, source, header
@@ -147,9 +171,23 @@ class EmulatedKernel:
             + "  std::strncpy(err, e.c_str(), err_len - 1);\n  return e.empty() ? 0 : 1;\n}\n"
         )
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None, init_value=None, verbose=False, stream=None):
+    def __call__(
+        self,
+        *,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template=None,
+        init_value=None,
+        verbose=False,
+        stream=None,
+    ):
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)} but got size {len(inputs)}.")
+            raise ValueError(
+                f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)} but got size {len(inputs)}."
+            )
         inputs = [_as_array(x) for x in inputs]
         source = self.translation_unit(inputs, output_dtypes, list(template or []))
         if verbose:
@@ -181,10 +219,14 @@ class EmulatedKernel:
         err = ctypes.create_string_buffer(1024)
         if library.mlx_emu_run(buffers, grid_c, tg_c, err, len(err)):
             raise RuntimeError(f"[metal emulator] kernel {self.name}: {err.value.decode()}")
-        return [mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(outputs, output_dtypes)]
+        return [
+            mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(outputs, output_dtypes)
+        ]
 
 
-def emulated_metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False) -> EmulatedKernel:
+def emulated_metal_kernel(
+    name, input_names, output_names, source, header="", ensure_row_contiguous=True, atomic_outputs=False
+) -> EmulatedKernel:
     """Same arguments as ``mx.fast.metal_kernel``; the kernel runs on the CPU emulator."""
     return EmulatedKernel(name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs)
 
@@ -210,7 +252,9 @@ def _compile(source: str) -> ctypes.CDLL:
         cpp.write_text(source)
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
         cxx = os.environ.get("CXX", "g++")
-        result = subprocess.run([cxx, *_CXX_FLAGS, f"-I{_HEADER.parent}", str(cpp), "-o", str(tmp)], capture_output=True, text=True)
+        result = subprocess.run(
+            [cxx, *_CXX_FLAGS, f"-I{_HEADER.parent}", str(cpp), "-o", str(tmp)], capture_output=True, text=True
+        )
         if result.returncode:
             raise RuntimeError(f"[metal emulator] g++ failed on {cpp}:\n{result.stderr[-4000:]}")
         os.replace(tmp, so)  # atomic: parallel test runs never load a half-written library
