@@ -2,7 +2,7 @@
 
 import sys
 
-from mlx_qwen35.cli import main
+from mlx_qwen35.surfaces.cli import main
 
 if __name__ == "__main__":
     sys.argv[1:1] = ["convert"]

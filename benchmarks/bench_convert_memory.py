@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlx_qwen35.config import parse_config  # noqa: E402
-from mlx_qwen35.quantize import expected_tensors  # noqa: E402
+from mlx_qwen35.weights.quantize import expected_tensors  # noqa: E402
 
 # ~2.3 B parameters (4.6 GB in bf16): experts dominate, as in the real members.
 BENCH_CONFIG = {
@@ -106,7 +106,7 @@ def write_checkpoint(path: Path, shard_bytes: int, seed: int = 0) -> list[int]:
 
 CHILD = """
 import contextlib, io, json, re, sys, time
-from mlx_qwen35.convert import convert, predict_recipes
+from mlx_qwen35.weights.convert import convert, predict_recipes
 
 def peak_kb():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1])

@@ -38,7 +38,7 @@ def tiny_model_dir(workdir: Path) -> Path:
         sys.path.insert(0, str(REPO / "tests"))
         from checkpoints import build_per_expert_checkpoint
 
-        from mlx_qwen35.convert import convert
+        from mlx_qwen35.weights.convert import convert
 
         source = build_per_expert_checkpoint(workdir / "tiny-moe-hf", moe=True, seed=0)
         convert(
@@ -84,8 +84,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from mlx_qwen35 import load, stream_generate
-    from mlx_qwen35.conversation import Conversation, ConversationSettings
-    from mlx_qwen35.prompt_cache import load_conversation, save_conversation
+    from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
+    from mlx_qwen35.runtime.sessions import load_conversation, save_conversation
 
     model, processor = load(args.model or str(tiny_model_dir(args.workdir)))
     settings = ConversationSettings(

@@ -27,9 +27,9 @@ from mlx_vlm.models.qwen3_5.vision import VisionModel as VlmVisionModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_qwen35.config import VisionConfig, parse_config  # noqa: E402
+from mlx_qwen35.model.inputs import ModelInputs  # noqa: E402
 from mlx_qwen35.model.qwen35 import Qwen35Model  # noqa: E402
 from mlx_qwen35.model.vision import VisionModel  # noqa: E402
-from mlx_qwen35.processing.inputs import ModelInputs  # noqa: E402
 
 PATCH_DIM = 3 * 2 * 16 * 16
 INPUTS = {"image 1344x1344": (1, 84, 84), "video 60 s (120 frames)": (60, 20, 38)}

@@ -14,11 +14,11 @@ from .errors import Qwen35Error
 
 def __getattr__(name: str):
     if name == "load":
-        from .loading import load
+        from .weights.loading import load
 
         return load
     if name in ("generate", "stream_generate"):
-        from . import generation as _generation
+        from .runtime import generation as _generation
 
         return getattr(_generation, name)
     raise AttributeError(f"module 'mlx_qwen35' has no attribute {name!r}")

@@ -28,14 +28,14 @@ from transformers import (
     Qwen3_5MoeForConditionalGeneration,
 )
 
-from mlx_qwen35.random_checkpoint import (
+from mlx_qwen35.weights.random_checkpoint import (
     hf_tensor_shapes,
     random_parameter,
     shape_output_rows,
     write_processor_configs,
     write_shards,
 )
-from mlx_qwen35.tokenizer_builder import CORPUS, TokenizerInfo, write_generation_config, write_tokenizer_files
+from mlx_qwen35.weights.tokenizer_builder import CORPUS, TokenizerInfo, write_generation_config, write_tokenizer_files
 
 TINY_BASE_VOCAB = 512
 VOCAB_PAD_MULTIPLE = 64  # the model's vocab is the tokenizer size rounded up; the extra rows are padding
@@ -316,7 +316,7 @@ def hf_greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int
 
 def convert_tiny(checkpoint: TinyCheckpoint, out: Path, recipe: str = "bf16") -> Path:
     """Convert a tiny checkpoint with our converter: unquantised tensors in float32, tiny shards (several files)."""
-    from mlx_qwen35.convert import convert
+    from mlx_qwen35.weights.convert import convert
 
     convert(
         hf_path=str(checkpoint.path),

@@ -11,8 +11,8 @@ import pytest
 from checkpoints import convert_tiny
 from test_server import free_port
 
-from mlx_qwen35.app_controller import AppController, find_models
 from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.surfaces.menubar.controller import AppController, find_models
 
 
 def fake_model(path, size: int, model_type: str = "qwen3_5_moe"):
@@ -64,7 +64,7 @@ def test_start_status_stop(tiny_moe_checkpoint, tmp_path):
 
 
 def test_app_command_without_rumps_says_what_it_needs():
-    result = subprocess.run([sys.executable, "-m", "mlx_qwen35.cli", "app"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "mlx_qwen35", "app"], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: the menu-bar app needs macOS and its extra: pip install 'mlx-qwen35[app]'"

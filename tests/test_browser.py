@@ -12,7 +12,8 @@ import time
 import pytest
 from test_server import RunningServer, scripted
 
-from mlx_qwen35.server import GenerationWorker, ServerSettings
+from mlx_qwen35.surfaces.server.routes import ServerSettings
+from mlx_qwen35.surfaces.server.worker import GenerationWorker
 
 # Debian's chromium here; GitHub's runners ship Google Chrome with a matching chromedriver instead.
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)

@@ -13,9 +13,9 @@ from mlx_lm.generate import GenerationResponse
 from typer.testing import CliRunner
 
 from mlx_qwen35 import load, stream_generate
-from mlx_qwen35.cli import app
-from mlx_qwen35.conversation import Conversation, ConversationSettings
 from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
+from mlx_qwen35.surfaces.cli import app
 
 LOGITS_TOLERANCE = 1e-4
 MAX_TOKENS = 10
@@ -209,7 +209,7 @@ def test_quantised_kv_cache_reuses_the_same_way(loaded):
 
 def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
     """``generate --tools``: the calls in the reply come out as JSON lines, and in --json's ``tool_calls``."""
-    import mlx_qwen35.generation as generation
+    import mlx_qwen35.runtime.generation as generation
 
     tools = [
         {

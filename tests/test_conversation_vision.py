@@ -10,9 +10,9 @@ from checkpoints import convert_tiny
 from PIL import Image
 
 from mlx_qwen35 import load, stream_generate
-from mlx_qwen35.conversation import Conversation, ConversationSettings
 from mlx_qwen35.model.vision import VisionModel
-from mlx_qwen35.prompt_cache import load_conversation, save_conversation
+from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
+from mlx_qwen35.runtime.sessions import load_conversation, save_conversation
 
 LOGITS_TOLERANCE = 1e-4
 MAX_TOKENS = 6

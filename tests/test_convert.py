@@ -17,12 +17,19 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import mlx_qwen35.convert as convert_module
+import mlx_qwen35.weights.convert as convert_module
 from mlx_qwen35.config import parse_config
-from mlx_qwen35.convert import convert, predict_recipes
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.hub import HUB_PATTERNS
-from mlx_qwen35.quantize import RECIPES, expected_tensors, get_recipe, is_zero_centred_norm, nbytes, stored_tensors
+from mlx_qwen35.weights.convert import convert, predict_recipes
+from mlx_qwen35.weights.hub import HUB_PATTERNS
+from mlx_qwen35.weights.quantize import (
+    RECIPES,
+    expected_tensors,
+    get_recipe,
+    is_zero_centred_norm,
+    nbytes,
+    stored_tensors,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Relative error of a dequantised weight against the original (Gaussian weights, group 64 or 32).
@@ -251,7 +258,7 @@ def test_shards_are_bounded_and_indexed(tiny_moe_checkpoint, tmp_path):
 
 
 def test_size_table_for_the_released_flagship():
-    from mlx_qwen35.quantize import RELEASED_MOE_CONFIGS, size_table
+    from mlx_qwen35.weights.quantize import RELEASED_MOE_CONFIGS, size_table
 
     cfg = parse_config(RELEASED_MOE_CONFIGS["Qwen3.5-397B-A17B"])
     params = expected_tensors(cfg)
@@ -286,7 +293,7 @@ def test_interrupted_convert_leaves_nothing(tiny_moe_checkpoint, tmp_path, monke
 def test_killed_convert_never_leaves_a_finished_looking_dir(tiny_moe_checkpoint, tmp_path):
     # SIGKILL after the second shard: no cleanup runs, and still nothing sits at the target path.
     script = f"""
-import os, signal, mlx_qwen35.convert as c
+import os, signal, mlx_qwen35.weights.convert as c
 real, n = c.write_shard, []
 def write(*a, **k):
     real(*a, **k); n.append(1)
@@ -368,7 +375,7 @@ def test_bad_input_is_one_line_naming_the_file(tiny_moe_checkpoint, tmp_path, ca
     command = [
         sys.executable,
         "-m",
-        "mlx_qwen35.cli",
+        "mlx_qwen35",
         "convert",
         "--hf-path",
         str(source),

@@ -11,7 +11,7 @@ import sys
 def run_demo(cache_home) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
     return subprocess.run(
-        [sys.executable, "-m", "mlx_qwen35.cli", "demo", "--max-tokens", "12"],
+        [sys.executable, "-m", "mlx_qwen35", "demo", "--max-tokens", "12"],
         capture_output=True,
         text=True,
         timeout=600,

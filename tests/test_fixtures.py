@@ -280,7 +280,7 @@ def test_release_tensor_spec_matches_what_transformers_writes(
     fixture: str, layout: str, request: pytest.FixtureRequest
 ) -> None:
     """The torch-free writer behind the demo names and shapes tensors exactly as transformers does."""
-    from mlx_qwen35.random_checkpoint import hf_tensor_shapes
+    from mlx_qwen35.weights.random_checkpoint import hf_tensor_shapes
 
     ckpt: TinyCheckpoint = request.getfixturevalue(fixture)
     written = {k: tuple(v.shape) for k, v in read_tensors(ckpt.path).items()}
@@ -289,7 +289,7 @@ def test_release_tensor_spec_matches_what_transformers_writes(
 
 def test_torch_free_writer_makes_a_checkpoint_transformers_loads(tiny_moe_checkpoint: TinyCheckpoint, tmp_path) -> None:
     """The demo's writer (numpy + mlx, fused experts, bf16) produces a complete release transformers accepts."""
-    from mlx_qwen35.random_checkpoint import hf_tensor_shapes, write_random_hf_checkpoint
+    from mlx_qwen35.weights.random_checkpoint import hf_tensor_shapes, write_random_hf_checkpoint
 
     shards = write_random_hf_checkpoint(
         tmp_path, tiny_moe_checkpoint.config, seed=0, layout="fused", max_shard_bytes=256 * 1024

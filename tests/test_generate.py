@@ -11,7 +11,7 @@ import pytest
 from checkpoints import convert_tiny
 
 from mlx_qwen35 import generate, load, stream_generate
-from mlx_qwen35.generation import prompt_token_ids
+from mlx_qwen35.runtime.generation import prompt_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_chat_messages_go_through_the_template(loaded):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_qwen35.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mlx_qwen35", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_generate_json(converted):
@@ -132,7 +132,7 @@ def test_thinking_budget_closes_the_block_and_an_answer_follows(loaded):
 
 def test_quantized_kv_cache_stays_close(loaded, tiny_moe_checkpoint):
     """8-bit K/V: logits within 2% of their range of the float cache's after prefill + decode."""
-    from mlx_qwen35.cache import make_cache
+    from mlx_qwen35.model.cache import make_cache
 
     model, _ = loaded
     ids = tiny_moe_checkpoint.prompt_ids(24)

@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.processing.image import ImageProcessorConfig, preprocess_image, smart_resize
-from mlx_qwen35.random_checkpoint import write_processor_configs
+from mlx_qwen35.weights.random_checkpoint import write_processor_configs
 
 PIXEL_TOLERANCE = 1e-5
 VISION_CONFIG = {"patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2}

@@ -12,9 +12,9 @@ import torch
 from transformers import Qwen3_5MoeForConditionalGeneration
 
 from mlx_qwen35 import load
-from mlx_qwen35.cache import make_cache
-from mlx_qwen35.convert import convert
-from mlx_qwen35.generation import prefill
+from mlx_qwen35.model.cache import make_cache
+from mlx_qwen35.runtime.generation import prefill
+from mlx_qwen35.weights.convert import convert
 
 LOGIT_TOL = 1e-4
 STEP = 256

@@ -14,9 +14,9 @@ import torch
 from checkpoints import convert_tiny, hf_greedy
 
 from mlx_qwen35 import load
-from mlx_qwen35.cache import cache_length, restore, snapshot
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generation import stream_generate
+from mlx_qwen35.model.cache import cache_length, restore, snapshot
+from mlx_qwen35.runtime.generation import stream_generate
 
 LOGIT_TOL = 1e-4
 LAYOUTS = ["tiny_moe_checkpoint", "tiny_moe_fused_checkpoint", "tiny_moe_fp8_checkpoint", "tiny_dense_checkpoint"]

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mlx_qwen35.processing.output import OutputParser, collect, parse_output, parse_tool_call
-from mlx_qwen35.tokenizer_builder import write_tokenizer_files
+from mlx_qwen35.weights.tokenizer_builder import write_tokenizer_files
 
 WEATHER_TOOL = {
     "type": "function",

@@ -11,9 +11,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_cli_help_does_not_import_mlx():
-    code = "import sys, mlx_qwen35.cli; assert 'mlx.core' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, mlx_qwen35.surfaces.cli; assert 'mlx.core' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-    result = subprocess.run([sys.executable, "-m", "mlx_qwen35.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "mlx_qwen35", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout and "generate" in result.stdout
 
 

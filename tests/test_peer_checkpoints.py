@@ -43,9 +43,9 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_qwen35 import load
 from mlx_qwen35.config import load_config
-from mlx_qwen35.generation import stream_generate
-from mlx_qwen35.loading import read_weights
-from mlx_qwen35.peer_formats import detect_format, peer_key, translate_peer_checkpoint
+from mlx_qwen35.runtime.generation import stream_generate
+from mlx_qwen35.weights.loading import read_weights
+from mlx_qwen35.weights.peer_formats import detect_format, peer_key, translate_peer_checkpoint
 
 LOGIT_TOL = 1e-3
 PROMPT_TOKENS = 64

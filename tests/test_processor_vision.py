@@ -17,12 +17,12 @@ import pytest
 from checkpoints import TinyCheckpoint
 from PIL import Image
 
-from mlx_qwen35.cli import main
 from mlx_qwen35.config import load_config
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.processing.inputs import ModelInputs
+from mlx_qwen35.model.inputs import ModelInputs
 from mlx_qwen35.processing.processor import Processor
+from mlx_qwen35.surfaces.cli import main
+from mlx_qwen35.weights.convert import convert
 
 PATCH_ROW = 3 * 2 * 16 * 16
 

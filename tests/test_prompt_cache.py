@@ -12,9 +12,9 @@ import pytest
 from checkpoints import convert_tiny
 
 from mlx_qwen35 import load
-from mlx_qwen35.conversation import Conversation, ConversationSettings
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.prompt_cache import (
+from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
+from mlx_qwen35.runtime.sessions import (
     CACHE_FILE,
     CONVERSATION_FILE,
     load_conversation,
@@ -135,7 +135,7 @@ def test_cli_prompt_cache_file_continues_and_updates_the_saved_conversation(moe_
             [
                 sys.executable,
                 "-m",
-                "mlx_qwen35.cli",
+                "mlx_qwen35",
                 "generate",
                 "-m",
                 str(moe_dir),

@@ -18,9 +18,17 @@ from checkpoints import convert_tiny
 from rich.console import Console
 
 from mlx_qwen35 import load
-from mlx_qwen35.conversation import TurnStats
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.repl import Command, ReplyView, media_item, message_text, parse_command, session_path, status_line
+from mlx_qwen35.runtime.conversation import TurnStats
+from mlx_qwen35.surfaces.repl import (
+    Command,
+    ReplyView,
+    media_item,
+    message_text,
+    parse_command,
+    session_path,
+    status_line,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds per expectation: generous, the machine may be shared and busy
@@ -63,7 +71,7 @@ def spawn_chat(model: Path, home: Path, *args: str) -> pexpect.spawn:
     }
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "mlx_qwen35.cli", "chat", "--model", str(model), *args],
+        ["-m", "mlx_qwen35", "chat", "--model", str(model), *args],
         cwd=REPO,
         env=env,
         encoding="utf-8",
@@ -138,7 +146,7 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(endless_model, tmp_path):
 
 
 def test_piped_chat_keeps_within_max_kv_size(endless_model, tmp_path):
-    command = [sys.executable, "-m", "mlx_qwen35.cli", "chat", "--model", str(endless_model), "--no-think"]
+    command = [sys.executable, "-m", "mlx_qwen35", "chat", "--model", str(endless_model), "--no-think"]
     result = subprocess.run(
         command + ["--max-tokens", "40", "--max-kv-size", "25"],
         input="Hello\nAnd then?\n/stats\n",
@@ -165,7 +173,7 @@ def test_piped_chat_with_an_image_reuses_it_in_the_next_turn(chat_model, tmp_pat
     command = [
         sys.executable,
         "-m",
-        "mlx_qwen35.cli",
+        "mlx_qwen35",
         "chat",
         "--model",
         str(chat_model),

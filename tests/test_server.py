@@ -26,7 +26,8 @@ from mlx_lm.generate import GenerationResponse
 from schemathesis.checks import not_a_server_error
 
 from mlx_qwen35 import load
-from mlx_qwen35.server import GenerationWorker, ServerSettings, create_app
+from mlx_qwen35.surfaces.server.routes import ServerSettings, create_app
+from mlx_qwen35.surfaces.server.worker import GenerationWorker
 
 MAX_TOKENS = 8
 
@@ -82,7 +83,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "mlx_qwen35.cli",
+            "mlx_qwen35",
             "serve",
             "--model",
             str(model_dir),

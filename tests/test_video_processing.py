@@ -37,7 +37,7 @@ from mlx_qwen35.processing.video import (
     sample_frame_indices,
     video_smart_resize,
 )
-from mlx_qwen35.random_checkpoint import write_processor_configs
+from mlx_qwen35.weights.random_checkpoint import write_processor_configs
 
 LEVEL = 2 / 255  # one uint8 level after rescale (1/255) and normalise (mean 0.5, std 0.5)
 MAX_LEVELS = 1

@@ -17,10 +17,10 @@ from checkpoints import convert_tiny
 
 from mlx_qwen35 import load
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.generation import stream_generate
+from mlx_qwen35.model.inputs import ModelInputs
 from mlx_qwen35.model.mrope_positions import mrope_positions
 from mlx_qwen35.model.vision import segment_attention
-from mlx_qwen35.processing.inputs import ModelInputs
+from mlx_qwen35.runtime.generation import stream_generate
 
 TOL = 1e-4
 PATCH_DIM = 3 * 2 * 16 * 16  # C · temporal_patch · patch · patch

@@ -25,14 +25,14 @@ def test_wheel_carries_the_chat_page_and_the_installed_server_finds_it(tmp_path)
         sorted(n.removeprefix("mlx_qwen35/app/web/") for n in names if n.startswith("mlx_qwen35/app/web/"))
         == page_files
     )
-    assert "mlx_qwen35/app/menubar.py" in names
+    assert "mlx_qwen35/surfaces/menubar/shell.py" in names
 
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
     )
     code = (
-        "import pathlib, mlx_qwen35.server as s; root = s.web_root(); "
+        "import pathlib, mlx_qwen35.surfaces.server.routes as s; root = s.web_root(); "
         f"assert root.resolve().is_relative_to(pathlib.Path({str(target)!r}).resolve()), root; "
         "print(sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file()))"
     )

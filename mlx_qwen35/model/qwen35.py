@@ -6,10 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import cache_length
 from ..config import ModelConfig
 from ..errors import Qwen35Error
-from ..processing.inputs import ModelInputs
+from .cache import cache_length
+from .inputs import ModelInputs
 from .language import LanguageModel
 from .mrope_positions import mrope_positions
 from .mtp import MTP
@@ -81,7 +81,7 @@ class Qwen35Model(nn.Module):
         return self.language_model.layers
 
     def make_cache(self) -> list:
-        """One cache object per decoder layer (see ``mlx_qwen35.cache``)."""
-        from ..cache import make_cache
+        """One cache object per decoder layer (see ``mlx_qwen35.model.cache``)."""
+        from .cache import make_cache
 
         return make_cache(self)

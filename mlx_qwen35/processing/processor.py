@@ -19,8 +19,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import Qwen35Error
+from ..model.inputs import ModelInputs
 from .image import ImagePatches, ImageProcessorConfig, preprocess_image
-from .inputs import ModelInputs
 from .video import VideoPatches, VideoProcessorConfig, format_timestamp, preprocess_video
 
 IM_END = "<|im_end|>"

@@ -14,12 +14,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .config import ModelConfig, load_config
-from .errors import Qwen35Error
+from ..config import ModelConfig, load_config
+from ..errors import Qwen35Error
+from ..model.qwen35 import Qwen35Model
+from ..processing.processor import Processor
 from .hub import resolve_checkpoint
-from .model.qwen35 import Qwen35Model
 from .peer_formats import detect_format, translate_peer_checkpoint
-from .processing.processor import Processor
 
 log = logging.getLogger(__name__)
 

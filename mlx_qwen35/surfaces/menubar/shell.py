@@ -1,4 +1,4 @@
-"""The macOS menu-bar shell (rumps): draws menus, calls ``mlx_qwen35.app_controller`` for everything."""
+"""The macOS menu-bar shell (rumps): draws menus, calls the controller for everything."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import rumps
 
-from mlx_qwen35.app_controller import AppController, find_models
+from .controller import AppController, find_models
 
 SEARCH_DIRS = [Path.home() / "models", Path.home() / "mlx-models", Path.cwd()]
 

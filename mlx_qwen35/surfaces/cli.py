@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import Qwen35Error
+from ..errors import Qwen35Error
 
 app = typer.Typer(
     name="mlx-qwen35",
@@ -51,7 +51,7 @@ def convert(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the predicted size of each recipe."),
 ) -> None:
     """Convert a Hugging Face Qwen3.5 checkpoint (bf16, fused or per-expert, or block-FP8) to MLX."""
-    from .convert import convert as run_convert
+    from ..weights.convert import convert as run_convert
 
     run_convert(
         hf_path=hf_path,
@@ -112,11 +112,11 @@ def generate(
     """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
     import mlx.core as mx
 
-    from . import load
-    from .conversation import ConversationSettings
-    from .generation import prompt_token_ids, recommended_sampling, stream_generate
-    from .processing.output import OutputParser, OutputPiece, read_tools_file
-    from .prompt_cache import open_conversation, save_conversation
+    from ..processing.output import OutputParser, OutputPiece, read_tools_file
+    from ..runtime.conversation import ConversationSettings
+    from ..runtime.generation import prompt_token_ids, recommended_sampling, stream_generate
+    from ..runtime.sessions import open_conversation, save_conversation
+    from ..weights.loading import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -317,7 +317,7 @@ def serve(
     max_tokens: int = typer.Option(32768, "--max-tokens", help="Default and largest max_tokens of a request."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
-    from .server import serve as run_server
+    from .server.routes import serve as run_server
 
     run_server(model, host=host, port=port, api_key=api_key, max_tokens=max_tokens)
 
@@ -328,7 +328,7 @@ def menubar_app(
     port: int = typer.Option(8080, "--port", help="Port of the local server."),
 ) -> None:
     """The macOS menu-bar app: start/stop the local server, pick a model, open the chat."""
-    from .app_controller import run_menubar_app
+    from .menubar import run_menubar_app
 
     run_menubar_app(model=model, port=port)
 
@@ -336,7 +336,7 @@ def menubar_app(
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     try:
-        app()
+        app(prog_name="mlx-qwen35")
     except Qwen35Error as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -346,7 +346,3 @@ def main() -> None:
     except MemoryError:
         typer.echo("error: out of memory; use a smaller recipe (e.g. --recipe 3bit) or a smaller model", err=True)
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .tokenizer_builder import QWEN_ADDED_TOKENS
+from ..weights.tokenizer_builder import QWEN_ADDED_TOKENS
 
 DEMO_VERSION = 1  # bump when the demo checkpoint's recipe changes, so stale caches are rebuilt
 DEMO_SEED = 0
@@ -105,8 +105,8 @@ def demo_config() -> dict:
 
 def build_demo(target: Path) -> None:
     """Write the random HF checkpoint and its 4-bit conversion under ``target`` (atomically: temp dir, then rename)."""
-    from .convert import convert
-    from .random_checkpoint import write_random_hf_checkpoint
+    from ..weights.convert import convert
+    from ..weights.random_checkpoint import write_random_hf_checkpoint
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
@@ -137,7 +137,8 @@ def build_demo(target: Path) -> None:
 
 def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
     """Build the demo checkpoint if needed, then stream a generation from it through the whole stack."""
-    from . import load, stream_generate
+    from ..runtime.generation import stream_generate
+    from ..weights.loading import load
 
     target = demo_cache_dir() / f"v{DEMO_VERSION}"
     if rebuild or not target.exists():

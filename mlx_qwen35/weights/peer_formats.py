@@ -29,7 +29,7 @@ import dataclasses
 
 import mlx.core as mx
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # (peer prefix, our prefix) for tensor names and module paths; ``language_model.lm_head`` is already ours.
 _PREFIXES = (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .errors import Qwen35Error
+from ..errors import Qwen35Error
 
 # transformers' Qwen3_5Tokenizer regex: Qwen2's with combining marks (\p{M}) kept inside letter runs.
 QWEN35_SPLIT_REGEX = (
@@ -54,7 +54,7 @@ QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),
 )
 
-CHAT_TEMPLATE_PATH = Path(__file__).parent / "processing" / "chat_template.jinja"
+CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 
 # Public-domain-style English prose written for this file: enough distinct words that BPE can learn
 # ~750 merges, with digits, punctuation, code and chat-shaped text so round trips exercise every path.

@@ -31,7 +31,7 @@ from rich.segment import Segment
 from rich.spinner import Spinner
 from rich.text import Text
 
-from .errors import Qwen35Error
+from ..errors import Qwen35Error
 
 STATE_DIR = Path("~/.cache/mlx-qwen35").expanduser()
 DEFAULT_SESSIONS_DIR = STATE_DIR / "sessions"
@@ -320,7 +320,7 @@ class ChatRepl:
             self.attachments.append(media_item(name, argument))
             self.console.print(Text(f"{name} {argument} goes with your next message", style="dim"))
         elif name == "save":
-            from .prompt_cache import save_conversation
+            from ..runtime.sessions import save_conversation
 
             path = save_conversation(self.conversation, session_path(self.sessions_dir, argument))
             self.console.print(Text(f"saved to {path}", style="dim"))
@@ -331,7 +331,7 @@ class ChatRepl:
 
     def _load(self, name: str) -> None:
         """Replace the conversation by a saved one, which brings its own settings (reasoning, sampling)."""
-        from .prompt_cache import load_conversation
+        from ..runtime.sessions import load_conversation
 
         path = session_path(self.sessions_dir, name)
         if not path.exists():
@@ -456,8 +456,8 @@ def run_chat(
     """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
     import sys
 
-    from . import load
-    from .conversation import Conversation, ConversationSettings
+    from ..runtime.conversation import Conversation, ConversationSettings
+    from ..weights.loading import load
 
     if kv_bits not in (None, 4, 8):
         raise Qwen35Error(f"--kv-bits {kv_bits}: use 8 or 4")

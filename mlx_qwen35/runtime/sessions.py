@@ -30,9 +30,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache, load_prompt_cache, save_prompt_cache
 
-from .cache import ModelCache, rebuilt_snapshot, restore
+from ..errors import Qwen35Error
+from ..model.cache import ModelCache, rebuilt_snapshot, restore
 from .conversation import Checkpoint, Conversation, ConversationSettings
-from .errors import Qwen35Error
 
 FORMAT = "mlx-qwen35-conversation"
 FORMAT_VERSION = 1

@@ -22,8 +22,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelConfig, parse_config, read_config_json
-from .errors import Qwen35Error
+from ..config import ModelConfig, parse_config, read_config_json
+from ..errors import Qwen35Error
 from .hub import resolve_checkpoint
 from .quantize import (
     DTYPE_BYTES,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import ModelConfig, parse_config
-from .errors import Qwen35Error
+from ..config import ModelConfig, parse_config
+from ..errors import Qwen35Error
 
 QUANT_MODE = "affine"
 # In order of preference: when the last dim is not a multiple of 64, a group of 32 still quantises it;

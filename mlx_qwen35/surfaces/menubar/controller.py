@@ -15,7 +15,7 @@ import webbrowser
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Qwen35Error
+from ...errors import Qwen35Error
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class AppController:
         command = [
             sys.executable,
             "-m",
-            "mlx_qwen35.cli",
+            "mlx_qwen35",
             "serve",
             "--model",
             str(self.model.path),
@@ -165,18 +165,3 @@ class AppController:
             return
         webview.create_window("mlx-qwen35", self.url)
         webview.start()
-
-
-def run_menubar_app(model: str | None = None, port: int = 8080) -> None:
-    """Run the menu-bar app (macOS with the ``app`` extra); elsewhere a one-line error."""
-    try:
-        import rumps  # noqa: F401
-    except ImportError:
-        raise Qwen35Error("the menu-bar app needs macOS and its extra: pip install 'mlx-qwen35[app]'") from None
-    try:
-        from .app.menubar import MenuBarApp  # a wheel carries app/ inside the package
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout has it beside
-        from app.menubar import MenuBarApp
-
-    MenuBarApp(AppController(port=port), model_hint=model).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import Qwen35Error
+from ..errors import Qwen35Error
 
 # What a checkpoint needs from the Hub: weights, configs, tokenizer and chat template files.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import Qwen35Error
+from ..errors import Qwen35Error
 from .tokenizer_builder import QWEN_ADDED_TOKENS, TokenizerInfo, write_generation_config, write_tokenizer_files
 
 SafetensorsSaver = Callable[..., None]  # save_file(tensors, filename, metadata=...)

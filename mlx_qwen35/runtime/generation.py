@@ -14,9 +14,9 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cache import make_cache
-from .errors import Qwen35Error
-from .processing.inputs import ModelInputs
+from ..errors import Qwen35Error
+from ..model.cache import make_cache
+from ..model.inputs import ModelInputs
 
 Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
 PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol (request models → prompts), worker (the model's thread), routes."""

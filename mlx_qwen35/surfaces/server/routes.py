@@ -1,0 +1,402 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) and the chat page at ``/``.
+
+One model in memory, owned by one worker thread that runs one generation at a time in arrival
+order: MLX work never interleaves, and every request waits its turn in the queue. Handlers are thin:
+they validate the request (typed models below), hand a ``GenerationJob`` to the worker, and turn
+the worker's events into an OpenAI response, streamed as server-sent events or whole.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from ...errors import Qwen35Error
+from .protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    error_body,
+    offered_tools,
+    template_messages,
+    validation_message,
+)
+from .worker import Cancelled, Failed, Finished, GenerationWorker, JobEvents, Started
+
+# ---------------------------------------------------------------- generation options
+
+
+@dataclass
+class ServerSettings:
+    """What the server was started with."""
+
+    model_id: str
+    api_key: str | None = None
+    max_tokens: int = 32768  # the default and the cap of a request's max_tokens
+
+
+def generation_options(request: SamplingRequest, settings: ServerSettings, enable_thinking: bool) -> dict:
+    """``stream_generate`` keyword arguments: the model card's preset for the mode, overridden by the request."""
+    from ...runtime.generation import recommended_sampling
+
+    options = recommended_sampling(enable_thinking)
+    overrides = dict(
+        temp=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+    )
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    requested = request.max_completion_tokens or request.max_tokens or settings.max_tokens
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    options.update(
+        max_tokens=min(requested, settings.max_tokens),
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+        stop=[s for s in stop or [] if s] or None,
+        enable_thinking=enable_thinking,
+    )
+    return options
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _usage(started: Started, last: Any) -> dict:
+    completion = last.generation_tokens if last is not None else 0
+    return {
+        "prompt_tokens": started.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": started.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": started.cached_tokens},
+    }
+
+
+def _timings(last: Any) -> dict:
+    """Speed and memory of the generation (llama.cpp's server reports ``timings`` the same way)."""
+    if last is None:
+        return {}
+    return {
+        "prompt_tps": round(last.prompt_tps, 2),
+        "generation_tps": round(last.generation_tps, 2),
+        "peak_memory_gb": round(last.peak_memory_gb, 3),
+    }
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def first_event(events: JobEvents) -> Started:
+    """Wait for the job to reach the model; prompt errors become a 400 before any response starts."""
+    event = await events.next()
+    if isinstance(event, Failed):
+        raise ApiError(
+            event.message,
+            status=500 if event.internal else 400,
+            kind="server_error" if event.internal else "invalid_request_error",
+        )
+    if not isinstance(event, Started):
+        raise ApiError("the request was cancelled before it started", status=499)
+    return event
+
+
+class ChatReply:
+    """Accumulates a chat reply from the model's text: reasoning, answer, tool calls (OpenAI shapes)."""
+
+    def __init__(self, thinking: bool, tools: list[dict] | None):
+        from ...processing.output import OutputParser
+
+        self._parser = OutputParser(thinking, tools)
+        self.reasoning, self.content, self.tool_calls = "", "", []
+
+    def feed(self, text: str) -> list[dict]:
+        """Deltas (OpenAI ``delta`` objects) completed by ``text``."""
+        return self._deltas(self._parser.feed(text))
+
+    def finish(self) -> list[dict]:
+        """Deltas for what the parser held back until the end."""
+        return self._deltas(self._parser.finish())
+
+    def _deltas(self, pieces: list) -> list[dict]:
+        deltas = []
+        for piece in pieces:
+            if piece.kind == "reasoning":
+                self.reasoning += piece.text
+                deltas.append({"reasoning_content": piece.text})
+            elif piece.kind == "content" or piece.tool_call.error is not None:
+                # A malformed call stays visible as text rather than vanishing.
+                text = ("\n\n" if self.content else "") + piece.text if piece.kind == "tool_call" else piece.text
+                self.content += text
+                deltas.append({"content": text})
+            else:
+                call = {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {
+                        "name": piece.tool_call.name,
+                        "arguments": json.dumps(piece.tool_call.arguments, ensure_ascii=False),
+                    },
+                }
+                deltas.append({"tool_calls": [{"index": len(self.tool_calls), **call}]})
+                self.tool_calls.append(call)
+        return deltas
+
+    def finish_reason(self, model_reason: str | None) -> str:
+        """ "tool_calls" when the model called tools, else the generation's reason ("stop", "length")."""
+        return "tool_calls" if self.tool_calls and model_reason == "stop" else model_reason or "stop"
+
+
+class Completion:
+    """Fields every response of one request shares."""
+
+    def __init__(self, kind: Literal["chat.completion", "text_completion"], model_id: str):
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        self.id, self.kind, self.model_id, self.created = (
+            f"{prefix}-{uuid.uuid4().hex}",
+            kind,
+            model_id,
+            int(time.time()),
+        )
+
+    def body(self, choices: list[dict], **extra: Any) -> dict:
+        """A response (or, with ``chunk``, an SSE chunk) object around ``choices``."""
+        chunk = extra.pop("chunk", False)
+        kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model_id,
+            "choices": choices,
+            **extra,
+        }
+
+
+async def stream_chat(
+    events: JobEvents, started: Started, reply: ChatReply, completion: Completion, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE chunks of a chat completion: role, then reasoning/content/tool-call deltas, then the finish reason."""
+    try:
+        yield _sse(
+            completion.body(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], chunk=True
+            )
+        )
+        last = None
+        while not isinstance(event := await events.next(), (Finished, Cancelled)):
+            if isinstance(event, Failed):
+                yield _sse(error_body(event.message, "server_error" if event.internal else "invalid_request_error"))
+                return
+            last = event
+            deltas = reply.feed(event.text) + (reply.finish() if event.finish_reason else [])
+            for delta in deltas:
+                yield _sse(completion.body([{"index": 0, "delta": delta, "finish_reason": None}], chunk=True))
+            if event.finish_reason:
+                final = completion.body(
+                    [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason(event.finish_reason)}],
+                    chunk=True,
+                    usage=_usage(started, last),
+                    timings=_timings(last),
+                )
+                yield _sse(final)
+        if include_usage and last is not None:
+            yield _sse(completion.body([], chunk=True, usage=_usage(started, last)))
+        yield _sse("[DONE]")
+    finally:
+        events.close()
+
+
+async def stream_text(
+    events: JobEvents, started: Started, completion: Completion, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE chunks of a text completion."""
+    try:
+        last = None
+        while not isinstance(event := await events.next(), (Finished, Cancelled)):
+            if isinstance(event, Failed):
+                yield _sse(error_body(event.message, "server_error" if event.internal else "invalid_request_error"))
+                return
+            last = event
+            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            extra = dict(usage=_usage(started, last), timings=_timings(last)) if event.finish_reason else {}
+            yield _sse(completion.body([choice], **extra))
+        if include_usage and last is not None:
+            yield _sse(completion.body([], usage=_usage(started, last)))
+        yield _sse("[DONE]")
+    finally:
+        events.close()
+
+
+async def collect_events(events: JobEvents) -> tuple[str, Any]:
+    """All the text of a job and its last response; a failure or cancel raises ``ApiError``."""
+    try:
+        text, last = [], None
+        while not isinstance(event := await events.next(), Finished):
+            if isinstance(event, Cancelled):
+                raise ApiError("the client closed the request", status=499)
+            if isinstance(event, Failed):
+                raise ApiError(
+                    event.message,
+                    status=500 if event.internal else 400,
+                    kind="server_error" if event.internal else "invalid_request_error",
+                )
+            text.append(event.text)
+            last = event
+        return "".join(text), last
+    finally:
+        events.close()
+
+
+# ---------------------------------------------------------------- the app
+
+
+def web_root() -> Path:
+    """The chat page: ``mlx_qwen35/app/web`` inside a wheel, ``app/web`` beside the package in a source checkout."""
+    package = Path(__file__).resolve().parents[2]  # mlx_qwen35/ (this file is surfaces/server/routes.py)
+    for candidate in (package / "app" / "web", package.parent / "app" / "web"):
+        if (candidate / "index.html").is_file():
+            return candidate
+    raise Qwen35Error(
+        f"the chat page is missing (looked in {package / 'app' / 'web'} and {package.parent / 'app' / 'web'}); reinstall mlx-qwen35"
+    )
+
+
+def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app: the OpenAI routes under /v1, /health, and the chat page at /."""
+    app = FastAPI(title="mlx-qwen35", version="0.1.0", description="OpenAI-compatible API for Qwen3.5 on MLX.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(ApiError)
+    async def refused(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(Qwen35Error)
+    async def user_error(_: Request, exc: Qwen35Error) -> JSONResponse:
+        return JSONResponse(error_body(str(exc)), status_code=400)
+
+    def authorized(request: Request) -> None:
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            raise ApiError(
+                "missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error"
+            )
+
+    api = [Depends(authorized)]
+    error_responses = {400: {"description": "Invalid request"}, 401: {"description": "Missing or wrong API key"}}
+
+    @app.get("/health")
+    def health() -> dict:
+        """Liveness and the worker's state: queue length and the last generation's speed and memory."""
+        return {
+            "status": "ok",
+            "model": settings.model_id,
+            "busy": worker.busy,
+            "queued": worker.queued,
+            **worker.last_stats,
+        }
+
+    @app.get("/v1/models", dependencies=api, responses=error_responses)
+    def models() -> dict:
+        """The one model this server holds."""
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-qwen35"}],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=api, responses=error_responses)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """Chat completion (streamed as server-sent events with ``stream: true``)."""
+        thinking = (body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None) is not False
+        tools = offered_tools(body)
+        options = generation_options(body, settings, thinking) | {
+            "tools": tools,
+            "thinking_budget": body.thinking_budget,
+        }
+        events = JobEvents(worker, request, template_messages(body.messages), options)
+        try:
+            started = await first_event(events)
+        except ApiError:
+            events.close()
+            raise
+        completion, reply = Completion("chat.completion", settings.model_id), ChatReply(thinking, tools)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream_chat(events, started, reply, completion, include_usage), media_type="text/event-stream"
+            )
+        text, last = await collect_events(events)
+        reply.feed(text)
+        reply.finish()
+        message = {
+            "role": "assistant",
+            "content": reply.content or (None if reply.tool_calls else ""),
+            "reasoning_content": reply.reasoning or None,
+        }
+        if reply.tool_calls:
+            message["tool_calls"] = reply.tool_calls
+        choice = {
+            "index": 0,
+            "message": message,
+            "finish_reason": reply.finish_reason(last.finish_reason if last else None),
+            "logprobs": None,
+        }
+        return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
+
+    @app.post("/v1/completions", dependencies=api, responses=error_responses)
+    async def completions(body: CompletionRequest, request: Request):
+        """Text completion of a raw prompt (no chat template; streamed with ``stream: true``)."""
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1 or not prompts[0]:
+            raise ApiError("prompt must be one non-empty string", param="prompt")
+        events = JobEvents(worker, request, prompts[0], generation_options(body, settings, enable_thinking=False))
+        try:
+            started = await first_event(events)
+        except ApiError:
+            events.close()
+            raise
+        completion = Completion("text_completion", settings.model_id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream_text(events, started, completion, include_usage), media_type="text/event-stream"
+            )
+        text, last = await collect_events(events)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason if last else "stop"}
+        return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
+
+    app.mount("/", StaticFiles(directory=web_root(), html=True), name="chat-page")
+    return app
+
+
+def serve(
+    model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_tokens: int = 32768
+) -> None:
+    """Load ``model`` and serve the API and the chat page until interrupted."""
+    import uvicorn
+
+    from ...weights.loading import load
+
+    web_root()  # fail before loading a large model if the page is missing
+    worker = GenerationWorker(lambda: load(model))
+    worker.start()
+    settings = ServerSettings(model_id=Path(model).name or model, api_key=api_key, max_tokens=max_tokens)
+    try:
+        uvicorn.run(create_app(worker, settings), host=host, port=port, log_level="info")
+    finally:
+        worker.stop()

@@ -1,0 +1,251 @@
+"""The one worker thread that owns the model: runs one generation at a time, in arrival order, and hands
+plain events (no MLX arrays) back to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from ...errors import Qwen35Error
+from .protocol import has_images
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- the worker
+
+
+@dataclass
+class Started:
+    """The prompt is ready and generation begins."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Token:
+    """One generated token's text and the running statistics, as plain Python values.
+
+    The worker never hands MLX arrays (the logprobs) to the event-loop thread: an array freed
+    there while the worker evaluates its graph races with the evaluation.
+    """
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_gb: float
+
+    @classmethod
+    def of(cls, response: Any) -> Token:
+        """From an mlx-lm ``GenerationResponse``."""
+        return cls(
+            response.text,
+            response.finish_reason,
+            response.prompt_tokens,
+            response.generation_tokens,
+            response.prompt_tps,
+            response.generation_tps,
+            response.peak_memory,
+        )
+
+
+@dataclass
+class Failed:
+    """The job could not run; ``message`` says why (a user error unless ``internal``)."""
+
+    message: str
+    internal: bool = False
+
+
+@dataclass
+class Finished:
+    """The worker is done with the job (after the last token, a cancel or a failure)."""
+
+
+@dataclass
+class GenerationJob:
+    """One request's generation: the prompt (chat messages or raw text) and ``stream_generate``'s options."""
+
+    prompt: list[dict] | str
+    options: dict
+    emit: Callable[[Any], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+Generate = Callable[..., Iterator[Any]]
+
+
+class GenerationWorker:
+    """Owns the model: loads it and runs every job on one thread, one at a time, in arrival order.
+
+    MLX arrays stay on the thread that made them (Metal streams are per thread), so loading,
+    image preprocessing and generation all happen here, never in a request handler.
+
+    The model's one cache (a ``ConversationCache``) goes from request to request: a chat client sends
+    the whole history every time, and the cache's checkpoints at turn boundaries and prompt ends let
+    the next request prefill only what follows the longest prefix it shares with an earlier one.
+    ``generate`` replaces all that with a stand-in for ``stream_generate`` (tests script replies with it).
+    """
+
+    def __init__(self, loader: Callable[[], tuple[Any, Any]], generate: Generate | None = None):
+        self._loader = loader
+        self._generate = generate
+        self.prompt_cache = None  # the ConversationCache, made on the worker thread once the model is loaded
+        self._jobs: queue.Queue[GenerationJob | None] = queue.Queue()
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.model = self.processor = None
+        self.busy = False
+        self.last_stats: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="mlx-qwen35-generation", daemon=True)
+
+    def start(self, wait: bool = True) -> None:
+        """Start the thread (it loads the model first); with ``wait``, return once the model is loaded."""
+        self._thread.start()
+        if wait:
+            self._ready.wait()
+            if self._load_error is not None:
+                raise self._load_error
+
+    def stop(self) -> None:
+        """Finish the job in hand and stop the thread; queued jobs are dropped."""
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: GenerationJob) -> None:
+        """Queue a job; its events arrive through ``job.emit``."""
+        self._jobs.put(job)
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def _run(self) -> None:
+        try:
+            self.model, self.processor = self._loader()
+            if self._generate is None:
+                from ...runtime.conversation import ConversationCache
+
+                self.prompt_cache = ConversationCache(self.model, self.processor)
+        except BaseException as e:  # reported to start(); the thread has nothing left to do
+            self._load_error = e
+            return
+        finally:
+            self._ready.set()
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            self.busy = True
+            try:
+                self._run_job(job)
+            finally:
+                self.busy = False
+                job.emit(Finished())
+
+    def _prompt(self, job: GenerationJob) -> tuple[Any, int]:
+        """The prompt as ``stream_generate`` takes it (ids, or ModelInputs with images) and its length."""
+        from ...runtime.generation import prompt_token_ids
+
+        thinking, tools = job.options.get("enable_thinking", True), job.options.get("tools")
+        if isinstance(job.prompt, list) and has_images(job.prompt):
+            inputs = self.processor(job.prompt, enable_thinking=thinking, tools=tools)
+            return inputs, len(prompt_token_ids(self.processor, inputs))
+        ids = prompt_token_ids(self.processor, job.prompt, thinking, tools)
+        return ids, len(ids)
+
+    def _start(self, prompt: Any, options: dict) -> tuple[Iterator[Any], int]:
+        """The generation of ``prompt`` and how many of its tokens came from the cache (prefilled up to the reply start)."""
+        if self.prompt_cache is None:
+            return self._generate(self.model, self.processor, prompt, **options), 0
+        from ...model.inputs import ModelInputs
+
+        inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(prompt)
+        generation = self.prompt_cache.stream(inputs, **options)
+        return generation, self.prompt_cache.reused_tokens
+
+    def _run_job(self, job: GenerationJob) -> None:
+        from jinja2 import TemplateError
+
+        try:
+            prompt, prompt_tokens = self._prompt(job)
+        except (Qwen35Error, TemplateError, ValueError, TypeError) as e:
+            job.emit(Failed(f"cannot build the prompt: {e}"))
+            return
+        generation = None
+        try:
+            generation, cached_tokens = self._start(prompt, job.options)
+            job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
+            for response in generation:
+                token = Token.of(response)
+                job.emit(token)
+                self.last_stats = {k: v for k, v in vars(token).items() if k not in ("text", "finish_reason")}
+                if job.cancelled.is_set():
+                    return
+        except Qwen35Error as e:
+            job.emit(Failed(str(e)))
+        except Exception as e:  # the server must outlive a bad generation; the client gets a 500-class error
+            log.exception("generation failed (options %s)", job.options)
+            job.emit(Failed(f"{type(e).__name__}: {e}", internal=True))
+        finally:
+            # A cancelled generation has the next token in flight (async_eval); let it land before
+            # the next job touches the model or the random state.
+            if generation is not None:
+                generation.close()
+            import mlx.core as mx
+
+            mx.synchronize()
+
+
+@dataclass
+class Cancelled:
+    """The client went away (or the handler gave up); the worker stops at its next token."""
+
+
+class JobEvents:
+    """The async side of a job: the handler awaits the worker's events; a client that disconnects cancels the job."""
+
+    def __init__(self, worker: GenerationWorker, request: Request, prompt: list[dict] | str, options: dict):
+        loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(self._events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+                self.job.cancelled.set()
+
+        self.job = GenerationJob(prompt=prompt, options=options, emit=emit)
+        worker.submit(self.job)
+        self._watcher = asyncio.create_task(self._watch_disconnect(request))
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        # uvicorn answers every pending receive() with http.disconnect, so this can run beside
+        # StreamingResponse's own listener.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
+
+    async def next(self) -> Any:
+        """The next event from the worker (``Cancelled`` once the client has gone)."""
+        return await self._events.get()
+
+    def cancel(self) -> None:
+        """Stop the generation at its next token (or skip it if it has not started)."""
+        if not self.job.cancelled.is_set():
+            self.job.cancelled.set()
+            self._events.put_nowait(Cancelled())
+
+    def close(self) -> None:
+        """The handler is done: stop watching, and stop the generation if it is still running."""
+        self._watcher.cancel()
+        self.job.cancelled.set()

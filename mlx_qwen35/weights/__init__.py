@@ -1,0 +1,1 @@
+"""Weights on disk: the Hub, loading, conversion and quantisation, peer formats, synthetic checkpoints."""
