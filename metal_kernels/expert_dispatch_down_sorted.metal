@@ -9,6 +9,7 @@
 // with the h rows of every pair of the pass; simd_sum then gives the pair's value.
 // @inputs  h down_w down_s down_b seg_expert seg_start pair_slot weights
 // @outputs y
+// @include expert_dispatch_quant
 // @template T (weights), S (scales and biases), H, I, BITS, GROUP_SIZE.
 // Inputs: h [P, I] float32 (sorted pairs); down_w [E, H, I·BITS/32] uint32; down_{s,b} [E, H, I/GROUP_SIZE];
 // seg_expert [S], seg_start [S + 1], pair_slot [P] (int32); weights [P] T (by slot).

@@ -8,6 +8,7 @@
 // all K experts, so a single simd_sum finishes the token's feature.
 // @inputs  h down_w down_s down_b indices weights
 // @outputs out
+// @include expert_dispatch_quant
 // @template T (x: weights and out), S (scales and biases), H, I, K, BITS, GROUP_SIZE.
 // Inputs: h [T_tokens·K, I] float32 (pair t·K + j); down_w [E, H, I·BITS/32] uint32;
 // down_{s,b} [E, H, I/GROUP_SIZE]; indices [T_tokens·K] int32; weights [T_tokens·K] T.

@@ -12,6 +12,7 @@
 // dots it with every pair of the pass; simd_sum then gives the pair's gate and up values.
 // @inputs  x gate_w gate_s gate_b up_w up_s up_b seg_expert seg_start pair_token
 // @outputs h
+// @include expert_dispatch_quant
 // @template T (x), S (scales and biases), H, I, BITS, GROUP_SIZE.
 // Inputs: x [T_tokens, H]; {gate,up}_w [E, I, H·BITS/32] uint32; {gate,up}_{s,b} [E, I, H/GROUP_SIZE];
 // seg_expert [S], seg_start [S + 1], pair_token [P] (int32). Output: h [P, I] float32.

@@ -1,6 +1,6 @@
 // expert_dispatch_quant — not a kernel: the helpers the expert_dispatch_* kernels share for reading
-// MLX's affine-quantised rows. Their wrapper puts everything after `// @header` in front of each
-// kernel's own header.
+// MLX's affine-quantised rows. A kernel that says `// @include expert_dispatch_quant` gets everything
+// after `// @header` here in front of its own header.
 //
 // Layout (mx.quantize, mode "affine"): a row of N values is a little-endian bit stream of N·BITS bits
 // in uint32 words, value j at stream bits [j·BITS, (j+1)·BITS); w_j = scale·q_j + bias with one

@@ -11,11 +11,11 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU
 
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.kernels import emulating, resolve_use_kernel
-from mlx_qwen35.kernels.metal_source import kernel_path, read_kernel
+from mlx_qwen35.kernels import resolve_use_kernel
+from mlx_qwen35.kernels.metal_source import metal_kernel
 
-# From this many token–expert pairs on, sorting them by expert pays (SwitchGLU's threshold, so the
-# pure path keeps its numbers).
+# From this many token–expert pairs on, the kernels group pairs by expert: SwitchGLU's threshold, so
+# kernel and pure path sort alike.
 SORT_MIN_PAIRS = 64
 KERNEL_BITS = (2, 3, 4, 5, 6, 8)  # MLX's affine widths; a 32-value block is always `bits` whole words
 ROWS = 4  # SIMD groups (output rows) per threadgroup, as the .metal headers state
@@ -34,20 +34,8 @@ def _check_shapes(x: mx.array, indices: mx.array, weights: mx.array, experts: nn
 
 
 def _routed_pure(x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
-    """The specification: SwitchGLU's gather matmuls (sorted by expert for many pairs), then Σ_j w_j y_j."""
-    x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, H]: one row per token, broadcast over its k experts
-    do_sort = indices.size >= SORT_MIN_PAIRS
-    idx = indices
-    if do_sort:
-        k = indices.shape[-1]
-        order = mx.argsort(indices.flatten())
-        x, idx = x.flatten(0, -3)[order // k], indices.flatten()[order]  # [P, 1, H], [P]
-    gate = experts.gate_proj(x, idx, sorted_indices=do_sort)
-    h = experts.activation(experts.up_proj(x, idx, sorted_indices=do_sort), gate)  # silu(gate) · up
-    y = experts.down_proj(h, idx, sorted_indices=do_sort)  # [..., k, 1, H] or sorted [P, 1, H]
-    if do_sort:
-        y = mx.unflatten(y[mx.argsort(order)], 0, indices.shape)
-    return (y.squeeze(-2) * weights[..., None]).sum(axis=-2)
+    """The specification: SwitchGLU's gather matmuls (sorted by expert from 64 pairs on), then Σ_j w_j y_j."""
+    return (experts(x, indices) * weights[..., None]).sum(axis=-2)
 
 
 def routed_experts(
@@ -74,24 +62,6 @@ def _kernel_fits(experts: nn.Module) -> bool:
             for p in (gate, up, down)
         )
         and (gate.bits, gate.group_size, gate.scales.dtype) == (up.bits, up.group_size, up.scales.dtype)
-    )
-
-
-@cache
-def _kernel(name: str, emulate: bool):
-    """A kernel of metal_kernels/ with the shared dequantisation helpers in front of its header."""
-    src = read_kernel(name)
-    helpers = kernel_path("expert_dispatch_quant").read_text().partition("\n// @header\n")[2]
-    if emulate:
-        from mlx_qwen35.kernels.emulator import emulated_metal_kernel as make
-    else:
-        make = mx.fast.metal_kernel
-    return make(
-        name=name,
-        input_names=list(src.input_names),
-        output_names=list(src.output_names),
-        source=src.body,
-        header=helpers + src.header,
     )
 
 
@@ -131,9 +101,8 @@ def _routed_kernel(x: mx.array, indices: mx.array, weights: mx.array, experts: n
     else:  # one segment per pair, in pair order
         seg_start, pair_token = _pair_segments(P, k)
         seg_expert = flat
-    emulate = emulating()
     gu = dict(T=x.dtype, S=gate.scales.dtype, H=H, I=I, BITS=gate.bits, GROUP_SIZE=gate.group_size)
-    (h,) = _kernel("expert_dispatch_gate_up", emulate)(
+    (h,) = metal_kernel("expert_dispatch_gate_up")(
         inputs=[tokens, *_quant(gate), *_quant(up), seg_expert, seg_start, pair_token],
         template=list(gu.items()),
         grid=(32, _rows(I), seg_expert.size),
@@ -143,7 +112,7 @@ def _routed_kernel(x: mx.array, indices: mx.array, weights: mx.array, experts: n
     )  # [P, I] float32, in segment order
     dn = dict(T=x.dtype, S=down.scales.dtype, H=H, I=I, BITS=down.bits, GROUP_SIZE=down.group_size)
     if do_sort:
-        (y,) = _kernel("expert_dispatch_down_sorted", emulate)(
+        (y,) = metal_kernel("expert_dispatch_down_sorted")(
             inputs=[h, *_quant(down), seg_expert, seg_start, order, w],
             template=list(dn.items()),
             grid=(32, _rows(H), seg_expert.size),
@@ -153,7 +122,7 @@ def _routed_kernel(x: mx.array, indices: mx.array, weights: mx.array, experts: n
         )  # [P, H] by pair
         out = y.reshape(N, k, H).sum(axis=1).astype(x.dtype)
     else:
-        (out,) = _kernel("expert_dispatch_down_sum", emulate)(
+        (out,) = metal_kernel("expert_dispatch_down_sum")(
             inputs=[h, *_quant(down), flat, w],
             template=list({**dn, "K": k}.items()),
             grid=(32, _rows(H), N),

@@ -36,14 +36,24 @@ def read_kernel(name: str) -> KernelSource:
     text = kernel_path(name).read_text()
     declared = {}
     for line in text.splitlines():
-        for key in ("@inputs", "@outputs"):
+        for key in ("@inputs", "@outputs", "@include"):
             if line.startswith(f"// {key} "):
                 declared[key] = tuple(line.split(key, 1)[1].split())
     head, sep, body = text.partition("\n// @body\n")
     _, sep2, header = head.partition("\n// @header\n")
     if not (sep and sep2 and "@inputs" in declared and "@outputs" in declared):
         raise ValueError(f"{kernel_path(name)}: needs // @inputs, // @outputs, // @header and // @body lines")
-    return KernelSource(name, declared["@inputs"], declared["@outputs"], header, body)
+    shared = "".join(read_helpers(helper) for helper in declared.get("@include", ()))
+    return KernelSource(name, declared["@inputs"], declared["@outputs"], shared + header, body)
+
+
+@cache
+def read_helpers(name: str) -> str:
+    """The ``// @header`` part of a helpers file (no body: not a kernel), for kernels that ``// @include`` it."""
+    head, sep, header = kernel_path(name).read_text().partition("\n// @header\n")
+    if not sep or "\n// @body\n" in header:
+        raise ValueError(f"{kernel_path(name)}: a helpers file has a // @header line and no // @body")
+    return header
 
 
 @cache
