@@ -1,12 +1,15 @@
 // gated_delta_prefill — T tokens of the Gated DeltaNet recurrence, all heads, state carried in registers.
+// Decode is this kernel at T = 1 (one source for the per-token update; the wrapper passes a cached mask).
 //
 // grid        (32, Dv, B·Hv)    threadgroup (32, 4, 1)    [4 SIMD groups = 4 value rows of one head]
 // one SIMD group owns value row dv of head n = b·Hv + h for the whole sequence: it loads
-// state_in[b, h, dv, :] once, runs t = 0 … T−1 with the row in registers, and writes the row of the
-// final state once; one thread (lane) owns key columns lane, lane+32, … (Dk/32 floats).
-// Per token: 4 simd_sum (‖q‖², ‖k‖², S·k̂, S·q̂), the gates and the update of the decode kernel
-// (gated_delta_decode.metal, whose header lists the equations). mask[b, t] false: the token leaves
-// the state untouched and its output is 0 (left-padded batches).
+// state_in[b, h, dv, :] (Dk fp32 floats) once, runs t = 0 … T−1 with the row in registers, and writes
+// the row of the final state once; one thread (lane) owns key columns lane, lane+32, … (Dk/32 floats)
+// of that row and the same columns of q and k. Columns are strided by 32 so a SIMD group's loads coalesce.
+// Per token, fused: q̂ = q/‖q‖·Dk^-½, k̂ = k/‖k‖ (eps 1e-6 inside the sqrt), β = sigmoid(b),
+// α = exp(−exp(A_log)·softplus(a + dt_bias)); S ← αS; u = β(v − S·k̂); S ← S + u k̂ᵀ; o = S·q̂;
+// 4 simd_sum (‖q‖², ‖k‖², S·k̂, S·q̂). Value head h reads q/k head h / (Hv/Hk).
+// mask[b, t] false: the token leaves the state untouched and its output is 0 (left-padded batches).
 // Why sequential in T rather than chunked: value rows are independent, so B·Hv·Dv SIMD groups
 // (8192 at the 397B layer shape, B = 1) keep the GPU full without splitting T; the state never
 // leaves registers, and per token a row reads q, k (shared by the 4·Hv/Hk rows, L1-resident) and

@@ -7,6 +7,7 @@ with the fp32 state S [B, Hv, Dv, Dk] (value rows × key columns). Value head h 
 """
 
 import os
+from functools import cache
 
 import mlx.core as mx
 
@@ -81,14 +82,23 @@ def _step_pure(q, k, v, a, b, A_log, dt_bias, state):
 
 
 def gated_delta_step(
-    q, k, v, a, b, A_log, dt_bias, state, *, use_kernel: bool | None = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array,
+    *,
+    use_kernel: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """One decode token: (o [B, 1, Hv, Dv] in v.dtype, new state [B, Hv, Dv, Dk] fp32)."""
     _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
     if q.shape[1] != 1:
         raise Qwen35Error(f"gated_delta_step takes one token, got T = {q.shape[1]}: use gated_delta_prefill")
     if _takes_kernel(k.shape[-1], use_kernel):
-        return _decode_kernel(q, k, v, a, b, A_log, dt_bias, state)
+        return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, _one_token_mask(q.shape[0]))
     return _step_pure(q, k, v, a, b, A_log, dt_bias, state)
 
 
@@ -213,7 +223,17 @@ def _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask):
 
 
 def gated_delta_prefill(
-    q, k, v, a, b, A_log, dt_bias, state=None, *, mask=None, use_kernel: bool | None = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None = None,
+    *,
+    mask: mx.array | None = None,
+    use_kernel: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """T tokens (any T ≥ 1): (o [B, T, Hv, Dv] in v.dtype, final state [B, Hv, Dv, Dk] fp32); state None = zeros.
 
@@ -235,23 +255,12 @@ def _kernel_inputs(q, k, v, a, b, A_log, dt_bias):
     return [q.astype(dtype), k.astype(dtype), v, a.astype(f32), b.astype(f32), A_log.astype(f32), dt_bias.astype(f32)]
 
 
-def _kernel_launch(name, inputs, B, T, Hk, Hv, Dk, Dv, dtype):
-    return metal_kernel(name)(
-        inputs=inputs,
-        template=[("InT", dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
-        grid=(32, Dv, B * Hv),  # one SIMD group per value row of each (batch, head)
-        threadgroup=(32, 4, 1),
-        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
-        output_dtypes=[dtype, mx.float32],
-    )
-
-
-def _decode_kernel(q, k, v, a, b, A_log, dt_bias, state):
-    B, _, Hk, Dk = k.shape
-    Hv, Dv = v.shape[-2:]
-    inputs = _kernel_inputs(q, k, v, a, b, A_log, dt_bias) + [state]
-    o, state = _kernel_launch("gated_delta_decode", inputs, B, 1, Hk, Hv, Dk, Dv, v.dtype)
-    return o, state
+@cache
+def _one_token_mask(B: int) -> mx.array:
+    """The decode step's mask [B, 1]: a constant, made once, so decode adds no primitive for it."""
+    mask = mx.ones((B, 1), mx.bool_)
+    mx.eval(mask)
+    return mask
 
 
 def _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask):
@@ -261,5 +270,11 @@ def _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask):
         state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
     mask = mx.ones((B, T), mx.bool_) if mask is None else mask.astype(mx.bool_)
     inputs = _kernel_inputs(q, k, v, a, b, A_log, dt_bias) + [state, mask, T]
-    o, state = _kernel_launch("gated_delta_prefill", inputs, B, T, Hk, Hv, Dk, Dv, v.dtype)
-    return o, state
+    return metal_kernel("gated_delta_prefill")(
+        inputs=inputs,
+        template=[("InT", v.dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)],
+        grid=(32, Dv, B * Hv),  # one SIMD group per value row of each (batch, head)
+        threadgroup=(32, 4, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[v.dtype, mx.float32],
+    )
