@@ -35,7 +35,7 @@ def _take(cls, d: dict, where: str, required: tuple[str, ...]) -> dict:
 
 @dataclass
 class RopeConfig:
-    """Text-side rotary embedding: partial, interleaved 3-D M-RoPE (ARCHITECTURE.md §5, §8)."""
+    """Text-side rotary embedding: partial, interleaved 3-D M-RoPE (docs/architecture.md §5, §8)."""
 
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25

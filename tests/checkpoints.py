@@ -51,7 +51,7 @@ TINY_LAYER_TYPES = [
 MAX_SHARD_BYTES = 512 * 1024  # a ~2 MB model → several shards
 FP8_BLOCK = 128
 FP8_E4M3_MAX = 448.0
-# Modules the official FP8 release stores as float8_e4m3fn + weight_scale_inv (ARCHITECTURE.md §2.3).
+# Modules the official FP8 release stores as float8_e4m3fn + weight_scale_inv (docs/architecture.md §2.3).
 FP8_QUANTIZED = re.compile(
     r"(mlp\.experts\.\d+\.(gate|up|down)_proj"
     r"|mlp\.shared_expert\.(gate|up|down)_proj"

@@ -265,7 +265,7 @@ def test_size_table_for_the_released_flagship():
     lm = sum(int(np.prod(s)) for n, s in params.items() if n.startswith("language_model."))
     vision = sum(int(np.prod(s)) for n, s in params.items() if n.startswith("visual."))
     mtp = sum(int(np.prod(s)) for n, s in params.items() if n.startswith("mtp."))
-    # ARCHITECTURE.md §1.2, measured on transformers' meta-device model
+    # docs/architecture.md §1.2, measured on transformers' meta-device model
     assert (round(lm / 1e9, 2), round(vision / 1e9, 3), round(mtp / 1e9, 2)) == (396.35, 0.456, 6.60)
     table = size_table()
     assert "Qwen3.5-397B-A17B" in table and "mixed-3-6" in table

@@ -39,7 +39,7 @@ def make_routing(tokens: int, seed: int = 0, dtype=mx.float32) -> tuple[mx.array
 
 
 def gather_qmm_reference(x, indices, weights, experts) -> np.ndarray:
-    """ARCHITECTURE.md §6 with one mx.gather_qmm per projection (unsorted), all in fp32."""
+    """docs/architecture.md §6 with one mx.gather_qmm per projection (unsorted), all in fp32."""
 
     def project(p, a):
         return mx.gather_qmm(

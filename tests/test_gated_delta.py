@@ -24,7 +24,7 @@ def make_inputs(B, T, Hk, Hv, D, seed=0, dtype=mx.float32, with_state=True):
 
 
 def reference(q, k, v, a, b, A_log, dt_bias, state, mask=None):
-    """ARCHITECTURE.md §4.3–4.6 token by token in float64, state [B, Hv, Dv, Dk]."""
+    """docs/architecture.md §4.3–4.6 token by token in float64, state [B, Hv, Dv, Dk]."""
     q, k, v, a, b, A_log, dt_bias = (
         np.array(x.astype(mx.float32)).astype(np.float64) for x in (q, k, v, a, b, A_log, dt_bias)
     )

@@ -158,7 +158,7 @@ def test_16_bit_greyscale_scales_the_range(tmp_path, config, reference):
     [((1344, 1344), (1344, 1344)), ((1080, 1920), (1088, 1920)), ((720, 1280), (704, 1280)), ((224, 224), (256, 256))],
 )
 def test_smart_resize_examples(size, expected, config):
-    """ARCHITECTURE.md §12.2's measured examples, (height, width)."""
+    """docs/architecture.md §12.2's measured examples, (height, width)."""
     assert smart_resize(*size, config.factor, config.min_pixels, config.max_pixels) == expected
 
 

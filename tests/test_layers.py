@@ -1,6 +1,6 @@
 """The package's import graph: no cycle, and no module imports from a layer above its own.
 
-The layer order is the one docs/architecture.md documents (§ "The data path through the package"):
+The layer order is the one docs/architecture.md §18 documents:
 a module may import from its own layer and the layers below it. Imports inside functions count too:
 a lazy import is still a dependency.
 """

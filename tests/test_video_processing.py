@@ -251,7 +251,7 @@ def test_video_smart_resize_agrees_with_reference(reference_module, config):
 
 
 def test_sixty_seconds_at_30_fps_is_120_frames_and_11400_tokens(config):
-    """ARCHITECTURE.md §12.4's measured example, without decoding 1800 frames."""
+    """docs/architecture.md §12.4's measured example, without decoding 1800 frames."""
     indices = sample_frame_indices(VideoWindow(0, 1800), 30.0, config.fps, config.min_frames, config.max_frames, 2)
     assert len(indices) == 120 and list(indices[:4]) == [0, 15, 30, 45] and list(indices[-2:]) == [1784, 1799]
     h, w = video_smart_resize(120, 720, 1280, config.factor, 2, config.min_pixels, config.max_pixels)

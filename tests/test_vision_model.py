@@ -1,6 +1,6 @@
 """The vision tower and the multimodal forward against transformers (the oracle), float32.
 
-Prompts are built here in the reference format (ARCHITECTURE.md §11.1): an image is
+Prompts are built here in the reference format (docs/architecture.md §11.1): an image is
 ``<|vision_start|>`` + n × ``<|image_pad|>`` + ``<|vision_end|>``; a video is, per temporal group, a
 timestamp text + ``<|vision_start|>`` + n × ``<|video_pad|>`` + ``<|vision_end|>``. transformers gets
 the identical token sequence plus the ``mm_token_type_ids`` it needs (1 = image pad, 2 = video pad).

@@ -1,4 +1,4 @@
-"""Routed experts of the sparse MoE (ARCHITECTURE.md §6): the pure-MLX specification and the Metal dispatch.
+"""Routed experts of the sparse MoE (docs/architecture.md §6): the pure-MLX specification and the Metal dispatch.
 
 routed[t] = Σ_j w[t, j] · W_down,e (silu(W_gate,e x[t]) ⊙ W_up,e x[t]),  e = indices[t, j].
 The experts live in mlx-lm's ``SwitchGLU`` (stacked [E, out, in]; ``QuantizedSwitchLinear`` once quantised).

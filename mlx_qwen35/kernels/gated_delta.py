@@ -1,4 +1,4 @@
-"""Gated DeltaNet recurrence (ARCHITECTURE.md §4.3–4.8): the pure-MLX specification and the Metal dispatch.
+"""Gated DeltaNet recurrence (docs/architecture.md §4.3–4.8): the pure-MLX specification and the Metal dispatch.
 
 Both public functions take the raw conv outputs q, k [B, T, Hk, Dk], v [B, T, Hv, Dv] and the raw
 gate projections a, b [B, T, Hv]; they fuse the q/k L2-normalisation, the gates and the recurrence

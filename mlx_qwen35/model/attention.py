@@ -1,4 +1,4 @@
-"""Gated attention: the full-attention mixer of every fourth layer (ARCHITECTURE.md §5)."""
+"""Gated attention: the full-attention mixer of every fourth layer (docs/architecture.md §5)."""
 
 from __future__ import annotations
 

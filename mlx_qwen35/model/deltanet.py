@@ -1,4 +1,4 @@
-"""Gated DeltaNet: the linear-attention mixer of three layers in four (ARCHITECTURE.md §4)."""
+"""Gated DeltaNet: the linear-attention mixer of three layers in four (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class ModelInputs:
     """One prompt, ready for the model."""
 
     input_ids: list[int]
-    pixel_values: mx.array | None = None  # [image patches, C·T·P·P] in the order of ARCHITECTURE.md §12.3
+    pixel_values: mx.array | None = None  # [image patches, C·T·P·P] in the order of docs/architecture.md §12.3
     image_grid_thw: mx.array | None = None  # [images, 3] (grid_t, grid_h, grid_w) in patches
     pixel_values_videos: mx.array | None = None  # [video patches, C·T·P·P]
     video_grid_thw: mx.array | None = None  # [videos, 3]

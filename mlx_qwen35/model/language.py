@@ -1,4 +1,4 @@
-"""The Qwen3.5 language model: embedding → hybrid decoder layers → final norm → lm_head (ARCHITECTURE.md §3)."""
+"""The Qwen3.5 language model: embedding → hybrid decoder layers → final norm → lm_head (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

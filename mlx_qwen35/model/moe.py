@@ -1,4 +1,4 @@
-"""Feed-forward blocks: the sparse MoE of the MoE members and the dense SwiGLU MLP (ARCHITECTURE.md §6)."""
+"""Feed-forward blocks: the sparse MoE of the MoE members and the dense SwiGLU MLP (docs/architecture.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""3-D M-RoPE positions (t, h, w) of a prompt mixing text, images and videos (ARCHITECTURE.md §11.2).
+"""3-D M-RoPE positions (t, h, w) of a prompt mixing text, images and videos (docs/architecture.md §11.2).
 
 A running counter p walks the prompt. A text token takes (p, p, p) and advances p by one. An image
 (or one temporal group of a video) of gh×gw merged tokens starting at p gives the token at merged

@@ -1,4 +1,4 @@
-"""The multi-token-prediction head: one extra decoder layer that drafts token t+2 (ARCHITECTURE.md §9)."""
+"""The multi-token-prediction head: one extra decoder layer that drafts token t+2 (docs/architecture.md §9)."""
 
 from __future__ import annotations
 

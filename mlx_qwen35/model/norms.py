@@ -1,4 +1,4 @@
-"""The two RMSNorms of Qwen3.5 (ARCHITECTURE.md §3)."""
+"""The two RMSNorms of Qwen3.5 (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Text-side rotary embedding: partial (first rotary_dim dims of each head), interleaved 3-D M-RoPE.
 
-ARCHITECTURE.md §5 and §8. Every token has a position (t, h, w); frequency i takes its angle from
+docs/architecture.md §5 and §8. Every token has a position (t, h, w); frequency i takes its angle from
 component H when i ≡ 1 (mod 3) and i < 3·mrope_section[1], W when i ≡ 2 (mod 3) and
 i < 3·mrope_section[2], T otherwise. For text t = h = w, which is plain 1-D RoPE.
 """

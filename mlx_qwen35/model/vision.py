@@ -1,4 +1,4 @@
-"""The vision tower: a ViT over 16×16×2 patches and a 2×2 merger into the LM width (ARCHITECTURE.md §10).
+"""The vision tower: a ViT over 16×16×2 patches and a 2×2 merger into the LM width (docs/architecture.md §10).
 
 Input rows arrive in merge-block order (§12.3): every 4 consecutive rows are one 2×2 block, so the
 merger only has to concatenate neighbours. Attention is block-diagonal: each image, and each

@@ -1,6 +1,6 @@
 """Images → the vision tower's inputs: RGB, smart-resized, normalised, flattened into patch rows.
 
-The rules are the reference's (transformers' Qwen2-VL image processor, pillow backend; ARCHITECTURE.md
+The rules are the reference's (transformers' Qwen2-VL image processor, pillow backend; docs/architecture.md
 §12.2–12.3); the numbers (pixel budget, mean, std) come from the checkpoint's ``preprocessor_config.json``,
 never from transformers' class defaults, which are Qwen2-VL's.
 """

@@ -2,7 +2,7 @@
 
 With thinking on, the generation prompt opens ``<think>\\n`` and the model closes it with
 ``</think>``; everything before that is reasoning. Tool calls come in the qwen3_coder XML format
-that the chat template teaches (ARCHITECTURE.md §13)::
+that the chat template teaches (docs/architecture.md §13)::
 
     <tool_call>
     <function=NAME>

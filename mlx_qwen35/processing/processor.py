@@ -3,7 +3,7 @@
 Tokenisation and streaming detokenisation come from mlx-lm's ``TokenizerWrapper``; the chat
 template is the checkpoint's own (``chat_template.jinja`` or a ``chat_template`` key). Calling the
 processor on messages with images / videos renders the template, expands each placeholder to the
-number of tokens its vision features fill (ARCHITECTURE.md §11.1) and returns ``ModelInputs``.
+number of tokens its vision features fill (docs/architecture.md §11.1) and returns ``ModelInputs``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Videos → the vision tower's inputs: decoded (PyAV), sampled, smart-resized, normalised, in temporal pairs.
 
-Sampling, sizing and timestamps follow the reference Qwen3-VL video processor (ARCHITECTURE.md §12.4)
+Sampling, sizing and timestamps follow the reference Qwen3-VL video processor (docs/architecture.md §12.4)
 with the numbers of the checkpoint's ``video_preprocessor_config.json``. One addition: a time window,
 the first 60 s unless told otherwise, so a long clip cannot silently eat the context.
 """

@@ -24,7 +24,7 @@ PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back o
 
 @dataclass(frozen=True)
 class SamplingPreset:
-    """Sampling settings recommended by the Qwen3.5 model card (ARCHITECTURE.md §14)."""
+    """Sampling settings recommended by the Qwen3.5 model card (docs/architecture.md §14)."""
 
     temp: float
     top_p: float

@@ -232,7 +232,7 @@ class OutputTensor:
 
 
 def our_name(hf_name: str) -> str | None:
-    """HF tensor name → ours (ARCHITECTURE.md §2); None for a name outside the four prefixes."""
+    """HF tensor name → ours (docs/architecture.md §2); None for a name outside the four prefixes."""
     if hf_name.startswith("model.language_model."):
         return "language_model." + hf_name[len("model.language_model.") :]
     if hf_name == "lm_head.weight":

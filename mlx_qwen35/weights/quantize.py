@@ -5,7 +5,7 @@ requested dtype, except the tensors whose math is fp32 in the reference (zero-ce
 after the +1 shift, ``A_log``, ``dt_bias``). The same functions drive the converter and the size
 prediction, so the predicted size is the written size.
 
-Tensor names here are ours (``language_model.…``, ``mtp.…``, ``visual.…``; ARCHITECTURE.md §2).
+Tensor names here are ours (``language_model.…``, ``mtp.…``, ``visual.…``; docs/architecture.md §2).
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def _vision_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------------------------------------- README table
 
-# text_config values of the released MoE members (ARCHITECTURE.md §1.3); every member uses the large ViT.
+# text_config values of the released MoE members (docs/architecture.md §1.3); every member uses the large ViT.
 _SHARED_TEXT = {
     "head_dim": 256,
     "vocab_size": 248320,

@@ -2,7 +2,7 @@
 
 The demo builds its model with this, the converter's memory benchmark writes multi-shard inputs
 with it, and the test builders (tests/checkpoints.py) reuse its shard writer and processor configs,
-so every checkpoint we fabricate has the same files a real Qwen3.5 release has (ARCHITECTURE.md §2.1).
+so every checkpoint we fabricate has the same files a real Qwen3.5 release has (docs/architecture.md §2.1).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def write_processor_configs(path: str | Path, vision_config: Mapping[str, Any]) 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor names and shapes of a release, from config.json alone (ARCHITECTURE.md §2.2)
+# Tensor names and shapes of a release, from config.json alone (docs/architecture.md §2.2)
 # ---------------------------------------------------------------------------------------------------
 
 LM = "model.language_model."

@@ -1,7 +1,7 @@
 """A small byte-level BPE tokenizer shaped like Qwen3.5's, trained on an embedded English corpus.
 
 The demo and the test checkpoints need a real tokenizer without a download. The pipeline is the
-family's (ARCHITECTURE.md §1.5): NFC normaliser, the Qwen split regex then ByteLevel without prefix
+family's (docs/architecture.md §1.5): NFC normaliser, the Qwen split regex then ByteLevel without prefix
 space, ByteLevel decoder, no BOS; Qwen's added tokens follow the base vocabulary in the released
 order, so every id relation of the real tokenizer (specials right after the base tokens) holds.
 Only the `tokenizers` library is needed — no torch, no transformers.
