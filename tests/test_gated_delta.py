@@ -105,6 +105,29 @@ def test_prefill_from_zero_state_and_in_two_pieces():
     assert max_diff(mx.concatenate([o1, o2], 1), np.array(o)) <= TOL and max_diff(S2, np.array(S)) <= TOL
 
 
+def test_pure_prefill_runs_in_any_thread_after_another_used_it():
+    """The CPU head-group streams belong to the thread that made them: each thread gets its own."""
+    import threading
+
+    inputs = make_inputs(1, 20, 2, 8, 32, seed=5)
+    expected, _ = reference(*inputs)
+    assert max_diff(gated_delta_prefill(*inputs, use_kernel=False)[0], expected) <= TOL
+    results = []
+
+    def in_a_thread():  # inputs made here too: arrays are evaluated on the stream of the thread that made them
+        try:
+            o, _ = gated_delta_prefill(*make_inputs(1, 20, 2, 8, 32, seed=5), use_kernel=False)
+            results.append(max_diff(o, expected))
+        except RuntimeError as e:
+            results.append(e)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert len(results) == 1 and not isinstance(results[0], RuntimeError), results
+    assert results[0] <= TOL
+
+
 def test_prefill_mask_leaves_state_untouched_at_padding():
     inputs = make_inputs(2, 70, 2, 8, 32, seed=4)
     mask = mx.array(np.arange(70)[None, :] >= np.array([[0], [9]]))  # row 1 left-padded by 9

@@ -7,6 +7,7 @@ with the fp32 state S [B, Hv, Dv, Dk] (value rows × key columns). Value head h 
 """
 
 import os
+import threading
 from functools import cache
 
 import mlx.core as mx
@@ -173,17 +174,24 @@ def _head_groups(Hk: int) -> list[slice]:
 
 
 def _cpu_streams(n: int) -> list:
-    """``n`` CPU streams, made once: MLX runs one op at a time per stream and the CPU BLAS is single-threaded,
-    so independent head groups on separate streams are how the pure path uses every core."""
+    """``n`` CPU streams, made once per thread: MLX runs one op at a time per stream and the CPU BLAS is
+    single-threaded, so independent head groups on separate streams are how the pure path uses every core.
+    A stream belongs to the thread that made it (using it from another raises), hence one list per thread."""
     if mx.default_device() != mx.cpu:
         return [mx.default_stream(mx.default_device())]
-    while len(_CPU_STREAMS) < n:
-        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
-    return _CPU_STREAMS[:n]
+    streams = _CPU_STREAMS.streams
+    while len(streams) < n:
+        streams.append(mx.new_stream(mx.cpu))
+    return streams[:n]
+
+
+class _ThreadStreams(threading.local):
+    def __init__(self):
+        self.streams: list = []  # set anew in each thread
 
 
 _MAX_CPU_STREAMS = 8
-_CPU_STREAMS: list = []
+_CPU_STREAMS = _ThreadStreams()
 
 
 def _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask):
