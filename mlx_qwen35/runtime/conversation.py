@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +117,7 @@ class ConversationCache:
         self.reused_tokens = self._restore_longest_prefix(keys)
         try:
             position = self._prefill_with_checkpoints(
-                inputs, keys, self.reused_tokens, options.get("prefill_step_size", 2048)
+                inputs, keys, self.reused_tokens, options.get("prefill_step_size", 2048), options.get("should_stop")
             )
         except BaseException:
             self.tokens = None  # a forward pass may have stopped halfway
@@ -160,11 +160,14 @@ class ConversationCache:
             positions.append(reply)
         return positions
 
-    def _prefill_with_checkpoints(self, inputs: ModelInputs, keys: list[int], start: int, step_size: int) -> int:
+    def _prefill_with_checkpoints(
+        self, inputs: ModelInputs, keys: list[int], start: int, step_size: int, should_stop: Callable[[], bool] | None
+    ) -> int:
         """Prefill up to the last checkpoint position (only the media there meet the vision tower), snapshotting at each; where the cache ends."""
         position = start
         for point in self._checkpoint_positions(keys, start):
-            prefill_prompt(self.model, inputs.span(position, point, self.model.config), self.model_cache, step_size)
+            span = inputs.span(position, point, self.model.config)
+            prefill_prompt(self.model, span, self.model_cache, step_size, should_stop)
             position = point
             self.tokens = keys[:point]
             self.checkpoints.append(Checkpoint(tuple(keys[:point]), snapshot(self.model_cache)))

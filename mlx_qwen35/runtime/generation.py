@@ -7,7 +7,7 @@ logprobs, running statistics, finish reason); ``generate`` collects the text.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -92,6 +92,10 @@ class ThinkingBudget:
         return token
 
 
+class PrefillCancelled(Exception):
+    """``should_stop`` said stop between two prefill chunks; the cache holds part of the prompt."""
+
+
 def prefill(
     model,
     tokens: mx.array,
@@ -99,12 +103,16 @@ def prefill(
     step_size: int = 2048,
     embeds: mx.array | None = None,
     positions: mx.array | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length.
 
     A multimodal prompt comes as ``embeds`` [1, T, H] and ``positions`` [3, 1, T] (``model.prompt_embeddings``).
+    ``should_stop`` is asked before each chunk (a server's client may have gone); True raises ``PrefillCancelled``.
     """
     for start in range(0, tokens.shape[0], step_size):
+        if should_stop is not None and should_stop():
+            raise PrefillCancelled(f"prefill stopped after {start} of {tokens.shape[0]} tokens")
         chunk = slice(start, start + step_size)
         if embeds is None:
             model(tokens[None, chunk], cache)
@@ -114,15 +122,17 @@ def prefill(
         mx.clear_cache()
 
 
-def prefill_prompt(model, inputs: ModelInputs, cache: list, step_size: int = 2048) -> None:
+def prefill_prompt(
+    model, inputs: ModelInputs, cache: list, step_size: int = 2048, should_stop: Callable[[], bool] | None = None
+) -> None:
     """Run a prompt, its images and videos too, into ``cache``; positions continue after what the cache holds."""
     tokens = mx.array(inputs.input_ids)
     if not inputs.has_vision:
-        prefill(model, tokens, cache, step_size)
+        prefill(model, tokens, cache, step_size, should_stop=should_stop)
         return
     embeds, positions, rope_delta = model.prompt_embeddings(inputs, cache)
     mx.eval(embeds)  # the vision tower, once, before the chunks slice it
-    prefill(model, tokens, cache, step_size, embeds, positions)
+    prefill(model, tokens, cache, step_size, embeds, positions, should_stop)
     cache.rope_delta = rope_delta
 
 
@@ -147,10 +157,13 @@ def stream_generate(
     thinking_budget: int | None = None,
     kv_bits: int | None = None,
     cached_tokens: list[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt``, yielding a response per token. A caller-owned ``cache`` continues from its contents.
 
     ``cached_tokens``: the ids that ``cache`` already holds, for the penalties to look back over as a fresh run would.
+    ``should_stop``: asked between prefill chunks; True raises ``PrefillCancelled`` (decoding stops when the caller
+    stops iterating).
     """
     tokens = prompt_token_ids(processor, prompt, enable_thinking, tools)
     if not tokens:
@@ -159,6 +172,9 @@ def stream_generate(
         mx.random.seed(seed)
     cache = cache if cache is not None else make_cache(model, kv_bits=kv_bits)
     budget = ThinkingBudget(processor, tokens, thinking_budget)
+    # top_k beyond the vocabulary keeps every token; mlx-lm's compiled top-k raises instead, mid-trace,
+    # which leaves mx.random.state holding a tracer that breaks every later sampled generation.
+    top_k = top_k if top_k < model.config.text.vocab_size else 0
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(
         repetition_penalty=repetition_penalty,
@@ -189,7 +205,7 @@ def stream_generate(
     head = (
         prompt.span(0, len(tokens) - 1, model.config) if isinstance(prompt, ModelInputs) else ModelInputs(tokens[:-1])
     )
-    prefill_prompt(model, head, cache, prefill_step_size)
+    prefill_prompt(model, head, cache, prefill_step_size, should_stop)
     token, logprobs = step(history[-1:])
     mx.eval(token, logprobs)
     prompt_tps = len(tokens) / (time.perf_counter() - start)

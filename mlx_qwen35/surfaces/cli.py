@@ -313,13 +313,35 @@ def serve(
     model: ModelOption,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost only by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
-    api_key: str | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="Require this key on every route but /health: 'Authorization: Bearer KEY'; browsers sign in with it as the password.",
+    ),
     max_tokens: int = typer.Option(32768, "--max-tokens", help="Default and largest max_tokens of a request."),
+    allow_local_images: Path | None = typer.Option(
+        None,
+        "--allow-local-images",
+        help="Let image_url name files inside this directory (default: data: URLs only).",
+    ),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body, in MB (413 beyond)."),
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", help="Longest prompt a request may send (default: the model's context)."
+    ),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
     from .server.routes import serve as run_server
 
-    run_server(model, host=host, port=port, api_key=api_key, max_tokens=max_tokens)
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_tokens=max_tokens,
+        allow_local_images=allow_local_images,
+        max_body_mb=max_body_mb,
+        max_prompt_tokens=max_prompt_tokens,
+    )
 
 
 @app.command(name="app")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
+
+from ...errors import Qwen35Error
 
 # ---------------------------------------------------------------- request models (the OpenAI API)
 
@@ -19,7 +19,8 @@ MAX_SEED = 2**63 - 1
 
 class ImageURL(BaseModel):
     url: str = Field(
-        description="A data: URL (base64 image) or a local file path / file:// URL; remote URLs are refused."
+        description="A data: URL (base64 image); a file path or file:// URL only inside the server's"
+        " --allow-local-images directory. Remote URLs are not fetched."
     )
     detail: str | None = None
 
@@ -129,8 +130,39 @@ class ApiError(Exception):
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    """The OpenAI error object."""
+    """The OpenAI error object; lone surrogates a client sent (and a message quotes) are escaped so it encodes."""
+    message, param = (_encodable(text) if text is not None else None for text in (message, param))
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_unicode(body: BaseModel) -> None:
+    """Refuse text holding lone UTF-16 surrogates (JSON escapes like \\ud800 alone): it is not Unicode, so it
+    cannot be tokenised or sent back."""
+    found = _lone_surrogate(body.model_dump(), "")
+    if found is not None:
+        where, char = found
+        raise ApiError(f"{where}: {char!r} is a lone surrogate, not Unicode text; send valid UTF-8", param=where)
+
+
+def _lone_surrogate(value: Any, where: str) -> tuple[str, str] | None:
+    """Where the first lone surrogate is in a JSON-like value, and which it is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where or "body", e.object[e.start]
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        at = f"{where}.{key}" if where else str(key)
+        found = (_lone_surrogate(key, at) if isinstance(key, str) else None) or _lone_surrogate(item, at)
+        if found is not None:
+            return found
+    return None
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -149,41 +181,74 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # ---------------------------------------------------------------- prompts
 
 
-def image_source(url: str) -> Any:
-    """What the processor takes for an ``image_url``: a PIL image for data: URLs, a path for local files."""
-    if url.startswith(("http://", "https://")):
+def image_source(url: str, local_images: Path | None = None) -> Any:
+    """The PIL image an ``image_url`` names: a base64 data: URL, or a file inside ``local_images`` if the server allows one.
+
+    Nothing is fetched from the network, and local files are off unless ``--allow-local-images DIR`` is given.
+    """
+    from ...processing.image import DATA_URL, URL_SCHEME, open_image
+
+    if url[:5].lower() == "data:":
+        if not DATA_URL.match(url):
+            raise ApiError("image data: URLs must be base64 images: data:image/png;base64,...", param="image_url")
+        source: str | Path = url
+    elif URL_SCHEME.match(url) and url[:7].lower() != "file://":
         raise ApiError(
-            "remote image URLs are not fetched; send the image as a data: URL or a local file path", param="image_url"
+            f"remote image URLs are not fetched ({url[:80]!r}); send the image as a data: URL", param="image_url"
         )
-    if url.startswith("data:"):
-        from PIL import Image, UnidentifiedImageError
-
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise ApiError("image data: URLs must be base64 encoded (data:image/png;base64,...)", param="image_url")
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-            image.load()
-        except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
-            raise ApiError(f"image data: URL does not hold a readable image ({e})", param="image_url") from e
-        return image
-    try:  # "~nobody", NUL bytes or lone surrogates make these raise rather than return False
-        path = Path(url.removeprefix("file://")).expanduser()
-        found = path.is_file()
-    except (RuntimeError, OSError, ValueError):
-        found = False
-    if not found:
-        raise ApiError(f"image file not found: {url!r}; give an existing local file or a data: URL", param="image_url")
-    return str(path)
+    else:
+        source = local_image_path(url, local_images)
+    try:
+        return open_image(source)
+    except Qwen35Error as e:
+        raise ApiError(str(e), param="image_url") from None
 
 
-def _template_content(content: str | list[TextPart | ImagePart] | None) -> str | list[dict] | None:
+def local_image_path(url: str, root: Path | None) -> Path:
+    """The file a path or file:// ``image_url`` names, if it lies inside ``root`` before and after resolving symlinks.
+
+    Every refusal has the same message, whether or not the file exists, so a client learns nothing about the
+    disk outside ``root``; ``..`` is refused outright so no path passes through directories outside it.
+    """
+    shown = repr(url[:200])
+    if root is None:
+        raise ApiError(
+            f"local image files are off ({shown}); send the image as a data: URL, "
+            "or start the server with --allow-local-images DIR",
+            param="image_url",
+        )
+    refused = (
+        f"image_url {shown} is not an image file inside the directory the server allows; give a path relative "
+        "to it (or absolute, or a file:// URL) without '..', or send a data: URL"
+    )
+    try:
+        text = url
+        if url[:7].lower() == "file://":
+            parts = urlsplit(url)
+            if parts.netloc not in ("", "localhost"):
+                raise ApiError(refused, param="image_url")
+            text = unquote(parts.path)
+        path = root / text  # an absolute path replaces root (itself absolute and normalised)
+        real_root = root.resolve()
+        # Lexically inside first, so resolving never walks (or probes) directories outside root.
+        if ".." not in path.parts and (path.is_relative_to(root) or path.is_relative_to(real_root)):
+            real = path.resolve()
+            if real.is_relative_to(real_root) and real.is_file():
+                return real
+    except (OSError, ValueError, RuntimeError):  # NUL bytes, lone surrogates, symlink loops
+        pass
+    raise ApiError(refused, param="image_url")
+
+
+def _template_content(
+    content: str | list[TextPart | ImagePart] | None, local_images: Path | None
+) -> str | list[dict] | None:
     if not isinstance(content, list):
         return content
     return [
         {"type": "text", "text": part.text}
         if isinstance(part, TextPart)
-        else {"type": "image", "image": image_source(part.image_url.url)}
+        else {"type": "image", "image": image_source(part.image_url.url, local_images)}
         for part in content
     ]
 
@@ -200,12 +265,12 @@ def _template_tool_call(call: ToolCall) -> dict:
     return {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template reads them: image parts as ``{"type": "image"}``, tool arguments as dicts."""
+def template_messages(messages: list[ChatMessage], local_images: Path | None = None) -> list[dict]:
+    """Messages as the chat template reads them: images as PIL images (see ``image_source``), tool arguments as dicts."""
     rendered = []
     for message in messages:
         item: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
-        item["content"] = _template_content(message.content)
+        item["content"] = _template_content(message.content, local_images)
         if message.reasoning_content is not None:
             item["reasoning_content"] = message.reasoning_content
         if message.tool_calls:

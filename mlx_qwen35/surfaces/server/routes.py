@@ -9,6 +9,9 @@ the worker's events into an OpenAI response, streamed as server-sent events or w
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,17 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ...errors import Qwen35Error
+from .guard import BodyTooLarge, Guard, exposure_warning, key_matches
 from .protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingRequest,
+    check_unicode,
     error_body,
     offered_tools,
     template_messages,
@@ -37,6 +42,9 @@ from .worker import Cancelled, Failed, Finished, GenerationWorker, JobEvents, St
 # ---------------------------------------------------------------- generation options
 
 
+DEFAULT_MAX_BODY_MB = 64
+
+
 @dataclass
 class ServerSettings:
     """What the server was started with."""
@@ -44,6 +52,20 @@ class ServerSettings:
     model_id: str
     api_key: str | None = None
     max_tokens: int = 32768  # the default and the cap of a request's max_tokens
+    host: str = "127.0.0.1"  # the address it is bound to: requests naming another host are refused
+    allow_local_images: Path | None = None  # image_url may name files inside this directory (else data: URLs only)
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise Qwen35Error("--api-key is empty; give a key, or leave the option out to serve without one")
+        if self.max_body_bytes <= 0:
+            raise Qwen35Error(f"--max-body-mb must be positive, got {self.max_body_bytes} bytes")
+        if self.allow_local_images is not None:
+            root = Path(os.path.abspath(Path(self.allow_local_images).expanduser()))
+            if not root.is_dir():
+                raise Qwen35Error(f"--allow-local-images {self.allow_local_images}: not a directory; give one")
+            self.allow_local_images = root
 
 
 def generation_options(request: SamplingRequest, settings: ServerSettings, enable_thinking: bool) -> dict:
@@ -291,18 +313,25 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
     async def user_error(_: Request, exc: Qwen35Error) -> JSONResponse:
         return JSONResponse(error_body(str(exc)), status_code=400)
 
-    def authorized(request: Request) -> None:
-        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            raise ApiError(
-                "missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error"
-            )
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse(error_body(exc.detail), status_code=413)
 
-    api = [Depends(authorized)]
-    error_responses = {400: {"description": "Invalid request"}, 401: {"description": "Missing or wrong API key"}}
+    app.add_middleware(
+        Guard, bound_host=settings.host, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes
+    )
+    # The key itself is checked by Guard, for every route; this documents it in the schema.
+    error_responses = {
+        400: {"description": "Invalid request"},
+        401: {"description": "Missing or wrong API key"},
+        413: {"description": "Request body too large"},
+    }
 
     @app.get("/health")
-    def health() -> dict:
-        """Liveness and the worker's state: queue length and the last generation's speed and memory."""
+    def health(request: Request) -> dict:
+        """Liveness (open to all); with the API key (or without one set), the model, queue and last speed and memory."""
+        if settings.api_key and not key_matches(request.headers, settings.api_key):
+            return {"status": "ok"}
         return {
             "status": "ok",
             "model": settings.model_id,
@@ -311,7 +340,7 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
             **worker.last_stats,
         }
 
-    @app.get("/v1/models", dependencies=api, responses=error_responses)
+    @app.get("/v1/models", responses=error_responses)
     def models() -> dict:
         """The one model this server holds."""
         return {
@@ -319,16 +348,18 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
             "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-qwen35"}],
         }
 
-    @app.post("/v1/chat/completions", dependencies=api, responses=error_responses)
+    @app.post("/v1/chat/completions", responses=error_responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Chat completion (streamed as server-sent events with ``stream: true``)."""
+        check_unicode(body)
         thinking = (body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None) is not False
         tools = offered_tools(body)
         options = generation_options(body, settings, thinking) | {
             "tools": tools,
             "thinking_budget": body.thinking_budget,
         }
-        events = JobEvents(worker, request, template_messages(body.messages), options)
+        messages = template_messages(body.messages, settings.allow_local_images)
+        events = JobEvents(worker, request, messages, options)
         try:
             started = await first_event(events)
         except ApiError:
@@ -358,9 +389,10 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         }
         return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
 
-    @app.post("/v1/completions", dependencies=api, responses=error_responses)
+    @app.post("/v1/completions", responses=error_responses)
     async def completions(body: CompletionRequest, request: Request):
         """Text completion of a raw prompt (no chat template; streamed with ``stream: true``)."""
+        check_unicode(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1 or not prompts[0]:
             raise ApiError("prompt must be one non-empty string", param="prompt")
@@ -385,17 +417,37 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
 
 
 def serve(
-    model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, max_tokens: int = 32768
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    max_tokens: int = 32768,
+    allow_local_images: Path | None = None,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    max_prompt_tokens: int | None = None,
 ) -> None:
     """Load ``model`` and serve the API and the chat page until interrupted."""
+    web_root()  # fail before loading a large model if the page is missing, or on a bad option
+    if not (math.isfinite(max_body_mb) and max_body_mb > 0):
+        raise Qwen35Error(f"--max-body-mb must be a positive number of megabytes, got {max_body_mb}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise Qwen35Error(f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}")
+    settings = ServerSettings(
+        model_id=Path(model).name or model,
+        api_key=api_key,
+        max_tokens=max_tokens,
+        host=host,
+        allow_local_images=allow_local_images,
+        max_body_bytes=int(max_body_mb * 2**20),
+    )
+    if warning := exposure_warning(host, api_key):
+        print(warning, file=sys.stderr)
     import uvicorn
 
     from ...weights.loading import load
 
-    web_root()  # fail before loading a large model if the page is missing
-    worker = GenerationWorker(lambda: load(model))
+    worker = GenerationWorker(lambda: load(model), max_prompt_tokens=max_prompt_tokens)
     worker.start()
-    settings = ServerSettings(model_id=Path(model).name or model, api_key=api_key, max_tokens=max_tokens)
     try:
         uvicorn.run(create_app(worker, settings), host=host, port=port, log_level="info")
     finally:

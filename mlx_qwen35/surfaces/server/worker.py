@@ -97,9 +97,15 @@ class GenerationWorker:
     ``generate`` replaces all that with a stand-in for ``stream_generate`` (tests script replies with it).
     """
 
-    def __init__(self, loader: Callable[[], tuple[Any, Any]], generate: Generate | None = None):
+    def __init__(
+        self,
+        loader: Callable[[], tuple[Any, Any]],
+        generate: Generate | None = None,
+        max_prompt_tokens: int | None = None,
+    ):
         self._loader = loader
         self._generate = generate
+        self._max_prompt_tokens = max_prompt_tokens  # the model's context is the limit too
         self.prompt_cache = None  # the ConversationCache, made on the worker thread once the model is loaded
         self._jobs: queue.Queue[GenerationJob | None] = queue.Queue()
         self._ready = threading.Event()
@@ -163,6 +169,15 @@ class GenerationWorker:
         ids = prompt_token_ids(self.processor, job.prompt, thinking, tools)
         return ids, len(ids)
 
+    def _prompt_limit(self) -> tuple[int, str] | None:
+        """The most prompt tokens a request may have, and where that limit comes from."""
+        limits = []
+        if self._max_prompt_tokens is not None:
+            limits.append((self._max_prompt_tokens, "the server's --max-prompt-tokens"))
+        if self.model is not None:
+            limits.append((self.model.config.text.max_position_embeddings, "the model's context"))
+        return min(limits, default=None)
+
     def _start(self, prompt: Any, options: dict) -> tuple[Iterator[Any], int]:
         """The generation of ``prompt`` and how many of its tokens came from the cache (prefilled up to the reply start)."""
         if self.prompt_cache is None:
@@ -176,14 +191,24 @@ class GenerationWorker:
     def _run_job(self, job: GenerationJob) -> None:
         from jinja2 import TemplateError
 
+        from ...runtime.generation import PrefillCancelled
+
         try:
             prompt, prompt_tokens = self._prompt(job)
         except (Qwen35Error, TemplateError, ValueError, TypeError) as e:
             job.emit(Failed(f"cannot build the prompt: {e}"))
             return
+        limit = self._prompt_limit()
+        if limit is not None and prompt_tokens > limit[0]:
+            job.emit(
+                Failed(f"the prompt is {prompt_tokens} tokens, more than the {limit[0]} of {limit[1]}; shorten it")
+            )
+            return
         generation = None
         try:
-            generation, cached_tokens = self._start(prompt, job.options)
+            # A client that leaves during a long prefill frees the model at the next prefill chunk.
+            options = job.options | {"should_stop": job.cancelled.is_set}
+            generation, cached_tokens = self._start(prompt, options)
             job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
             for response in generation:
                 token = Token.of(response)
@@ -191,6 +216,8 @@ class GenerationWorker:
                 self.last_stats = {k: v for k, v in vars(token).items() if k not in ("text", "finish_reason")}
                 if job.cancelled.is_set():
                     return
+        except PrefillCancelled:
+            return  # nobody is waiting for the answer
         except Qwen35Error as e:
             job.emit(Failed(str(e)))
         except Exception as e:  # the server must outlive a bad generation; the client gets a 500-class error
