@@ -9,11 +9,39 @@ function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
-// Model output is untrusted: raw HTML in it is shown as text, never run.
-marked.use({ renderer: { html: (html) => escapeHtml(typeof html === "string" ? html : html.text) } });
+// Model output is untrusted (a prompt can make the model write anything): raw HTML in it is shown as
+// text, images become links (loading one could leak the conversation in its URL), and what marked
+// renders passes an allow-list sanitiser that keeps only http(s) and mailto links, opened in a new tab.
+// The server's Content-Security-Policy backs this up: no inline script, nothing loaded from elsewhere.
+marked.use({
+  renderer: {
+    html: (html) => escapeHtml(typeof html === "string" ? html : html.text),
+    image: (image, title, text) => { // marked 12 passes (href, title, text); later versions one token
+      const href = typeof image === "string" ? image : image.href;
+      const label = (typeof image === "string" ? text : image.text) || href;
+      return `<a href="${escapeHtml(href)}">image: ${escapeHtml(label)}</a>`;
+    },
+  },
+});
+const SANITIZE = {
+  ALLOWED_TAGS: ["a", "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "em", "strong", "del", "code", "pre",
+    "blockquote", "ul", "ol", "li", "table", "thead", "tbody", "tr", "th", "td", "input"],
+  ALLOWED_ATTR: ["href", "title", "class", "align", "start", "type", "checked", "disabled"],
+  ALLOWED_URI_REGEXP: /^(?:https?|mailto):/i,
+};
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+  if (node.tagName === "INPUT") { // task-list checkboxes only, never a live form control
+    node.setAttribute("type", "checkbox");
+    node.setAttribute("disabled", "");
+  }
+});
 
 function renderMarkdown(element, text) {
-  element.innerHTML = marked.parse(text);
+  element.innerHTML = DOMPurify.sanitize(marked.parse(text), SANITIZE);
   element.querySelectorAll("pre code").forEach((block) => hljs.highlightElement(block));
 }
 
@@ -105,10 +133,13 @@ function renderAll() {
   renderSidebar();
 }
 
-function headers() {
-  const key = localStorage.getItem("mlx-qwen35.api-key");
-  return { "Content-Type": "application/json", ...(key ? { Authorization: `Bearer ${key}` } : {}) };
-}
+// A server started with --api-key asks the browser to sign in (HTTP Basic, the key as the password) when
+// the page loads; the browser then sends the key with every request of this page. The key is never
+// in reach of the page's script (earlier versions kept it in localStorage: forget it).
+localStorage.removeItem("mlx-qwen35.api-key");
+// Requests name the origin: a page opened as http://user:key@host/ has the credentials in its base URL,
+// and fetch refuses relative URLs that would carry them.
+const endpoint = (path) => new URL(path, location.origin);
 
 // Reads server-sent events from a fetch response, calling onChunk with each JSON payload.
 async function readEvents(response, onChunk) {
@@ -154,9 +185,9 @@ async function send(text) {
   state.controller = new AbortController();
   setBusy(true);
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await fetch(endpoint("/v1/chat/completions"), {
       method: "POST",
-      headers: headers(),
+      headers: { "Content-Type": "application/json" },
       signal: state.controller.signal,
       body: JSON.stringify({
         messages: history, stream: true, stream_options: { include_usage: true },
@@ -165,10 +196,6 @@ async function send(text) {
     });
     if (!response.ok) {
       const error = await response.json().catch(() => ({}));
-      if (response.status === 401) {
-        const key = prompt("This server needs an API key:");
-        if (key) localStorage.setItem("mlx-qwen35.api-key", key);
-      }
       throw new Error((error.error && error.error.message) || `HTTP ${response.status}`);
     }
     let scheduled = false;
@@ -229,6 +256,7 @@ function attach(files) {
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
+  if (state.controller) return; // a reply is streaming: one request at a time, so Stop reaches it
   const text = $("prompt").value.trim();
   if (!text && !state.pending.length) return;
   $("prompt").value = "";
@@ -245,6 +273,6 @@ $("composer").addEventListener("dragover", (event) => { event.preventDefault(); 
 $("composer").addEventListener("dragleave", () => $("composer").classList.remove("dragging"));
 $("composer").addEventListener("drop", (event) => { event.preventDefault(); $("composer").classList.remove("dragging"); attach(event.dataTransfer.files); });
 
-fetch("/health").then((r) => r.json()).then((h) => { $("model-name").textContent = h.model; }).catch(() => {});
+fetch(endpoint("/health")).then((r) => r.json()).then((h) => { $("model-name").textContent = h.model; }).catch(() => {});
 state.current = state.conversations[0] || null;
 renderAll();
