@@ -79,10 +79,12 @@ class TinyCheckpoint:
     def text_config(self) -> dict:
         return self.config["text_config"]
 
-    def load_reference(self) -> PreTrainedModel:
-        """The transformers model of this checkpoint, float32, eval mode (the numerical oracle)."""
+    def load_reference(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        """The transformers model of this checkpoint in ``dtype``, eval mode (float64: the numerical oracle)."""
         cls = Qwen3_5MoeForConditionalGeneration if self.is_moe else Qwen3_5ForConditionalGeneration
-        return cls.from_pretrained(self.reference_path, dtype=torch.float32).eval()
+        # The default grouped-mm experts have no float64 kernel; the eager loop over experts computes the same.
+        experts = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+        return cls.from_pretrained(self.reference_path, dtype=dtype, **experts).eval()
 
     def prompt_ids(self, n: int = 64) -> list[int]:
         """``n`` deterministic token ids of ordinary English text (the embedded corpus)."""

@@ -2,7 +2,8 @@
 
 Each fixture returns a ``tests.checkpoints.TinyCheckpoint``: ``.path`` (the checkpoint dir), ``.layout``,
 ``.config`` (config.json as a dict), ``.tokens`` (tokenizer size and special ids), ``.reference_path``
-and ``.load_reference()`` (transformers model, float32, eval) and ``.prompt_ids(n)``.
+and ``.load_reference(dtype)`` (transformers model, eval) and ``.prompt_ids(n)``. ``references(ckpt)``
+gives its transformers models in float32 and float64, loaded once per session (``tests/parity.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from checkpoints import (
     rewrite_fp8,
     rewrite_fused,
 )
+from parity import References
 
 # Seeds are chosen for a clear greedy top-1 margin: the smallest top-1 − top-2 logit gap along
 # transformers' 32-token greedy path from 24- and 64-token prompts is ≥ 0.0138 (over other seeds it
@@ -22,6 +24,12 @@ from checkpoints import (
 # sizes on both axes (hidden 144 = 128 + 16, expert intermediate 160 = 128 + 32).
 FP8_HIDDEN_SIZE = 144
 FP8_MOE_INTERMEDIATE_SIZE = 160
+
+
+@pytest.fixture(scope="session")
+def references() -> References:
+    """``references(ckpt)``: the checkpoint's transformers models in float32 and float64, each loaded once."""
+    return References()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The conversation engine: cache reuse across turns, retry, edit, reset and interruption give the
-logits of a fresh prefill of the whole rendered conversation (float32 tiny model, ≤ 1e-4)."""
+logits of a fresh prefill of the whole rendered conversation (float32 tiny model; both sides are ours on
+MLX: max |Δ log-probability| ≤ 1e-4, measured ≤ 1.4e-5, 7× headroom)."""
 
 from __future__ import annotations
 
