@@ -8,7 +8,8 @@ import sys
 
 import mlx.core as mx
 import pytest
-from checkpoints import convert_tiny
+from checkpoints import convert_tiny, hf_greedy
+from transformers import AutoTokenizer
 
 from mlx_qwen35 import generate, load, stream_generate
 from mlx_qwen35.runtime.generation import prompt_token_ids
@@ -103,6 +104,50 @@ def test_cli_generate_json(converted):
     out = json.loads(result.stdout)
     assert set(out) >= {"text", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "peak_memory_gb"}
     assert out["generation_tokens"] == 5 and out["prompt_tokens"] > 5
+
+
+# A raw prompt whose greedy continuation opens with a space (" of"), then breaks a character into bytes that
+# never complete (decode shows U+FFFD): what mlx-lm's streaming detokenizer got wrong (issue 9).
+SPACE_FIRST_PROMPT = "The capital of France"
+SPACE_FIRST_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def space_first_reply(converted, tiny_moe_checkpoint, references) -> str:
+    """What transformers' tokenizer decodes for float64 transformers' greedy ids after SPACE_FIRST_PROMPT."""
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    prompt = tokenizer.encode(SPACE_FIRST_PROMPT, add_special_tokens=False)
+    greedy, margin = hf_greedy(references(tiny_moe_checkpoint).fp64, prompt, SPACE_FIRST_TOKENS)
+    assert margin > 0.1, "the greedy path is too close to a tie to compare"  # measured 0.13
+    reply = tokenizer.decode(greedy)
+    assert reply.startswith(" ") and "\ufffd" in reply
+    return reply
+
+
+def test_generated_text_is_the_decoded_reply_leading_space_and_all(loaded, space_first_reply):
+    model, processor = loaded
+    text = generate(model, processor, SPACE_FIRST_PROMPT, max_tokens=SPACE_FIRST_TOKENS, temp=0.0)
+    assert text == space_first_reply
+
+
+def test_cli_raw_json_prints_what_transformers_decodes(converted, space_first_reply):
+    result = run_cli(
+        "generate",
+        "--model",
+        str(converted),
+        "--raw",
+        "--json",
+        "--prompt",
+        SPACE_FIRST_PROMPT,
+        "--max-tokens",
+        str(SPACE_FIRST_TOKENS),
+        "--temp",
+        "0",
+        "--presence-penalty",
+        "0",  # greedy as transformers' is: no penalty
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["text"] == space_first_reply
 
 
 def test_cli_missing_model_is_one_line(tmp_path):

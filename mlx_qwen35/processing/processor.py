@@ -1,6 +1,6 @@
 """The processor returned by ``load``: tokenizer, chat template, stop tokens and vision inputs of a checkpoint.
 
-Tokenisation and streaming detokenisation come from mlx-lm's ``TokenizerWrapper``; the chat
+Tokenisation comes from mlx-lm's ``TokenizerWrapper`` (streaming detokenisation: runtime/text_stream.py); the chat
 template is the checkpoint's own (``chat_template.jinja`` or a ``chat_template`` key). Calling the
 processor on messages with images / videos renders the template, expands each placeholder to the
 number of tokens its vision features fill (docs/architecture.md §11.1) and returns ``ModelInputs``.

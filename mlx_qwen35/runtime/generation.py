@@ -17,6 +17,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from ..errors import Qwen35Error
 from ..model.cache import make_cache
 from ..model.inputs import ModelInputs
+from .text_stream import TextStream
 
 Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
 PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over
@@ -184,8 +185,7 @@ def stream_generate(
     )
     vocab_mask = _vocab_mask(model, processor)
     eos = processor.eos_token_ids
-    detokenizer = processor.tokenizer.detokenizer
-    detokenizer.reset()
+    detokenizer = TextStream(processor.tokenizer)
     # The penalties look back PENALTY_CONTEXT tokens (mlx-lm's default window); keep only those, not the
     # whole context, so each decode step does not copy a growing array.
     history = mx.array(((cached_tokens or []) + tokens)[-PENALTY_CONTEXT:])
