@@ -25,20 +25,24 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlx_qwen35.config import parse_config  # noqa: E402
-from mlx_qwen35.weights.quantize import expected_tensors  # noqa: E402
+from mlx_qwen35.weights.layout import pack_shards, safetensors_header, shard_filename, write_index  # noqa: E402
+from mlx_qwen35.weights.random_checkpoint import hf_tensor_shapes  # noqa: E402
 
-# ~2.3 B parameters (4.6 GB in bf16): experts dominate, as in the real members.
+# ~2.3 B parameters (4.6 GB in bf16): experts dominate, as in the real members. No vision tower.
 BENCH_CONFIG = {
     "model_type": "qwen3_5_moe",
     "text_config": {
         "hidden_size": 2048,
         "num_hidden_layers": 4,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
         "num_attention_heads": 8,
         "num_key_value_heads": 2,
         "head_dim": 256,
         "linear_num_key_heads": 8,
         "linear_num_value_heads": 16,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
         "vocab_size": 32768,
         "num_experts": 64,
         "num_experts_per_tok": 4,
@@ -50,58 +54,27 @@ BENCH_CONFIG = {
 }
 
 
-def hf_tensors(config: dict) -> dict[str, tuple[int, ...]]:
-    """HF names and shapes of the released layout (fused experts, conv1d [C, 1, K]) for ``config``."""
-    out = {}
-    for name, shape in expected_tensors(parse_config(config)).items():
-        if name.endswith(".experts.up_proj.weight"):
-            continue
-        if name.endswith(".experts.gate_proj.weight"):
-            name, shape = name.replace("gate_proj.weight", "gate_up_proj"), (shape[0], 2 * shape[1], shape[2])
-        elif name.endswith(".experts.down_proj.weight"):
-            name = name.removesuffix(".weight")
-        elif name.endswith(".conv1d.weight"):
-            shape = (shape[0], 1, shape[1])
-        if name == "language_model.lm_head.weight":
-            name = "lm_head.weight"
-        elif name.startswith("language_model."):
-            name = "model." + name
-        out[name] = shape
-    return out
-
-
 def write_checkpoint(path: Path, shard_bytes: int, seed: int = 0) -> list[int]:
-    """Write a random bf16 checkpoint, one tensor at a time; returns the shard sizes."""
+    """Write a random bf16 checkpoint in the released layout, one tensor at a time; returns the shard sizes."""
     rng = np.random.default_rng(seed)
-    tensors = hf_tensors(BENCH_CONFIG)
-    groups, size = [[]], 0
-    for name, shape in tensors.items():
-        nbytes = 2 * math.prod(shape)
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    tensors = hf_tensor_shapes(BENCH_CONFIG, layout="fused")
+    groups = pack_shards(((name, 2 * math.prod(shape)) for name, shape in tensors.items()), shard_bytes)
     path.mkdir(parents=True)
     weight_map = {}
     for i, names in enumerate(groups):
-        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        header, offset = {}, 0
-        for name in names:
-            n = 2 * math.prod(tensors[name])
-            header[name] = {"dtype": "BF16", "shape": list(tensors[name]), "data_offsets": [offset, offset + n]}
-            offset += n
-            weight_map[name] = filename
-        blob = json.dumps(header).encode()
-        blob += b" " * (-len(blob) % 8)
+        filename = shard_filename(i, len(groups))
+        header = safetensors_header(
+            [(n, "BF16", tensors[n], 2 * math.prod(tensors[n])) for n in names], {"format": "pt"}
+        )
         with open(path / filename, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little") + blob)
+            f.write(header)
             for name in names:
                 x = rng.standard_normal(math.prod(tensors[name]), dtype=np.float32) * 0.02
                 f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # bf16 = top half of fp32
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        weight_map |= dict.fromkeys(names, filename)
+    write_index(path, weight_map, sum(2 * math.prod(s) for s in tensors.values()))
     (path / "config.json").write_text(json.dumps(BENCH_CONFIG))
-    return [(path / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors").stat().st_size for i in range(len(groups))]
+    return [(path / shard_filename(i, len(groups))).stat().st_size for i in range(len(groups))]
 
 
 CHILD = """

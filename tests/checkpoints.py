@@ -28,6 +28,7 @@ from transformers import (
     Qwen3_5MoeForConditionalGeneration,
 )
 
+from mlx_qwen35.weights.layout import FP8_BLOCK, PER_EXPERT_KEY, padded_vocab_size
 from mlx_qwen35.weights.random_checkpoint import (
     hf_tensor_shapes,
     random_parameter,
@@ -38,7 +39,6 @@ from mlx_qwen35.weights.random_checkpoint import (
 from mlx_qwen35.weights.tokenizer_builder import CORPUS, TokenizerInfo, write_generation_config, write_tokenizer_files
 
 TINY_BASE_VOCAB = 512
-VOCAB_PAD_MULTIPLE = 64  # the model's vocab is the tokenizer size rounded up; the extra rows are padding
 # Explicit and not the interval-4 pattern, so a loader that derives layer types itself gets caught.
 TINY_LAYER_TYPES = [
     "linear_attention",
@@ -49,7 +49,6 @@ TINY_LAYER_TYPES = [
     "full_attention",
 ]
 MAX_SHARD_BYTES = 512 * 1024  # a ~2 MB model → several shards
-FP8_BLOCK = 128
 FP8_E4M3_MAX = 448.0
 # Modules the official FP8 release stores as float8_e4m3fn + weight_scale_inv (docs/architecture.md §2.3).
 FP8_QUANTIZED = re.compile(
@@ -58,7 +57,6 @@ FP8_QUANTIZED = re.compile(
     r"|self_attn\.(q|k|v|o)_proj"
     r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))\.weight$"
 )
-PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 @dataclass(frozen=True)
@@ -95,15 +93,10 @@ class TinyCheckpoint:
         return ids[:n]
 
 
-def padded_vocab_size(tokens: TokenizerInfo) -> int:
-    """The model's vocab size: the tokenizer's, rounded up to VOCAB_PAD_MULTIPLE (rows past it are padding)."""
-    return math.ceil(tokens.size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-
-
 def tiny_text_config(tokens: TokenizerInfo, moe: bool, hidden_size: int = 64, moe_intermediate_size: int = 32) -> dict:
     """A small ``text_config`` exercising every code path: both mixers, GQA, partial M-RoPE, MoE or MLP."""
     text = {
-        "vocab_size": padded_vocab_size(tokens),
+        "vocab_size": padded_vocab_size(tokens.size),  # rows past the tokenizer are padding, as released
         "hidden_size": hidden_size,
         "num_hidden_layers": len(TINY_LAYER_TYPES),
         "layer_types": TINY_LAYER_TYPES,

@@ -20,16 +20,11 @@ from safetensors.numpy import load_file, save_file
 import mlx_qwen35.weights.convert as convert_module
 from mlx_qwen35.config import parse_config
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.weights.convert import convert, predict_recipes
+from mlx_qwen35.weights.convert import SourceTensor, convert, plan_outputs, predict_recipes
 from mlx_qwen35.weights.hub import HUB_PATTERNS
-from mlx_qwen35.weights.quantize import (
-    RECIPES,
-    expected_tensors,
-    get_recipe,
-    is_zero_centred_norm,
-    nbytes,
-    stored_tensors,
-)
+from mlx_qwen35.weights.layout import expected_tensors, is_zero_centred_norm
+from mlx_qwen35.weights.quantize import RECIPES, get_recipe, nbytes, stored_tensors
+from mlx_qwen35.weights.random_checkpoint import LAYOUTS, hf_tensor_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 # Relative error of a dequantised weight against the original (Gaussian weights, group 64 or 32).
@@ -101,6 +96,44 @@ def test_experts_are_stacked_in_order(tiny_moe_checkpoint, per_expert_fp32):
             stacked = np.array(per_expert_fp32[f"{prefix}.{proj}_proj.weight"])
             for e in range(stacked.shape[0]):
                 np.testing.assert_array_equal(stacked[e], src[f"{hf_prefix}.{e}.{proj}_proj.weight"])
+
+
+def released_and_tiny_configs(*checkpoints) -> dict[str, dict]:
+    """config.json of every released MoE member and of the given tiny checkpoints, by name."""
+    from mlx_qwen35.weights.quantize import RELEASED_MOE_CONFIGS
+
+    return RELEASED_MOE_CONFIGS | {f"tiny-{c.layout}-{'moe' if c.is_moe else 'dense'}": c.config for c in checkpoints}
+
+
+def test_the_release_layout_converts_to_the_module_tree(tiny_moe_checkpoint, tiny_dense_checkpoint):
+    # Two independent statements meet: what a release holds (hf_tensor_shapes, checked against what
+    # transformers writes in test_fixtures) → through the converter's renaming and stacking → must be
+    # exactly the parameters of our module tree, which is what expected_tensors returns.
+    for name, raw in released_and_tiny_configs(tiny_moe_checkpoint, tiny_dense_checkpoint).items():
+        cfg = parse_config(raw)
+        for layout in LAYOUTS:
+            sources = {
+                k: SourceTensor(Path("model.safetensors"), k, "BF16", shape, 0)
+                for k, shape in hf_tensor_shapes(raw, layout).items()
+            }
+            outputs, has_mtp = plan_outputs(sources, cfg, Path("model.safetensors.index.json"))
+            assert has_mtp
+            assert {o.name: o.shape for o in outputs} == expected_tensors(cfg), (name, layout)
+
+
+def test_zero_centred_norms_are_the_models_rmsnorm1p_weights(tiny_moe_checkpoint, tiny_dense_checkpoint):
+    # The name pattern the converter (+1 shift, fp32) and the random writer (HF names) use is exactly
+    # the set of norms the model applies as (1 + w).
+    from mlx_qwen35.model.norms import RMSNorm1p
+    from mlx_qwen35.model.qwen35 import Qwen35Model
+
+    for raw in released_and_tiny_configs(tiny_moe_checkpoint, tiny_dense_checkpoint).values():
+        cfg = parse_config(raw)
+        modules = Qwen35Model(cfg).named_modules()
+        norms = {f"{path}.weight" for path, m in modules if isinstance(m, RMSNorm1p)}
+        assert {n for n in expected_tensors(cfg) if is_zero_centred_norm(n)} == norms
+        hf = {n for n in hf_tensor_shapes(raw) if is_zero_centred_norm(n)}
+        assert {convert_module.our_name(n) for n in hf} == norms
 
 
 # ------------------------------------------------------------------------------------------ value rules

@@ -8,14 +8,10 @@ import re
 
 import pytest
 import torch
-from checkpoints import (
-    FP8_BLOCK,
-    FP8_QUANTIZED,
-    PER_EXPERT_KEY,
-    TinyCheckpoint,
-    hf_greedy,
-)
+from checkpoints import FP8_QUANTIZED, TinyCheckpoint, hf_greedy
 from safetensors import safe_open
+
+from mlx_qwen35.weights.layout import FP8_BLOCK, PER_EXPERT_KEY
 
 # Smallest top-1 − top-2 logit gap along transformers' 32-token greedy path that the parity tests
 # rely on: 100× the 1e-4 logit tolerance and ~500× transformers' own float32 error, so numeric noise

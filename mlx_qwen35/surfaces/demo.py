@@ -8,13 +8,13 @@ a generation. The weights are random, so the text is gibberish; the point is tha
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from ..weights.layout import padded_vocab_size
 from ..weights.tokenizer_builder import QWEN_ADDED_TOKENS
 
 DEMO_VERSION = 1  # bump when the demo checkpoint's recipe changes, so stale caches are rebuilt
@@ -36,7 +36,7 @@ def demo_config() -> dict:
     layer_types = (["linear_attention"] * 3 + ["full_attention"]) * 2
     text = {
         "model_type": "qwen3_5_moe_text",
-        "vocab_size": math.ceil(tokenizer_size / 64) * 64,  # rows past the tokenizer are padding, as released
+        "vocab_size": padded_vocab_size(tokenizer_size),  # rows past the tokenizer are padding, as released
         "hidden_size": 256,
         "num_hidden_layers": len(layer_types),
         "layer_types": layer_types,

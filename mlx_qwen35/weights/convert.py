@@ -3,8 +3,8 @@
 Memory stays bounded by a chunk of one tensor, never a shard or the model: tensors are read from the
 safetensors files by byte range (rows along the first axis) and written into output files whose
 headers are laid out before any data is written. ``mx.load`` would read a whole tensor to take a slice
-of it, and a stacked expert tensor of the 397B is 4 GB. The output goes into a temporary directory
-beside the target and is renamed into place only when complete.
+of it, and a stacked expert tensor of the 397B is 4 GB. The output is staged beside the target and
+takes its place only when complete.
 """
 
 from __future__ import annotations
@@ -25,6 +25,19 @@ import numpy as np
 from ..config import ModelConfig, parse_config, read_config_json
 from ..errors import Qwen35Error
 from .hub import resolve_checkpoint
+from .layout import (
+    FP8_BLOCK,
+    FUSED_EXPERT_KEY,
+    INDEX_FILE,
+    PER_EXPERT_KEY,
+    expected_tensors,
+    is_zero_centred_norm,
+    pack_shards,
+    read_safetensors_header,
+    safetensors_header,
+    shard_filename,
+    write_index,
+)
 from .quantize import (
     DTYPE_BYTES,
     RECIPES,
@@ -32,9 +45,7 @@ from .quantize import (
     QuantSpec,
     Recipe,
     SizePrediction,
-    expected_tensors,
     get_recipe,
-    is_zero_centred_norm,
     nbytes,
     predict_size,
     quantization_config,
@@ -56,7 +67,6 @@ COPIED_FILES = (
 )
 # Elements per processing chunk (512 MB in fp32 would be too much on top of the I/O buffers).
 CHUNK_ELEMENTS = 32 * 2**20
-FP8_BLOCK = (128, 128)
 GB = 1e9
 
 # Raw storage of each safetensors dtype we read: numpy dtype of the bytes, then the MLX dtype they decode to.
@@ -70,9 +80,6 @@ _SOURCE_DTYPES = {
 }
 _MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "uint32": mx.uint32}
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
-_FUSED = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_up|down)_proj(\.weight)?$")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -123,30 +130,16 @@ class SourceTensor:
 
     def _dequantize(self, x: mx.array, start: int, stop: int) -> mx.array:
         # w = fp8 × scale_inv[i // 128, j // 128]; chunks start on a block row (see _chunk_rows).
-        bh, bw = FP8_BLOCK
-        s = self.scale.read_rows(start // bh, math.ceil(stop / bh)).astype(mx.float32)
-        s = mx.repeat(mx.repeat(s, bh, axis=0), bw, axis=1)[: stop - start, : x.shape[1]]
+        b = FP8_BLOCK
+        s = self.scale.read_rows(start // b, math.ceil(stop / b)).astype(mx.float32)
+        s = mx.repeat(mx.repeat(s, b, axis=0), b, axis=1)[: stop - start, : x.shape[1]]
         return mx.from_fp8(x, dtype=mx.float32) * s
 
 
 def _read_header(path: Path) -> dict[str, SourceTensor]:
     """Parse and check a safetensors header: a truncated or corrupt file is caught before any output."""
+    header, data_start = read_safetensors_header(path)
     size = path.stat().st_size
-    fix = "re-download this shard"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise Qwen35Error(f"{path}: truncated ({size} bytes, no safetensors header); {fix}")
-        header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
-            raise Qwen35Error(
-                f"{path}: truncated or corrupt (header of {header_len} bytes in a {size}-byte file); {fix}"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise Qwen35Error(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
-    data_start = 8 + header_len
     tensors: dict[str, SourceTensor] = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -154,7 +147,7 @@ def _read_header(path: Path) -> dict[str, SourceTensor]:
         begin, end = info["data_offsets"]
         if data_start + end > size:
             raise Qwen35Error(
-                f"{path}: truncated ({size} bytes, tensor '{key}' ends at byte {data_start + end}); {fix}"
+                f"{path}: truncated ({size} bytes, tensor '{key}' ends at byte {data_start + end}); re-download this shard"
             )
         if info["dtype"] not in _SOURCE_DTYPES:
             raise Qwen35Error(
@@ -166,7 +159,7 @@ def _read_header(path: Path) -> dict[str, SourceTensor]:
 
 def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
     """Every tensor of the checkpoint by HF name, and the file that lists them (for error messages)."""
-    index = src / "model.safetensors.index.json"
+    index = src / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -273,9 +266,9 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
             raise Qwen35Error(
                 f"{src.file}: unexpected tensor '{key}' (not model.language_model/model.visual/lm_head/mtp); is this a Qwen3.5 checkpoint?"
             )
-        if m := _PER_EXPERT.match(name):
-            per_expert.setdefault(f"{m['prefix']}.{m['proj']}_proj.weight", {})[int(m["e"])] = src
-        elif m := _FUSED.match(name):
+        if m := PER_EXPERT_KEY.match(name):
+            per_expert.setdefault(f"{m['prefix']}.{m['proj']}_proj.weight", {})[int(m["expert"])] = src
+        elif m := FUSED_EXPERT_KEY.match(name):
             if m["proj"] == "down":
                 outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(
                     f"{m['prefix']}.down_proj.weight", src.shape, src.read_rows
@@ -360,20 +353,9 @@ class Shard:
     entries: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
     def header(self) -> bytes:
-        """The safetensors header (8-byte length + JSON padded to 8 bytes)."""
-        meta: dict = {"__metadata__": {"format": "mlx"}}
-        offset = 0
-        for name, shape, dtype in self.entries:
-            size = nbytes(shape, dtype)
-            meta[name] = {
-                "dtype": SAFETENSORS_DTYPE[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        text = json.dumps(meta, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        return len(text).to_bytes(8, "little") + text
+        """The safetensors header, tagged ``format: mlx`` as mlx-lm and mlx-vlm tag theirs."""
+        entries = [(name, SAFETENSORS_DTYPE[dtype], shape, nbytes(shape, dtype)) for name, shape, dtype in self.entries]
+        return safetensors_header(entries, {"format": "mlx"})
 
     @property
     def data_bytes(self) -> int:
@@ -386,29 +368,24 @@ class Shard:
 
 def plan_shards(outputs: list[OutputTensor], recipe: Recipe, dtype: str, shard_bytes: int) -> list[Shard]:
     """Pack the output tensors (a quantised weight with its scales and biases) into shards of at most shard_bytes."""
-    groups: list[list] = [[]]
-    size = 0
+    units = []
     for out in outputs:
         spec = recipe.spec_for(out.name, out.shape)
         stored = stored_tensors(out.name, out.shape, spec, dtype)
-        unit_bytes = sum(nbytes(s, d) for _, s, d in stored)
-        if groups[-1] and size + unit_bytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((out, spec, stored))
-        size += unit_bytes
-    shards = []
-    for i, group in enumerate(groups):
-        shard = Shard(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", [(o, s) for o, s, _ in group])
-        shard.entries = [e for _, _, stored in group for e in stored]
-        shards.append(shard)
-    return shards
+        units.append(((out, spec, stored), sum(nbytes(s, d) for _, s, d in stored)))
+    groups = pack_shards(units, shard_bytes)
+    return [
+        Shard(
+            shard_filename(i, len(groups)), [(o, s) for o, s, _ in group], [e for *_, stored in group for e in stored]
+        )
+        for i, group in enumerate(groups)
+    ]
 
 
 def _chunk_rows(out: OutputTensor) -> int:
     rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(out.shape[1:])))
     if out.fp8:
-        rows = max(FP8_BLOCK[0], rows // FP8_BLOCK[0] * FP8_BLOCK[0])
+        rows = max(FP8_BLOCK, rows // FP8_BLOCK * FP8_BLOCK)
     return rows
 
 
@@ -579,8 +556,7 @@ def convert(
             write_shard(staging / shard.filename, shard, dtype)
             weight_map.update({name: shard.filename for name, _, _ in shard.entries})
             print(f"  [{i + 1}/{len(shards)}] {shard.filename} ({_human(shard.file_bytes)})")
-        index = {"metadata": {"total_size": sum(s.data_bytes for s in shards)}, "weight_map": weight_map}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_index(staging, weight_map, sum(s.data_bytes for s in shards))
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig, parse_config
 from ..errors import Qwen35Error
+from .layout import expected_tensors, is_zero_centred_norm
 
 QUANT_MODE = "affine"
 # In order of preference: when the last dim is not a multiple of 64, a group of 32 still quantises it;
@@ -27,10 +28,6 @@ ROUTER_SPEC_BITS = 8
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "uint32": "U32"}
 
-_ZERO_CENTRED_NORM = re.compile(
-    r"(^language_model\.norm|^mtp\.norm|\.input_layernorm|\.post_attention_layernorm|\.q_norm|\.k_norm"
-    r"|^mtp\.pre_fc_norm_embedding|^mtp\.pre_fc_norm_hidden)\.weight$"
-)
 _ROUTER = re.compile(r"\.mlp\.(gate|shared_expert_gate)\.weight$")
 # The bulk of the parameters: routed experts in MoE members, the MLP in dense members.
 _BULK = re.compile(r"\.mlp\.experts\.(gate|up|down)_proj\.weight$|\.mlp\.(gate|up|down)_proj\.weight$")
@@ -95,11 +92,6 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise Qwen35Error(f"--recipe '{name}' is unknown; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]
-
-
-def is_zero_centred_norm(name: str) -> bool:
-    """True for the RMSNorm weights HF stores as w and applies as (1 + w) (not the DeltaNet gated norm)."""
-    return bool(_ZERO_CENTRED_NORM.search(name))
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
@@ -178,97 +170,6 @@ def predict_size(tensors: dict[str, tuple[int, ...]], recipe: Recipe, dtype: str
     return SizePrediction(recipe.name, total, params)
 
 
-def expected_tensors(cfg: ModelConfig, include_vision: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a converted checkpoint (our names, unquantised shapes), derived from the config alone."""
-    t = cfg.text
-    H, V = t.hidden_size, t.vocab_size
-    out: dict[str, tuple[int, ...]] = {"language_model.embed_tokens.weight": (V, H)}
-
-    def decoder_layer(p: str, layer_type: str) -> None:
-        out[f"{p}.input_layernorm.weight"] = (H,)
-        out[f"{p}.post_attention_layernorm.weight"] = (H,)
-        if layer_type == "linear_attention":
-            a = f"{p}.linear_attn"
-            out[f"{a}.in_proj_qkv.weight"] = (t.linear_conv_dim, H)
-            out[f"{a}.in_proj_z.weight"] = (t.linear_value_dim, H)
-            out[f"{a}.in_proj_b.weight"] = (t.linear_num_value_heads, H)
-            out[f"{a}.in_proj_a.weight"] = (t.linear_num_value_heads, H)
-            out[f"{a}.conv1d.weight"] = (t.linear_conv_dim, t.linear_conv_kernel_dim, 1)
-            out[f"{a}.dt_bias"] = (t.linear_num_value_heads,)
-            out[f"{a}.A_log"] = (t.linear_num_value_heads,)
-            out[f"{a}.norm.weight"] = (t.linear_value_head_dim,)
-            out[f"{a}.out_proj.weight"] = (H, t.linear_value_dim)
-        else:
-            a, q = f"{p}.self_attn", t.num_attention_heads * t.head_dim
-            out[f"{a}.q_proj.weight"] = (2 * q, H)  # query and output gate, per head
-            out[f"{a}.k_proj.weight"] = (t.num_key_value_heads * t.head_dim, H)
-            out[f"{a}.v_proj.weight"] = (t.num_key_value_heads * t.head_dim, H)
-            out[f"{a}.o_proj.weight"] = (H, q)
-            out[f"{a}.q_norm.weight"] = (t.head_dim,)
-            out[f"{a}.k_norm.weight"] = (t.head_dim,)
-        m = f"{p}.mlp"
-        if t.is_moe:
-            E, I, S = t.num_experts, t.moe_intermediate_size, t.shared_expert_intermediate_size
-            out[f"{m}.gate.weight"] = (E, H)
-            out[f"{m}.experts.gate_proj.weight"] = (E, I, H)
-            out[f"{m}.experts.up_proj.weight"] = (E, I, H)
-            out[f"{m}.experts.down_proj.weight"] = (E, H, I)
-            out[f"{m}.shared_expert.gate_proj.weight"] = (S, H)
-            out[f"{m}.shared_expert.up_proj.weight"] = (S, H)
-            out[f"{m}.shared_expert.down_proj.weight"] = (H, S)
-            out[f"{m}.shared_expert_gate.weight"] = (1, H)
-        else:
-            I = t.intermediate_size
-            out[f"{m}.gate_proj.weight"] = (I, H)
-            out[f"{m}.up_proj.weight"] = (I, H)
-            out[f"{m}.down_proj.weight"] = (H, I)
-
-    for i, layer_type in enumerate(t.layer_types):
-        decoder_layer(f"language_model.layers.{i}", layer_type)
-    out["language_model.norm.weight"] = (H,)
-    if not t.tie_word_embeddings:
-        out["language_model.lm_head.weight"] = (V, H)
-    if t.mtp_num_hidden_layers:
-        out["mtp.fc.weight"] = (H, 2 * H)
-        out["mtp.pre_fc_norm_embedding.weight"] = (H,)
-        out["mtp.pre_fc_norm_hidden.weight"] = (H,)
-        for j in range(t.mtp_num_hidden_layers):
-            decoder_layer(f"mtp.layers.{j}", "full_attention")
-        out["mtp.norm.weight"] = (H,)
-    if include_vision and cfg.vision is not None:
-        out.update(_vision_tensors(cfg))
-    return out
-
-
-def _vision_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The ViT's tensors in HF layout (the converter carries them through unchanged)."""
-    v = cfg.vision
-    W, M = v.hidden_size, v.hidden_size * v.spatial_merge_size**2
-    out = {
-        "visual.patch_embed.proj.weight": (W, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
-        "visual.patch_embed.proj.bias": (W,),
-        "visual.pos_embed.weight": (v.num_position_embeddings, W),
-    }
-    for b in range(v.depth):
-        p = f"visual.blocks.{b}"
-        for norm in ("norm1", "norm2"):
-            out[f"{p}.{norm}.weight"] = out[f"{p}.{norm}.bias"] = (W,)
-        out[f"{p}.attn.qkv.weight"], out[f"{p}.attn.qkv.bias"] = (3 * W, W), (3 * W,)
-        out[f"{p}.attn.proj.weight"], out[f"{p}.attn.proj.bias"] = (W, W), (W,)
-        out[f"{p}.mlp.linear_fc1.weight"], out[f"{p}.mlp.linear_fc1.bias"] = (
-            (v.intermediate_size, W),
-            (v.intermediate_size,),
-        )
-        out[f"{p}.mlp.linear_fc2.weight"], out[f"{p}.mlp.linear_fc2.bias"] = (W, v.intermediate_size), (W,)
-    out["visual.merger.norm.weight"] = out["visual.merger.norm.bias"] = (W,)
-    out["visual.merger.linear_fc1.weight"], out["visual.merger.linear_fc1.bias"] = (M, M), (M,)
-    out["visual.merger.linear_fc2.weight"], out["visual.merger.linear_fc2.bias"] = (
-        (v.out_hidden_size, M),
-        (v.out_hidden_size,),
-    )
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- README table
 
 # text_config values of the released MoE members (docs/architecture.md §1.3); every member uses the large ViT.
@@ -276,6 +177,9 @@ _SHARED_TEXT = {
     "head_dim": 256,
     "vocab_size": 248320,
     "linear_num_key_heads": 16,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
     "mtp_num_hidden_layers": 1,
     "tie_word_embeddings": False,
 }
@@ -297,6 +201,7 @@ RELEASED_MOE_CONFIGS = {
         | dict(
             hidden_size=h,
             num_hidden_layers=layers,
+            layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4),  # full_attention_interval 4
             num_attention_heads=heads,
             num_key_value_heads=2,
             linear_num_value_heads=hv,

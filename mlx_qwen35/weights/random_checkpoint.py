@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Qwen35Error
+from .layout import is_zero_centred_norm, pack_shards, shard_filename, write_index
 from .tokenizer_builder import QWEN_ADDED_TOKENS, TokenizerInfo, write_generation_config, write_tokenizer_files
 
 SafetensorsSaver = Callable[..., None]  # save_file(tensors, filename, metadata=...)
@@ -37,26 +37,15 @@ def write_shards(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    groups: list[list[str]] = [[]]
-    group_bytes = 0
-    for name, tensor in tensors.items():
-        if groups[-1] and group_bytes + tensor.nbytes > max_shard_bytes:
-            groups.append([])
-            group_bytes = 0
-        groups[-1].append(name)
-        group_bytes += tensor.nbytes
+    groups = pack_shards(((name, tensor.nbytes) for name, tensor in tensors.items()), max_shard_bytes)
     weight_map: dict[str, str] = {}
     files = []
     for i, names in enumerate(groups):
-        filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        filename = shard_filename(i, len(groups))
         save_file({n: tensors[n] for n in names}, str(path / filename), metadata={"format": "pt"})
         weight_map.update({n: filename for n in names})
         files.append(path / filename)
-    index = {
-        "metadata": {"total_size": sum(int(t.nbytes) for t in tensors.values())},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_index(path, weight_map, sum(int(t.nbytes) for t in tensors.values()))
     return files
 
 
@@ -216,17 +205,13 @@ def hf_tensor_shapes(config: Mapping[str, Any], layout: str = "fused") -> dict[s
             p = f"mtp.layers.{i}."
             shapes |= {f"{p}input_layernorm.weight": (hidden,), f"{p}post_attention_layernorm.weight": (hidden,)}
             shapes |= _attention_shapes(p, text) | _ffn_shapes(p, text, layout)
-    return shapes | _vision_shapes(config["vision_config"])
+    return shapes | (_vision_shapes(config["vision_config"]) if "vision_config" in config else {})
 
 
 # ---------------------------------------------------------------------------------------------------
 # Random values: far from HF's initialisation (which zeroes the (1 + w) norms), unit-scale activations
 # ---------------------------------------------------------------------------------------------------
 
-ZERO_CENTRED_NORM = re.compile(
-    r"(input_layernorm|post_attention_layernorm|q_norm|k_norm|language_model\.norm"
-    r"|mtp\.norm|pre_fc_norm_embedding|pre_fc_norm_hidden)\.weight$"
-)
 # Logits of unit scale, like a trained model's: transformers' own float32 error grows with the logit
 # magnitude (≈2e-5 against float64 at unit scale, ≈9e-5 at scale 4), and the parity tests compare
 # logits to 1e-4 absolute. lm_head rows act on a unit-RMS final hidden state (std ≈ LM_HEAD_STD · √H).
@@ -246,7 +231,7 @@ def random_parameter(name: str, shape: tuple[int, ...], rng: np.random.Generator
     def normal(std: float, mean: float = 0.0) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * std + mean).astype(np.float32)
 
-    if ZERO_CENTRED_NORM.search(name):
+    if is_zero_centred_norm(name):
         return normal(0.3)  # used as (1 + w)
     if name.endswith("linear_attn.norm.weight") or (
         name.startswith(VISUAL) and "norm" in name and name.endswith(".weight")
