@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -343,12 +345,12 @@ c.convert({str(tiny_moe_checkpoint.path)!r}, {str(tmp_path / "out")!r}, recipe="
 
 def test_existing_target_needs_overwrite(tiny_moe_checkpoint, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("x")
+    convert(str(tiny_moe_checkpoint.path), out, recipe="4bit")  # an earlier conversion: --overwrite may replace it
     with pytest.raises(Qwen35Error, match="--overwrite"):
         convert(str(tiny_moe_checkpoint.path), out, recipe="bf16")
     convert(str(tiny_moe_checkpoint.path), out, recipe="bf16", overwrite=True)
-    assert (out / "config.json").exists() and not (out / "old.txt").exists()
+    assert json.loads((out / "config.json").read_text())["mlx_qwen35"]["recipe"] == "bf16"
+    assert not any(k.endswith(".scales") for k in mlx_tensors(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -492,3 +494,179 @@ def test_hub_ids_use_the_local_cache_first_and_dry_run_fetches_only_the_config(t
     assert calls[-1] == ("Qwen/Qwen3.5-Tiny", tuple(HUB_PATTERNS), True)
     with pytest.raises(Qwen35Error, match="no such directory"):
         convert_module.resolve_checkpoint("./not/a/dir")
+
+
+# ------------------------------------------------------------------------------------------ --overwrite (issue 10.1)
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The console entry point in this process (a subprocess would spend seconds importing MLX again)."""
+    from mlx_qwen35.surfaces.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mlx-qwen35", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+def files_under(path: Path) -> dict[str, bytes]:
+    """Every file below ``path`` (links listed, not followed) with its bytes: what a user could lose."""
+    return {
+        str(p.relative_to(path)): (b"-> " + str(p.readlink()).encode() if p.is_symlink() else p.read_bytes())
+        for p in sorted(path.rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
+
+
+def _user_folder(tmp: Path, hf: Path) -> Path:
+    (tmp / "docs").mkdir()
+    (tmp / "docs" / "thesis.txt").write_text("four years of work")
+    return tmp / "docs"
+
+
+def _a_conversion_inside_the_source(tmp: Path, hf: Path) -> Path:
+    convert(str(hf), hf / "mlx", recipe="bf16")  # writing a new dir there is harmless; replacing one is not
+    return hf / "mlx"
+
+
+def _a_symlink_to(what: Callable[[Path, Path], Path]) -> Callable[[Path, Path], Path]:
+    def make(tmp: Path, hf: Path) -> Path:
+        (tmp / "link").symlink_to(what(tmp, hf), target_is_directory=True)
+        return tmp / "link"
+
+    return make
+
+
+REFUSED_TARGETS = {
+    # case: (make the --mlx-path given the work dir and the --hf-path, text the one-line error must contain)
+    "a folder of the user's files": (_user_folder, "not a converted checkpoint"),
+    "the source itself": (lambda tmp, hf: hf, "is the --hf-path checkpoint itself"),
+    "a parent holding the source": (lambda tmp, hf: hf.parent, "holds the --hf-path checkpoint"),
+    "a conversion inside the source": (_a_conversion_inside_the_source, "lies inside the --hf-path checkpoint"),
+    "a symlink to the source": (_a_symlink_to(lambda tmp, hf: hf), "is the --hf-path checkpoint itself"),
+    "a symlink to the user's folder": (_a_symlink_to(_user_folder), "not a converted checkpoint"),
+    "a file": (lambda tmp, hf: Path(shutil.copy(hf / "config.json", tmp / "notes.json")), "is a file, not a directory"),
+    "another HF checkpoint": (lambda tmp, hf: Path(shutil.copytree(hf, tmp / "other")), "not a converted checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_TARGETS))
+def test_overwrite_never_deletes_what_a_converter_did_not_write(
+    tiny_moe_checkpoint, tmp_path, case, monkeypatch, capsys
+):
+    make_target, message = REFUSED_TARGETS[case]
+    hf = Path(shutil.copytree(tiny_moe_checkpoint.path, tmp_path / "models" / "hf"))
+    target = make_target(tmp_path, hf)
+    before = files_under(tmp_path)
+    capsys.readouterr()
+    args = ("convert", "--hf-path", str(hf), "--mlx-path", str(target), "--recipe", "bf16", "--overwrite")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"error: --mlx-path {target}") and message in err, err
+    assert "choose another --mlx-path" in err or "remove it yourself" in err
+    assert files_under(tmp_path) == before  # nothing deleted, nothing left behind
+
+
+def test_overwrite_replaces_an_mlx_lm_output(tiny_moe_checkpoint, tmp_path):
+    peer = tmp_path / "mlx-lm-4bit"  # what mlx_lm.convert writes: its config.json and shards tagged format=mlx
+    peer.mkdir()
+    (peer / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "quantization": {"bits": 4}}))
+    mx.save_safetensors(str(peer / "model.safetensors"), {"w": mx.zeros(4)}, metadata={"format": "mlx"})
+    convert(str(tiny_moe_checkpoint.path), peer, recipe="bf16", overwrite=True)
+    assert json.loads((peer / "config.json").read_text())["mlx_qwen35"]["recipe"] == "bf16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlx-lm-4bit"]
+
+
+def test_overwrite_through_a_symlink_replaces_what_it_points_at(tiny_moe_checkpoint, tmp_path, capsys):
+    real = tmp_path / "external-disk" / "qwen-4bit"
+    convert(str(tiny_moe_checkpoint.path), real, recipe="4bit")
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "models" / "qwen"
+    link.symlink_to(real, target_is_directory=True)
+    capsys.readouterr()
+    assert convert(str(tiny_moe_checkpoint.path), link, recipe="bf16", overwrite=True) == link
+    assert f"→ {link} (→ {real})" in capsys.readouterr().out
+    assert link.is_symlink() and link.readlink() == real  # the link is kept, the data lands where it points
+    assert json.loads((real / "config.json").read_text())["mlx_qwen35"]["recipe"] == "bf16"
+    assert [p.name for p in real.parent.iterdir()] == ["qwen-4bit"]  # no .qwen-4bit.old-PID, no staging dir
+    assert [p.name for p in link.parent.iterdir()] == ["qwen"]
+
+
+# ------------------------------------------------------------------------------------------ interrupted runs (10.2)
+
+# A convert through the CLI that stops after its first shard and waits to be signalled.
+PAUSED_CONVERT = """
+import signal, sys, time
+import mlx_qwen35.weights.convert as c
+from mlx_qwen35.surfaces.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if our parent ignores SIGINT
+real = c.write_shard
+def write(*args, **kwargs):
+    real(*args, **kwargs)
+    print("one shard written", flush=True)
+    time.sleep(600)
+c.write_shard = write
+sys.argv = ["mlx-qwen35", "convert", "--hf-path", sys.argv[1], "--mlx-path", sys.argv[2], "--shard-size-gb", "0.0003"]
+main()
+"""
+
+
+def signal_a_convert_midway(source: Path, target: Path, signum: int) -> tuple[int, subprocess.CompletedProcess]:
+    """Start a real convert, wait until one shard is on disk, send it ``signum``, wait for it to end → (its PID, result)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CONVERT, str(source), str(target)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in child.stdout:
+        if line == "one shard written\n":
+            assert list(target.parent.glob(f".{target.name}.partial-{child.pid}/*.safetensors"))
+            child.send_signal(signum)
+            break
+    stdout, stderr = child.communicate(timeout=120)
+    return child.pid, subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_remove_the_staging_dir(tiny_moe_checkpoint, tmp_path, signum, returncode):
+    _, result = signal_a_convert_midway(tiny_moe_checkpoint.path, tmp_path / "out", signum)
+    assert result.returncode == returncode, result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_run_removes_what_a_killed_convert_left(tiny_moe_checkpoint, tmp_path, capfd):
+    out = tmp_path / "out"
+    pid, killed = signal_a_convert_midway(tiny_moe_checkpoint.path, out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in tmp_path.iterdir()] == [f".out.partial-{pid}"]
+    alive = subprocess.Popen(["sleep", "60"])  # a convert still running beside the same target: left alone
+    try:
+        kept = [f".out.partial-{alive.pid}", f".other.partial-{pid}"]  # …and another target's leftovers too
+        for name in kept:
+            (tmp_path / name).mkdir()
+        capfd.readouterr()
+        convert(str(tiny_moe_checkpoint.path), out, recipe="bf16")
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and f"removed .out.partial-{pid} in {tmp_path}" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *kept])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_an_output_killed_between_its_two_renames_is_restored(tiny_moe_checkpoint, tmp_path, capfd):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = tmp_path / f".out.old-{int(gone.stdout)}"  # the previous output, renamed aside; then the process died
+    convert(str(tiny_moe_checkpoint.path), tmp_path / "converted", recipe="bf16")
+    (tmp_path / "converted").rename(old)
+    capfd.readouterr()
+    with pytest.raises(Qwen35Error, match="already exists; pass --overwrite"):  # it is back, so not overwritten
+        convert(str(tiny_moe_checkpoint.path), tmp_path / "out", recipe="4bit")
+    assert f"restored out from {old.name}" in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mlx_qwen35"]["recipe"] == "bf16"

@@ -9,9 +9,7 @@ a generation. The weights are random, so the text is gibberish; the point is tha
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ..weights.layout import padded_vocab_size
@@ -104,13 +102,20 @@ def demo_config() -> dict:
 
 
 def build_demo(target: Path) -> None:
-    """Write the random HF checkpoint and its 4-bit conversion under ``target`` (atomically: temp dir, then rename)."""
+    """Write the random HF checkpoint and its 4-bit conversion under ``target`` (atomically: staged, then renamed)."""
     from ..weights.convert import convert
+    from ..weights.output_dir import OutputDir, is_model_output_dir
     from ..weights.random_checkpoint import write_random_hf_checkpoint
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
-    try:
+    # Replaces only an earlier demo build (--rebuild), never something else that sits at the cache path.
+    output = OutputDir(
+        target,
+        overwrite=True,
+        argument="XDG_CACHE_HOME",
+        overwrite_flag="--rebuild",
+        replaceable=lambda p: is_model_output_dir(p / "mlx-4bit"),
+    )
+    with output as staging:
         print(f"building the demo checkpoint in {target} (once; random weights, no download)…")
         write_random_hf_checkpoint(
             staging / "hf", demo_config(), seed=DEMO_SEED, layout="fused", max_shard_bytes=8 * 1024**2
@@ -122,17 +127,9 @@ def build_demo(target: Path) -> None:
             dtype=None,
             shard_size_gb=0.01,
             revision=None,
-            overwrite=True,
+            overwrite=False,
             dry_run=False,
         )
-        if target.exists():  # --rebuild: move the old one aside first so the swap is two renames
-            old = target.with_name(f".{target.name}-old-{os.getpid()}")
-            target.rename(old)
-            shutil.rmtree(old)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:

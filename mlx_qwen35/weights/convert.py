@@ -4,14 +4,14 @@ Memory stays bounded by a chunk of one tensor, never a shard or the model: tenso
 safetensors files by byte range (rows along the first axis) and written into output files whose
 headers are laid out before any data is written. ``mx.load`` would read a whole tensor to take a slice
 of it, and a stacked expert tensor of the 397B is 4 GB. The output is staged beside the target and
-takes its place only when complete.
+takes its place only when complete (``output_dir.OutputDir``, which also keeps --overwrite from deleting
+anything but an earlier conversion).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -38,6 +38,7 @@ from .layout import (
     shard_filename,
     write_index,
 )
+from .output_dir import OutputDir
 from .quantize import (
     DTYPE_BYTES,
     RECIPES,
@@ -443,32 +444,6 @@ def _output_config(raw: dict, recipe: Recipe, outputs: list[OutputTensor], has_m
     return config
 
 
-def _staging_dir(target: Path) -> Path:
-    """A fresh directory beside the target (same filesystem, so the final rename is atomic)."""
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{target.name}.partial-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-    except OSError as e:
-        raise Qwen35Error(
-            f"--mlx-path {target}: cannot write in {parent} ({e.strerror}); choose a writable --mlx-path"
-        ) from None
-    return staging
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -534,10 +509,12 @@ def convert(
         predict_recipes(hf_path, dtype, shard_size_gb, revision)
         return None
     target = Path(mlx_path).expanduser()
-    if target.exists() and not overwrite:
-        raise Qwen35Error(f"--mlx-path {target}: already exists; pass --overwrite to replace it or choose another path")
+    local = Path(hf_path).expanduser()
+    # Before anything slow (a download, hours of converting): may this target be written, or replaced?
+    output = OutputDir(target, overwrite=overwrite, sources=(local,) if local.exists() else ())
 
     src = resolve_checkpoint(hf_path, revision)
+    output.protect(src)
     raw, cfg = read_source_config(src)
     sources, listing = _collect_sources(src)
     outputs, has_mtp = plan_outputs(sources, cfg, listing)
@@ -546,36 +523,31 @@ def convert(
     predicted = predict_size({o.name: o.shape for o in outputs}, the_recipe, dtype)
     predicted_bytes = sum(s.file_bytes for s in shards)
     print(
-        f"{hf_path} → {target}: recipe {recipe}, unquantised tensors in {dtype}; predicted {_describe(predicted, predicted_bytes)} in {len(shards)} shard(s)"
+        f"{hf_path} → {output.where}: recipe {recipe}, unquantised tensors in {dtype}; predicted {_describe(predicted, predicted_bytes)} in {len(shards)} shard(s)"
     )
 
-    staging = _staging_dir(target)
-    try:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            write_shard(staging / shard.filename, shard, dtype)
-            weight_map.update({name: shard.filename for name, _, _ in shard.entries})
-            print(f"  [{i + 1}/{len(shards)}] {shard.filename} ({_human(shard.file_bytes)})")
-        write_index(staging, weight_map, sum(s.data_bytes for s in shards))
-        for name in COPIED_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, staging / name)
-        # config.json last: a directory without it is never mistaken for a finished checkpoint.
-        config = _output_config(raw, the_recipe, outputs, has_mtp, hf_path)
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _move_into_place(staging, target)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if e.filename and not str(e.filename).startswith(str(staging)):
+    with output as staging:
+        try:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                write_shard(staging / shard.filename, shard, dtype)
+                weight_map.update({name: shard.filename for name, _, _ in shard.entries})
+                print(f"  [{i + 1}/{len(shards)}] {shard.filename} ({_human(shard.file_bytes)})")
+            write_index(staging, weight_map, sum(s.data_bytes for s in shards))
+            for name in COPIED_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, staging / name)
+            # config.json last: a directory without it is never mistaken for a finished checkpoint.
+            config = _output_config(raw, the_recipe, outputs, has_mtp, hf_path)
+            (staging / "config.json").write_text(json.dumps(config, indent=2))
+        except OSError as e:
+            if e.filename and not str(e.filename).startswith(str(staging)):
+                raise Qwen35Error(
+                    f"{e.filename}: cannot read it ({e.strerror or e}); check the checkpoint download"
+                ) from None
             raise Qwen35Error(
-                f"{e.filename}: cannot read it ({e.strerror or e}); check the checkpoint download"
+                f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path"
             ) from None
-        raise Qwen35Error(
-            f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path"
-        ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    written = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    written = sum(p.stat().st_size for p in output.path.glob("*.safetensors"))
     print(f"wrote {target}: {_human(written)} ({written / predicted_bytes - 1:+.2%} vs predicted)")
     return target
