@@ -670,3 +670,162 @@ def test_an_output_killed_between_its_two_renames_is_restored(tiny_moe_checkpoin
     assert f"restored out from {old.name}" in capfd.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mlx_qwen35"]["recipe"] == "bf16"
+
+
+# ------------------------------------------------------------------------------------------ malformed headers (10.10)
+
+
+def _first_shard(path: Path) -> Path:
+    return sorted(path.glob("model-*.safetensors"))[0]
+
+
+def _edit_header(shard: Path, edit: Callable[[dict], object]) -> None:
+    """Rewrite a shard's JSON header with ``edit(header)``, keeping its data bytes."""
+    blob = shard.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    text = json.dumps(edit(json.loads(blob[8 : 8 + n]))).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + n :])
+
+
+def _at(offset: int) -> Callable[[dict], str]:
+    """The name of the tensor whose data starts at ``offset`` (0 = the first in the file)."""
+    return lambda h: next(k for k, v in h.items() if k != "__metadata__" and v["data_offsets"][0] == offset)
+
+
+def _edit_first(change: Callable[[dict], None]) -> Callable[[dict], dict]:
+    def edit(h: dict) -> dict:
+        change(h[_at(0)(h)])
+        return h
+
+    return edit
+
+
+def _overlap(h: dict) -> dict:
+    first = h[_at(0)(h)]
+    second = h[_at(first["data_offsets"][1])(h)]
+    size = second["data_offsets"][1] - second["data_offsets"][0]
+    second["data_offsets"] = [0, size]  # starts inside the first tensor
+    return h
+
+
+def _conv1d_as_2d(path: Path) -> None:
+    name = "model.language_model.layers.0.linear_attn.conv1d.weight"
+    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+    def edit(h: dict) -> dict:
+        c, _, k = h[name]["shape"]
+        h[name]["shape"] = [c, k]  # same bytes, wrong rank
+        return h
+
+    _edit_header(shard, edit)
+
+
+def _duplicate_a_tensor(path: Path) -> None:
+    shards = sorted(path.glob("model-*.safetensors"))
+    a, b = load_file(shards[0]), load_file(shards[1])
+    name = sorted(a)[0]
+    save_file(b | {name: a[name]}, shards[1])
+
+
+def _index_points_outside(path: Path) -> None:
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"])[0]
+    index["weight_map"][name] = "../" + index["weight_map"][name]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+MALFORMED = {
+    # case: (how to break a copy of the checkpoint, text the one-line error must contain)
+    "no data_offsets": (_edit_first(lambda t: t.pop("data_offsets")), "data_offsets None is not [begin, end]"),
+    "header is a list": (lambda h: list(h.items()), "a JSON list, not an object of tensors"),
+    "entry is a list": (lambda h: h | {_at(0)(h): list(h[_at(0)(h)].values())}, "header entry is a JSON list"),
+    "string shape": (_edit_first(lambda t: t.update(shape=[str(d) for d in t["shape"]])), "is not a list of non"),
+    "string offsets": (_edit_first(lambda t: t.update(data_offsets=list(map(str, t["data_offsets"])))), "in bytes"),
+    "offsets and shape disagree": (
+        _edit_first(lambda t: t.update(shape=[t["shape"][0] // 2, *t["shape"][1:]])),
+        "span",
+    ),
+    "overlapping tensors": (_overlap, "overlap (data_offsets)"),
+    "offsets past the end": (
+        _edit_first(lambda t: t.update(data_offsets=[x + 10**9 for x in t["data_offsets"]])),
+        "truncated",
+    ),
+}
+BROKEN_LISTINGS = {
+    "conv1d of the wrong rank": (_conv1d_as_2d, "not 3-D"),
+    "a tensor in two shards": (_duplicate_a_tensor, "is also in model-00001-of-00006.safetensors"),
+    "index names a file elsewhere": (_index_points_outside, "shard files in this directory"),
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["convert", "dry-run"])
+@pytest.mark.parametrize("case", list(MALFORMED) + list(BROKEN_LISTINGS))
+def test_malformed_shards_are_one_line_naming_file_and_tensor(
+    tiny_moe_checkpoint, tmp_path, case, dry_run, monkeypatch, capsys
+):
+    source = Path(shutil.copytree(tiny_moe_checkpoint.path, tmp_path / "src"))
+    shard = _first_shard(source)
+    if case in MALFORMED:
+        edit, message = MALFORMED[case]
+        tensor = _at(0)(json.loads(shard.read_bytes()[8 : 8 + int.from_bytes(shard.read_bytes()[:8], "little")]))
+        _edit_header(shard, edit)
+    else:
+        breaker, message = BROKEN_LISTINGS[case]
+        breaker(source)
+        tensor = ""
+    args = ["convert", "--hf-path", str(source), "--mlx-path", str(tmp_path / "out")] + ["--dry-run"] * dry_run
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    if case in MALFORMED:
+        assert f"{shard}:" in err
+        if case != "header is a list":  # no tensor to name in a header that is not an object of tensors
+            assert f"'{tensor}'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_fp8_scales_must_cover_their_weight_in_128_blocks(tiny_moe_fp8_checkpoint, tmp_path):
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    source = Path(shutil.copytree(tiny_moe_fp8_checkpoint.path, tmp_path / "src"))
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    scale = next(k for k in sorted(weight_map) if k.endswith(".weight_scale_inv"))
+    shard = source / weight_map[scale]
+    tensors = load_torch(shard)
+    tensors[scale] = tensors[scale][:, :-1].contiguous()  # one column of blocks short
+    save_torch(tensors, shard)
+    with pytest.raises(Qwen35Error) as error:
+        convert(str(source), tmp_path / "out", recipe="bf16")
+    assert str(error.value).startswith(f"{shard}: '{scale}' has shape") and "128×128 FP8 blocks" in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _add_tensor(path: Path, name: str, shape: tuple[int, ...]) -> Path:
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = _first_shard(path)
+    save_file(load_file(shard) | {name: np.zeros(shape, np.float32)}, shard)
+    index["weight_map"][name] = shard.name
+    index_path.write_text(json.dumps(index))
+    return shard
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("model.language_model.layers.0.linear_attn.extra_proj.weight", (64, 64)),
+        ("model.language_model.layers.6.input_layernorm.weight", (64,)),  # a seventh layer of six
+        ("model.language_model.layers.0.mlp.experts.8.up_proj.weight", (32, 64)),  # a ninth expert of eight
+        ("mtp.layers.1.input_layernorm.weight", (64,)),  # a second MTP layer of one
+    ],
+)
+def test_an_unknown_tensor_is_refused_at_convert_time(tiny_moe_checkpoint, tmp_path, name, shape):
+    source = Path(shutil.copytree(tiny_moe_checkpoint.path, tmp_path / "src"))
+    shard = _add_tensor(source, name, shape)
+    with pytest.raises(Qwen35Error) as error:
+        convert(str(source), tmp_path / "out", recipe="bf16")
+    assert str(error.value).startswith(f"{shard}: unexpected tensor '{name}'"), error.value
+    assert "config" in str(error.value) and "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -5,7 +5,7 @@ safetensors files by byte range (rows along the first axis) and written into out
 headers are laid out before any data is written. ``mx.load`` would read a whole tensor to take a slice
 of it, and a stacked expert tensor of the 397B is 4 GB. The output is staged beside the target and
 takes its place only when complete (``output_dir.OutputDir``, which also keeps --overwrite from deleting
-anything but an earlier conversion).
+anything but an earlier conversion). Every header is checked against the config before anything is written.
 """
 
 from __future__ import annotations
@@ -138,24 +138,57 @@ class SourceTensor:
 
 
 def _read_header(path: Path) -> dict[str, SourceTensor]:
-    """Parse and check a safetensors header: a truncated or corrupt file is caught before any output."""
+    """Parse and check a safetensors header: a truncated, corrupt or inconsistent file is caught before any output."""
     header, data_start = read_safetensors_header(path)
     size = path.stat().st_size
     tensors: dict[str, SourceTensor] = {}
+    spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        dtype, shape, (begin, end) = _header_entry(path, key, info)
         if data_start + end > size:
             raise Qwen35Error(
                 f"{path}: truncated ({size} bytes, tensor '{key}' ends at byte {data_start + end}); re-download this shard"
             )
-        if info["dtype"] not in _SOURCE_DTYPES:
+        tensors[key] = SourceTensor(path, key, dtype, shape, data_start + begin)
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
             raise Qwen35Error(
-                f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}; expected BF16, F16, F32 or F8_E4M3"
+                f"{path}: tensors '{a}' and '{b}' overlap (data_offsets); the file is corrupt, re-download this shard"
             )
-        tensors[key] = SourceTensor(path, key, info["dtype"], tuple(info["shape"]), data_start + begin)
     return tensors
+
+
+def _is_size(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _header_entry(path: Path, key: str, info: object) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data_offsets) of one header entry, each checked: a valid JSON header can still describe nonsense."""
+    where, fix = f"{path}: tensor '{key}'", "the header is corrupt, re-download this shard"
+    if not isinstance(info, dict):
+        raise Qwen35Error(
+            f"{where}: header entry is a JSON {type(info).__name__}, not {{dtype, shape, data_offsets}}; {fix}"
+        )
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise Qwen35Error(f"{where}: dtype {dtype!r} is not a safetensors dtype name; {fix}")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise Qwen35Error(f"{where}: shape {shape!r} is not a list of non-negative integers; {fix}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)) or offsets[0] > offsets[1]:
+        raise Qwen35Error(f"{where}: data_offsets {offsets!r} is not [begin, end] in bytes; {fix}")
+    if dtype not in _SOURCE_DTYPES:
+        raise Qwen35Error(f"{where} has unsupported dtype {dtype}; expected BF16, F16, F32 or F8_E4M3")
+    needed = np.dtype(_SOURCE_DTYPES[dtype][0]).itemsize * math.prod(shape)
+    if offsets[1] - offsets[0] != needed:
+        raise Qwen35Error(
+            f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} "
+            f"is {needed} bytes; {fix}"
+        )
+    return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
 def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
@@ -164,8 +197,15 @@ def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise Qwen35Error(f"{index}: not a valid safetensors index (no weight_map); re-download it") from None
+        # Shards are files of this directory: a name with a path in it is corrupt (or hostile).
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and Path(f).name == f for f in weight_map.values()
+        ):
+            raise Qwen35Error(
+                f"{index}: weight_map must map tensor names to shard files in this directory; re-download it"
+            )
         files = sorted(set(weight_map.values()))
         listing = index
     else:
@@ -178,7 +218,13 @@ def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
         path = src / name
         if not path.is_file():
             raise Qwen35Error(f"{path}: listed in {index.name} but missing; re-download the checkpoint")
-        sources.update(_read_header(path))
+        tensors = _read_header(path)
+        twice = next((k for k in tensors if k in sources), None)
+        if twice is not None:
+            raise Qwen35Error(
+                f"{path}: tensor '{twice}' is also in {sources[twice].file.name}; the checkpoint mixes two downloads, re-download it"
+            )
+        sources.update(tensors)
     if index.is_file():
         missing = sorted(set(weight_map) - set(sources))
         if missing:
@@ -200,6 +246,13 @@ def _collect_sources(src: Path) -> tuple[dict[str, SourceTensor], Path]:
             raise Qwen35Error(
                 f"{t.file}: FP8 tensor '{t.key}' needs a 2-D weight with a '{t.key}_scale_inv'; re-download the checkpoint"
             )
+        if t.dtype == "F8_E4M3":
+            blocks = tuple(math.ceil(d / FP8_BLOCK) for d in t.shape)
+            if t.scale.shape != blocks:
+                raise Qwen35Error(
+                    f"{t.scale.file}: '{t.scale.key}' has shape {list(t.scale.shape)}, but {t.dtype} {list(t.shape)} "
+                    f"in {FP8_BLOCK}×{FP8_BLOCK} FP8 blocks needs {list(blocks)}; re-download the checkpoint"
+                )
     return sources, listing
 
 
@@ -256,7 +309,9 @@ def _stacked(experts: list[SourceTensor]) -> Callable[[int, int], mx.array]:
 def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Path) -> tuple[list[OutputTensor], bool]:
     """Map HF tensors to our output tensors, check them against the config; also say whether MTP is present."""
     outputs: dict[str, OutputTensor] = {}
+    origin: dict[str, SourceTensor] = {}  # output name → the (first) source tensor it is read from, for messages
     per_expert: dict[str, dict[int, SourceTensor]] = {}
+    num_experts = cfg.text.num_experts
     for key, src in sources.items():
         name = our_name(key)
         if name is None:
@@ -268,24 +323,33 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
                 f"{src.file}: unexpected tensor '{key}' (not model.language_model/model.visual/lm_head/mtp); is this a Qwen3.5 checkpoint?"
             )
         if m := PER_EXPERT_KEY.match(name):
-            per_expert.setdefault(f"{m['prefix']}.{m['proj']}_proj.weight", {})[int(m["expert"])] = src
-        elif m := FUSED_EXPERT_KEY.match(name):
-            if m["proj"] == "down":
-                outputs[f"{m['prefix']}.down_proj.weight"] = OutputTensor(
-                    f"{m['prefix']}.down_proj.weight", src.shape, src.read_rows
+            expert = int(m["expert"])
+            if expert >= num_experts:
+                raise Qwen35Error(
+                    f"{src.file}: unexpected tensor '{key}' (expert {expert}, but config.json has num_experts = "
+                    f"{num_experts}); the config does not belong to these weights"
                 )
+            name = f"{m['prefix']}.{m['proj']}_proj.weight"
+            per_expert.setdefault(name, {})[expert] = src
+        elif m := FUSED_EXPERT_KEY.match(name):
+            _check_rank(src, 3)
+            if m["proj"] == "down":
+                name = f"{m['prefix']}.down_proj.weight"
+                outputs[name] = OutputTensor(name, src.shape, src.read_rows)
             else:
                 E, two_i, H = src.shape
                 for half, proj in enumerate(("gate", "up")):
-                    out = f"{m['prefix']}.{proj}_proj.weight"
-                    outputs[out] = OutputTensor(out, (E, two_i // 2, H), _fused_half(src, half))
+                    name = f"{m['prefix']}.{proj}_proj.weight"
+                    outputs[name] = OutputTensor(name, (E, two_i // 2, H), _fused_half(src, half))
+                    origin[name] = src
         elif name.endswith(".conv1d.weight"):
+            _check_rank(src, 3)
             C, one, K = src.shape
             outputs[name] = OutputTensor(name, (C, K, one), _conv1d(src))
         else:
             outputs[name] = OutputTensor(name, src.shape, src.read_rows, fp8=src.dtype == "F8_E4M3")
+        origin.setdefault(name, src)
 
-    num_experts = cfg.text.num_experts
     for name, experts in per_expert.items():
         missing = [e for e in range(num_experts) if e not in experts]
         if missing:
@@ -302,7 +366,16 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
         outputs[name] = OutputTensor(name, (num_experts,) + ordered[0].shape, _stacked(ordered))
 
     has_mtp = any(n.startswith("mtp.") for n in outputs)
-    expected = expected_tensors(cfg, include_vision=False)
+    expected = expected_tensors(cfg)
+    # The loader refuses any tensor the model does not have; say so now, not after hours of converting.
+    # (A vision tower without a vision_config is carried through: the loader ignores it.)
+    for name in outputs:
+        if name not in expected and not (name.startswith("visual.") and cfg.vision is None):
+            src = origin[name]
+            raise Qwen35Error(
+                f"{src.file}: unexpected tensor '{src.key}' (config.json implies no such parameter); "
+                f"the config does not belong to these weights"
+            )
     for name, shape in expected.items():
         if name.startswith("mtp.") and not has_mtp:
             continue
@@ -321,6 +394,13 @@ def plan_outputs(sources: dict[str, SourceTensor], cfg: ModelConfig, listing: Pa
             file=sys.stderr,
         )
     return sorted(outputs.values(), key=lambda o: _natural_key(o.name)), has_mtp
+
+
+def _check_rank(src: SourceTensor, rank: int) -> None:
+    if len(src.shape) != rank:
+        raise Qwen35Error(
+            f"{src.file}: tensor '{src.key}' has shape {list(src.shape)}, not {rank}-D; the checkpoint is corrupt, re-download it"
+        )
 
 
 def _hf_name(name: str) -> str:
