@@ -4,7 +4,7 @@
   (``Qwen35Model(config)`` builds lazy arrays: no memory, ~0.03 s for the 397B skeleton), so the
   converter checks a source against exactly what the loader will assign. The Hugging Face release
   layout is stated once, independently of our modules, by ``random_checkpoint.hf_tensor_shapes``.
-* Names shared by the converter and the checkpoint writers (ARCHITECTURE.md §2): the zero-centred
+* Names shared by the converter and the checkpoint writers (docs/architecture.md §2): the zero-centred
   norms, the per-expert and fused expert keys, the FP8 block, the vocabulary padding.
 * Shard files: their names, how tensors are packed into them, the index, the safetensors header.
 """
