@@ -228,7 +228,7 @@ def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
                 reply[i : i + 7], 0, mx.zeros(1), False, 5, 1.0, n, 1.0, 0.0, "stop" if end else None
             )
 
-    monkeypatch.setattr(generation, "stream_generate", scripted_reply)
+    monkeypatch.setattr(generation, "stream_text", scripted_reply)
     base = ["generate", "-m", str(model_dir), "-p", "Weather?", "--tools", str(tmp_path / "tools.json")]
     printed = CliRunner().invoke(app, base)
     assert printed.exit_code == 0, printed.output
@@ -236,3 +236,23 @@ def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
     assert "<tool_call>" not in printed.stdout
     as_json = CliRunner().invoke(app, base + ["--json"])
     assert json.loads(as_json.stdout)["tool_calls"] == [{"name": "get_weather", "arguments": {"days": 3}}]
+
+
+def test_cli_tools_puts_a_call_on_its_own_line_when_one_token_completes_several_pieces(
+    model_dir, tmp_path, monkeypatch
+):
+    """``generate --tools``: reasoning, text and a call finished by the same token still come out on separate lines."""
+    import mlx_qwen35.runtime.generation as generation
+
+    (tmp_path / "tools.json").write_text(json.dumps([{"type": "function", "function": {"name": "f"}}]))
+    reply = "Hm.\n</think>\n\nLet me look.\n\n<tool_call>\n<function=f>\n</function>\n</tool_call>"
+
+    def scripted_reply(*args, **kwargs):
+        yield GenerationResponse(reply, 0, mx.zeros(1), False, 5, 1.0, 1, 1.0, 0.0, "stop")
+
+    monkeypatch.setattr(generation, "stream_text", scripted_reply)
+    printed = CliRunner().invoke(
+        app, ["generate", "-m", str(model_dir), "-p", "?", "--tools", str(tmp_path / "tools.json")]
+    )
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.splitlines() == ["Hm.", "Let me look.", '{"name": "f", "arguments": {}}']

@@ -12,6 +12,7 @@ from checkpoints import convert_tiny, hf_greedy
 from transformers import AutoTokenizer
 
 from mlx_qwen35 import generate, load, stream_generate
+from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.runtime.generation import prompt_token_ids
 
 
@@ -37,6 +38,44 @@ def test_stream_reports_each_token_and_stops_at_max_tokens(loaded, tiny_moe_chec
     assert "".join(r.text for r in responses) == processor.decode([r.token for r in responses])
     assert responses[-1].logprobs.shape == (model.config.text.vocab_size,)
     assert abs(float(mx.logsumexp(responses[-1].logprobs))) < 1e-4  # normalised log-probabilities
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("temp", -1.0), ("top_p", 2.0), ("min_p", 2.0), ("repetition_penalty", -1.0), ("seed", -1), ("max_tokens", 0)],
+)
+def test_out_of_range_options_raise_our_error_naming_them(loaded, tiny_moe_checkpoint, option, value):
+    model, processor = loaded
+    with pytest.raises(Qwen35Error, match=option):
+        list(stream_generate(model, processor, tiny_moe_checkpoint.prompt_ids(8), **{option: value}))
+
+
+def test_generate_tokens_steps_like_mlx_lm_generate_step(loaded, tiny_moe_checkpoint):
+    """The token level is a drop-in for mlx-lm's ``generate_step``: same sampler and processors, same tokens and logprobs."""
+    import importlib
+
+    from mlx_qwen35.model.cache import make_cache
+    from mlx_qwen35.model.inputs import ModelInputs
+    from mlx_qwen35.runtime.generation import generate_tokens, sampling_functions
+    from mlx_qwen35.runtime.settings import Sampling
+
+    generate_step = importlib.import_module("mlx_lm.generate").generate_step
+    model, processor = loaded
+    prompt = tiny_moe_checkpoint.prompt_ids(12)
+    sampler, processors = sampling_functions(model, processor, Sampling(presence_penalty=1.5, repetition_penalty=1.3))
+    ours = list(generate_tokens(model, ModelInputs(prompt), make_cache(model), sampler, processors, max_tokens=10))
+    theirs = list(
+        generate_step(
+            mx.array(prompt),
+            model,
+            max_tokens=10,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=make_cache(model),
+        )
+    )
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(ours, theirs))
 
 
 def test_stop_string_truncates_text(loaded, tiny_moe_checkpoint):
@@ -148,6 +187,12 @@ def test_cli_raw_json_prints_what_transformers_decodes(converted, space_first_re
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["text"] == space_first_reply
+
+
+def test_cli_checks_the_settings_before_loading_the_model(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi", "--temp", "-1")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "temp -1.0" in result.stderr and "nope" not in result.stderr
 
 
 def test_cli_missing_model_is_one_line(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from mlx_qwen35.processing.output import OutputParser, collect, parse_output, parse_tool_call
+from mlx_qwen35.processing.output import OutputParser, ShownAnswer, collect, parse_output, parse_tool_call
 from mlx_qwen35.weights.tokenizer_builder import write_tokenizer_files
 
 WEATHER_TOOL = {
@@ -163,3 +163,25 @@ def test_text_between_calls_stays_separate():
     parsed = parse_output(f"First.\n\n{block}\nThen more.", thinking=False)
     assert parsed.content == "First.\n\nThen more."
     assert [c.to_dict() for c in parsed.tool_calls] == [{"name": "f", "arguments": {}}]
+
+
+GOOD_CALL = "<tool_call>\n<function=f>\n</function>\n</tool_call>"
+BAD_CALL = "<tool_call>\n{not xml}\n</tool_call>"
+# A reply, and the answer a reader sees: a malformed call stays as text where it was, a blank line around each call.
+SHOWN_ANSWERS = [
+    (f"First.\n\n{GOOD_CALL}\nThen more.", "First.\n\nThen more."),
+    (f"First.\n\n{BAD_CALL}\nThen more.", f"First.\n\n{BAD_CALL}\n\nThen more."),
+    (f"{BAD_CALL}\n{GOOD_CALL}\nDone.", f"{BAD_CALL}\n\nDone."),
+    (f"Sure.\n\n{GOOD_CALL}", "Sure."),
+    ("Sure.\n\n<tool_call>\n<function=f>\n<param", "Sure.\n\n<tool_call>\n<function=f>\n<param"),
+]
+
+
+@pytest.mark.parametrize("reply, shown", SHOWN_ANSWERS)
+def test_a_malformed_call_stays_in_the_shown_answer_where_it_was(reply, shown):
+    for cuts in ([], list(range(1, len(reply)))):  # whole, and one character at a time
+        parser, answer, added = OutputParser(thinking=False), ShownAnswer(), []
+        for start, end in zip([0, *cuts], [*cuts, len(reply)]):
+            added += [answer.add(piece) for piece in parser.feed(reply[start:end])]
+        added += [answer.add(piece) for piece in parser.finish()]
+        assert answer.text == "".join(added) == ShownAnswer.of(parser.pieces).text == shown, cuts[:1]

@@ -32,6 +32,7 @@ from schemathesis.checks import not_a_server_error
 from mlx_qwen35 import load
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.runtime.generation import PrefillCancelled
+from mlx_qwen35.runtime.settings import GenerationSettings, Sampling
 from mlx_qwen35.surfaces.server.guard import exposure_warning, host_allowed
 from mlx_qwen35.surfaces.server.protocol import ApiError, image_source
 from mlx_qwen35.surfaces.server.routes import ServerSettings, create_app, serve
@@ -767,11 +768,14 @@ def test_a_cancelled_prefill_stops_at_the_next_chunk_and_the_cache_stays_sound(m
     text = "Once upon a time there was a river. " * 12
     prompt = [{"role": "user", "content": text}] if chat_prompt else text
     options = dict(max_tokens=4, temp=0.0, prefill_step_size=16, enable_thinking=False)
+    settings = GenerationSettings(
+        sampling=Sampling(temp=0.0), max_tokens=4, prefill_step_size=16, enable_thinking=False
+    )  # the same, as the worker takes them
     assert len(processor.encode(text)) >= 10 * 16
     events: queue.Queue = queue.Queue()
 
     def run(prompt) -> list:
-        job = GenerationJob(prompt=prompt, options=options, emit=events.put)
+        job = GenerationJob(prompt=prompt, settings=settings, emit=events.put)
         counting.job, counting.calls = job, 0
         worker.submit(job)
         received = []
@@ -830,3 +834,32 @@ def test_openapi_schema_fuzzed_without_server_errors(server):
 
         no_server_error()
     assert greedy() == before
+
+
+GOOD_CALL = "<tool_call>\n<function=f>\n</function>\n</tool_call>"
+BAD_CALL = "<tool_call>\n{not xml}\n</tool_call>"
+
+
+@pytest.mark.parametrize(
+    "reply, answer",
+    [
+        (f"Hm.\n</think>\n\nFirst.\n\n{GOOD_CALL}\nThen more.", "First.\n\nThen more."),
+        (f"Hm.\n</think>\n\nFirst.\n\n{BAD_CALL}\nThen more.", f"First.\n\n{BAD_CALL}\n\nThen more."),
+        (f"Hm.\n</think>\n\n{BAD_CALL}", BAD_CALL),
+    ],
+    ids=["call-between-texts", "malformed-call-between-texts", "malformed-call-alone"],
+)
+def test_the_server_answers_what_the_conversation_keeps(reply, answer):
+    """One rule for a malformed call (it stays as text, where it was) in the API's reply and in a chat's history."""
+    from mlx_qwen35.processing.output import OutputParser
+    from mlx_qwen35.runtime.conversation import assistant_message
+    from mlx_qwen35.surfaces.server.routes import ChatReply
+
+    served = ChatReply(thinking=True, tools=None)
+    deltas = [d for i in range(0, len(reply), 5) for d in served.feed(reply[i : i + 5])] + served.finish()
+    parser = OutputParser(thinking=True)
+    parser.feed(reply)
+    parser.finish()
+    kept = assistant_message(parser.pieces)
+    assert "".join(d.get("content", "") for d in deltas) == served.content == kept["content"] == answer
+    assert served.reasoning == kept["reasoning_content"] == "Hm."

@@ -14,7 +14,8 @@ that the chat template teaches (docs/architecture.md §13)::
 
 Values are typed by the tool's JSON schema when it names a type, else JSON-decoded when they are
 valid JSON (numbers, booleans, objects, arrays, null), else kept as the string. A call that cannot
-be parsed is reported as a ``ToolCall`` with ``error`` and the raw text, never dropped.
+be parsed is reported as a ``ToolCall`` with ``error`` and the raw text, never dropped; in the answer
+a reader sees (``ShownAnswer``) it stays as text where it was.
 """
 
 from __future__ import annotations
@@ -152,18 +153,33 @@ def _partial_tag_length(text: str, tag: str) -> int:
 class OutputParser:
     """Splits streamed text into reasoning, answer and tool-call pieces; never emits part of a tag as text.
 
-    ``feed`` each new text segment, then ``finish`` once. Whitespace around the tags (the template's
-    ``\\n</think>\\n\\n`` and the newlines around calls) is dropped, as the template drops it on re-rendering.
+    ``feed`` each new text segment, then ``finish`` once; ``pieces`` keeps every piece returned so far.
+    Whitespace around the tags (the template's ``\\n</think>\\n\\n`` and the newlines around calls) is
+    dropped, as the template drops it on re-rendering.
     """
 
     def __init__(self, thinking: bool, tools: list[dict] | None = None):
         self.mode: PieceKind = "reasoning" if thinking else "content"
         self.tools = tools
+        self.pieces: list[OutputPiece] = []
+        self.finished = False
         self._pending = ""
         self._at_start = True  # at the start, after </think> or after a call: leading whitespace is layout
 
     def feed(self, text: str) -> list[OutputPiece]:
         """Pieces completed by ``text`` (possibly none while a tag may be forming)."""
+        pieces = self._split(text)
+        self.pieces += pieces
+        return pieces
+
+    def finish(self) -> list[OutputPiece]:
+        """What is left at the end of the output; an unterminated tool call is reported as malformed."""
+        pieces = self._rest()
+        self.pieces += pieces
+        self.finished = True
+        return pieces
+
+    def _split(self, text: str) -> list[OutputPiece]:
         self._pending += text
         pieces: list[OutputPiece] = []
         while True:
@@ -197,8 +213,7 @@ class OutputParser:
                 pieces.append(OutputPiece("tool_call", block, parse_tool_call(block, self.tools)))
                 self.mode, self._at_start = "content", True
 
-    def finish(self) -> list[OutputPiece]:
-        """What is left at the end of the output; an unterminated tool call is reported as malformed."""
+    def _rest(self) -> list[OutputPiece]:
         rest, self._pending = self._pending, ""
         if self.mode == "tool_call":
             call = ToolCall(None, raw=rest, error=f"the output ended inside <tool_call> (no {TOOL_CALL_CLOSE})")
@@ -239,6 +254,39 @@ def collect(pieces: list[OutputPiece]) -> ParsedOutput:
             parsed.tool_calls.append(piece.tool_call)
         previous = piece.kind
     return parsed
+
+
+class ShownAnswer:
+    """The answer as a reader sees it: the text, and each malformed tool call's raw block where it was.
+
+    A call that cannot be parsed stays visible as text rather than vanishing. A blank line separates the
+    text on either side of a call, as ``collect`` does; text streamed in several pieces joins as it came.
+    """
+
+    def __init__(self):
+        self.text = ""
+        self._after_call = False
+
+    @classmethod
+    def of(cls, pieces: list[OutputPiece]) -> ShownAnswer:
+        """The answer of a whole reply."""
+        answer = cls()
+        for piece in pieces:
+            answer.add(piece)
+        return answer
+
+    def add(self, piece: OutputPiece) -> str:
+        """The text ``piece`` adds to the answer: "" for reasoning and for a well-formed call."""
+        if piece.kind == "reasoning":
+            return ""
+        malformed = piece.kind == "tool_call" and piece.tool_call.error is not None
+        if piece.kind == "tool_call" and not malformed:
+            self._after_call = True
+            return ""
+        text = ("\n\n" if (malformed or self._after_call) and self.text else "") + piece.text
+        self._after_call = malformed
+        self.text += text
+        return text
 
 
 def read_tools_file(path: str | Path) -> list[dict]:

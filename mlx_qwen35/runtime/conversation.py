@@ -21,15 +21,16 @@ token ids with each item's placeholders replaced by a (negative) key of its pixe
 image of the same size is a different prefix.
 
 ``ConversationCache`` is that machinery on its own — the server feeds it whole request histories;
-``Conversation`` adds the messages, the settings and the parsed reply.
+``Conversation`` adds the messages, the settings and the parsed reply (``reply_events``, which the CLI
+uses for a reply without a conversation too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -39,8 +40,16 @@ from mlx_lm.generate import GenerationResponse
 from ..errors import Qwen35Error
 from ..model.cache import Snapshot, cache_length, make_cache, restore, snapshot
 from ..model.inputs import ModelInputs
-from ..processing.output import OutputParser, OutputPiece, PieceKind, ToolCall, collect
-from .generation import prefill_prompt, recommended_sampling, stream_generate
+from ..processing.output import OutputParser, OutputPiece, PieceKind, ShownAnswer, ToolCall, collect
+from .generation import prefill_prompt, stream_text
+from .settings import (
+    DEFAULT_MAX_TOKENS,
+    KV_GROUP_SIZE,
+    PREFILL_STEP_SIZE,
+    GenerationSettings,
+    KVCacheSettings,
+    recommended_sampling,
+)
 
 CHECKPOINTS_KEPT_AT_START = 2  # the empty cache and the end of the system turn: reused after reset
 CHECKPOINTS_KEPT_AT_END = 3  # reply start of the last prompt, its user-turn start, the reply start before
@@ -78,25 +87,40 @@ class Checkpoint:
     snapshot: Snapshot
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConversationSettings:
-    """Everything about a conversation except its messages and cache (what ``prompt_cache`` saves)."""
+    """Everything about a conversation except its messages and cache (what ``sessions`` saves); checked when built."""
 
     system: str | None = None
     enable_thinking: bool = True
     tools: list[dict] | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)  # overrides of the model card's preset
-    max_tokens: int = 32768
+    sampling: dict[str, Any] = field(default_factory=dict)  # overrides of the model card's preset for the mode
+    max_tokens: int = DEFAULT_MAX_TOKENS
     thinking_budget: int | None = None
     kv_bits: int | None = None
-    kv_group_size: int = 64
-    prefill_step_size: int = 2048
+    kv_group_size: int = KV_GROUP_SIZE
+    prefill_step_size: int = PREFILL_STEP_SIZE
+
+    def __post_init__(self) -> None:
+        self.generation()  # every value is checked here, not when a reply starts
+
+    def generation(self) -> GenerationSettings:
+        """The settings of the next reply: the model card's preset for the thinking mode under the overrides."""
+        return GenerationSettings(
+            sampling=recommended_sampling(self.enable_thinking, self.sampling),
+            max_tokens=self.max_tokens,
+            enable_thinking=self.enable_thinking,
+            thinking_budget=self.thinking_budget,
+            tools=self.tools,
+            prefill_step_size=self.prefill_step_size,
+            kv_cache=KVCacheSettings(self.kv_bits, self.kv_group_size),
+        )
 
 
 class ConversationCache:
     """One ``ModelCache`` and its checkpoints; ``stream`` generates from a rendered prompt, reusing the longest prefix it shares with them."""
 
-    def __init__(self, model, processor, kv_bits: int | None = None, kv_group_size: int = 64):
+    def __init__(self, model, processor, kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE):
         self.model = model
         self.processor = processor
         self.model_cache = make_cache(model, kv_bits, kv_group_size)
@@ -108,21 +132,24 @@ class ConversationCache:
         self._user_header = encode("<|im_start|>user\n")
         self._reply_header = encode("<|im_start|>assistant\n")
 
-    def stream(self, inputs: ModelInputs, **options) -> Iterator[GenerationResponse]:
+    def stream(
+        self, inputs: ModelInputs, settings: GenerationSettings, should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[GenerationResponse]:
         """Restore the longest reusable prefix of ``inputs`` and prefill up to the reply start now; the iterator generates.
 
-        ``options`` are ``stream_generate``'s; afterwards ``reused_tokens`` says how many prompt tokens the cache gave.
+        Afterwards ``reused_tokens`` says how many prompt tokens the cache gave. ``should_stop`` is asked between
+        prefill chunks (``prefill``); True raises ``PrefillCancelled``.
         """
         keys = self._cache_keys(inputs)
         self.reused_tokens = self._restore_longest_prefix(keys)
         try:
             position = self._prefill_with_checkpoints(
-                inputs, keys, self.reused_tokens, options.get("prefill_step_size", 2048), options.get("should_stop")
+                inputs, keys, self.reused_tokens, settings.prefill_step_size, should_stop
             )
         except BaseException:
             self.tokens = None  # a forward pass may have stopped halfway
             raise
-        return self._generate(inputs, keys, position, options)
+        return self._generate(inputs, keys, position, settings, should_stop)
 
     def _cache_keys(self, inputs: ModelInputs) -> list[int]:
         """The prompt's token ids with each image's / video's placeholders replaced by one key of its pixels."""
@@ -185,19 +212,25 @@ class ConversationCache:
         )
 
     def _generate(
-        self, inputs: ModelInputs, keys: list[int], position: int, options: dict
+        self,
+        inputs: ModelInputs,
+        keys: list[int],
+        position: int,
+        settings: GenerationSettings,
+        should_stop: Callable[[], bool] | None,
     ) -> Iterator[GenerationResponse]:
         """Stream the reply from ``position`` on and keep track of what the cache holds, however it ends."""
         generated: list[int] = []
         consistent = False  # an exception inside a forward pass may leave layers half-updated
         try:
-            for response in stream_generate(
+            for response in stream_text(
                 self.model,
                 self.processor,
                 inputs.span(position, len(keys), self.model.config),
+                settings,
                 cache=self.model_cache,
                 cached_tokens=inputs.input_ids[:position],
-                **options,
+                should_stop=should_stop,
             ):
                 generated.append(response.token)
                 consistent = True  # between tokens the cache holds exactly the tokens fed so far
@@ -259,7 +292,7 @@ class Conversation:
 
     def set_thinking(self, enabled: bool) -> None:
         """Thinking on or off from the next reply (the history renders the same either way)."""
-        self.settings.enable_thinking = enabled
+        self.settings = replace(self.settings, enable_thinking=enabled)
 
     @property
     def context_tokens(self) -> int:
@@ -267,8 +300,8 @@ class Conversation:
         return cache_length(self.cache.model_cache)
 
     def sampling(self) -> dict[str, Any]:
-        """The model card's preset for the current thinking mode with the user's overrides on top."""
-        return recommended_sampling(self.settings.enable_thinking) | self.settings.sampling
+        """The model card's preset for the current thinking mode with the user's overrides on top, as keywords."""
+        return recommended_sampling(self.settings.enable_thinking, self.settings.sampling).keywords()
 
     def prompt_inputs(self) -> ModelInputs:
         """The conversation rendered by the chat template, with the generation prompt: token ids and vision inputs."""
@@ -290,50 +323,46 @@ class Conversation:
         started = time.perf_counter()
         inputs = self.prompt_inputs()
         settings = self.settings
-        responses = self.cache.stream(
-            inputs,
-            max_tokens=settings.max_tokens,
-            enable_thinking=settings.enable_thinking,
-            thinking_budget=settings.thinking_budget,
-            prefill_step_size=settings.prefill_step_size,
-            **self.sampling(),
-        )
+        responses = self.cache.stream(inputs, settings.generation())
         reused = self.cache.reused_tokens
         stats = TurnStats(
             prompt_tokens=len(inputs.input_ids), reused_tokens=reused, prefilled_tokens=len(inputs.input_ids) - reused
         )
         self.last_stats = stats
         parser = OutputParser(settings.enable_thinking, settings.tools)
-        pieces: list[OutputPiece] = []
-        parser_done = False
         try:
-            for response in responses:
-                stats.generated_tokens = response.generation_tokens
-                if stats.generated_tokens == 1:
+            for event in reply_events(responses, parser):
+                response = event.response
+                if response.generation_tokens == 1 and not stats.generated_tokens:
                     stats.time_to_first_token = time.perf_counter() - started
-                new = parser.feed(response.text)
-                if response.finish_reason:
-                    new, parser_done = new + parser.finish(), True
-                pieces += new
+                stats.generated_tokens = response.generation_tokens
                 stats.generation_tps = response.generation_tps
                 stats.peak_memory_gb = response.peak_memory
-                for piece in new or [OutputPiece(parser.mode, "")]:
-                    yield ChatEvent(piece.kind, piece.text, response, piece.tool_call)
+                yield event
         finally:
             responses.close()  # now, not at garbage collection: the cache records what it holds
-            if not parser_done:
-                pieces += parser.finish()  # interrupted: keep what was shown
+            if not parser.finished:
+                parser.finish()  # interrupted: keep what was shown
             if stats.generated_tokens:
-                self.messages.append(_reply_message(pieces))
+                self.messages.append(assistant_message(parser.pieces))
             stats.context_tokens = self.context_tokens
 
 
-def _reply_message(pieces: list[OutputPiece]) -> dict:
+def reply_events(responses: Iterable[GenerationResponse], parser: OutputParser) -> Iterator[ChatEvent]:
+    """The ``ChatEvent``s of a reply: each token response's text split by ``parser`` (at least one event per token)."""
+    for response in responses:
+        new = parser.feed(response.text)
+        if response.finish_reason:
+            new += parser.finish()
+        for piece in new or [OutputPiece(parser.mode, "")]:
+            yield ChatEvent(piece.kind, piece.text, response, piece.tool_call)
+
+
+def assistant_message(pieces: list[OutputPiece]) -> dict:
     """The assistant message for a reply, in the form the chat template renders back as generated."""
     parsed = collect(pieces)
     calls = [c for c in parsed.tool_calls if c.error is None]
-    malformed = [c.raw for c in parsed.tool_calls if c.error is not None]
-    content = "\n\n".join([parsed.content] + malformed if parsed.content else malformed)
+    content = ShownAnswer.of(pieces).text  # a malformed call stays in the content as text, where it was
     message = {"role": "assistant", "content": content, "reasoning_content": parsed.reasoning}
     if calls:
         message["tool_calls"] = [

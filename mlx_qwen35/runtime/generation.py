@@ -1,14 +1,19 @@
-"""Prefill / decode loop: chunked prefill, mlx-lm sampling, streaming detokenisation, stop conditions.
+"""Generation in two levels: a token-level generator under a text-level stream.
 
-``stream_generate`` yields one mlx-lm ``GenerationResponse`` per token (text segment, token id,
-logprobs, running statistics, finish reason); ``generate`` collects the text.
+``generate_tokens`` is the token level, like mlx-lm's ``generate_step``: a prompt's ids (and vision
+inputs) in, ``(token, logprobs)`` out, one forward pass ahead (the next token computes under
+``async_eval`` while the caller handles this one). Speculative decoding, distributed ranks and
+benchmarks against mlx-lm sit on this seam.
+
+``stream_text`` puts the text on top: the thinking budget, stop tokens and stop strings, detokenising
+and statistics, one mlx-lm ``GenerationResponse`` per token, read from a ``GenerationSettings``.
+``stream_generate`` is the same with mlx-lm-style keywords; ``generate`` collects the text.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
@@ -17,30 +22,13 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from ..errors import Qwen35Error
 from ..model.cache import make_cache
 from ..model.inputs import ModelInputs
+from .settings import GENERATE_MAX_TOKENS, PREFILL_STEP_SIZE, GenerationSettings, KVCacheSettings, Sampling
 from .text_stream import TextStream
 
 Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
+Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, vocab] -> token [1]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (recent tokens, logits [1, vocab]) -> logits
 PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over
-
-
-@dataclass(frozen=True)
-class SamplingPreset:
-    """Sampling settings recommended by the Qwen3.5 model card (docs/architecture.md §14)."""
-
-    temp: float
-    top_p: float
-    top_k: int
-    min_p: float
-    presence_penalty: float
-
-
-THINKING_PRESET = SamplingPreset(temp=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5)
-NON_THINKING_PRESET = SamplingPreset(temp=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5)
-
-
-def recommended_sampling(enable_thinking: bool) -> dict:
-    """The model card's general-purpose sampling for thinking or non-thinking mode, as keyword arguments."""
-    return dict(vars(THINKING_PRESET if enable_thinking else NON_THINKING_PRESET))
 
 
 def prompt_token_ids(processor, prompt: Prompt, enable_thinking: bool = True, tools: list | None = None) -> list[int]:
@@ -101,7 +89,7 @@ def prefill(
     model,
     tokens: mx.array,
     cache: list,
-    step_size: int = 2048,
+    step_size: int = PREFILL_STEP_SIZE,
     embeds: mx.array | None = None,
     positions: mx.array | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -124,7 +112,11 @@ def prefill(
 
 
 def prefill_prompt(
-    model, inputs: ModelInputs, cache: list, step_size: int = 2048, should_stop: Callable[[], bool] | None = None
+    model,
+    inputs: ModelInputs,
+    cache: list,
+    step_size: int = PREFILL_STEP_SIZE,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Run a prompt, its images and videos too, into ``cache``; positions continue after what the cache holds."""
     tokens = mx.array(inputs.input_ids)
@@ -137,110 +129,153 @@ def prefill_prompt(
     cache.rope_delta = rope_delta
 
 
-def stream_generate(
+def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, list[LogitsProcessor]]:
+    """mlx-lm's sampler and logits processors for ``sampling``, the first processor masking the LM head's padding rows."""
+    vocab = model.config.text.vocab_size
+    # Top-k of the whole vocabulary keeps every token; mlx-lm's top-k refuses k >= vocab, and an exception
+    # inside that compiled function leaves mx.random.state unusable for every later generation.
+    top_k = sampling.top_k if sampling.top_k < vocab else 0
+    sampler = make_sampler(temp=sampling.temp, top_p=sampling.top_p, min_p=sampling.min_p, top_k=top_k)
+    processors = make_logits_processors(
+        repetition_penalty=sampling.repetition_penalty,
+        repetition_context_size=PENALTY_CONTEXT,
+        presence_penalty=sampling.presence_penalty,
+        presence_context_size=PENALTY_CONTEXT,
+    )
+    vocab_mask = _vocab_mask(model, processor)
+    if vocab_mask is not None:
+        processors.insert(0, lambda _, logits: logits + vocab_mask)
+    return sampler, processors
+
+
+def generate_tokens(
+    model,
+    prompt: ModelInputs,
+    cache: list,
+    sampler: Sampler,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    *,
+    max_tokens: int,
+    stop_tokens: Container[int] = (),
+    context_tokens: Sequence[int] = (),
+    choose_token: Callable[[int], int] | None = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Prefill ``prompt`` into ``cache``, then yield each generated token and its log-probabilities [vocab].
+
+    The next token is computing while the caller handles this one; none is started after a stop token or the
+    ``max_tokens``-th, so the cache never holds the last token. ``choose_token`` may replace a sampled token
+    (the thinking budget forces its closing tag); ``context_tokens``: the ids ``cache`` already holds, for the
+    penalties to look back over as a fresh run would; ``should_stop``: asked between prefill chunks (``prefill``).
+    """
+    ids = list(prompt.input_ids)
+    # The penalties look back PENALTY_CONTEXT tokens (mlx-lm's default window); keep only those, not the
+    # whole context, so each decode step does not copy a growing array.
+    history = mx.array((list(context_tokens) + ids)[-PENALTY_CONTEXT:])
+
+    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
+        for process in logits_processors:
+            logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    # The last token is text (<|vision_end|> at the latest), so the first step embeds it itself.
+    prefill_prompt(model, prompt.span(0, len(ids) - 1, model.config), cache, prefill_step_size, should_stop)
+    token, logprobs = step(history[-1:])
+    mx.eval(token, logprobs)
+    for n in range(1, max_tokens + 1):
+        sampled = token.item()
+        token_id = choose_token(sampled) if choose_token is not None else sampled
+        if token_id != sampled:
+            token = mx.array([token_id], dtype=token.dtype)
+        history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
+        last = token_id in stop_tokens or n == max_tokens
+        if not last:  # start the next step while the caller handles this token
+            next_token, next_logprobs = step(token)
+            mx.async_eval(next_token, next_logprobs)
+        yield token_id, logprobs
+        if last:
+            return
+        token, logprobs = next_token, next_logprobs
+
+
+class StopStrings:
+    """Ends the text before the first stop string, holding back text that may start one until it is decided."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text, self.emitted = "", 0  # all text so far, and how much of it was shown
+
+    def feed(self, segment: str, final: bool) -> tuple[str, bool]:
+        """The text that can be shown now (``final``: the last segment), and whether a stop string ended it."""
+        if not self.stop:
+            return segment, False
+        self.text += segment
+        start = max(0, self.emitted - self.hold)
+        hit = min((i for s in self.stop if (i := self.text.find(s, start)) != -1), default=-1)
+        end = hit if hit != -1 else len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        segment, self.emitted = self.text[self.emitted : end], end
+        return segment, hit != -1
+
+
+def stream_text(
     model,
     processor,
     prompt: Prompt,
+    settings: GenerationSettings,
     *,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    presence_penalty: float | None = None,
-    seed: int | None = None,
-    stop: list[str] | None = None,
     cache: list | None = None,
-    prefill_step_size: int = 2048,
-    enable_thinking: bool = True,
-    tools: list[dict] | None = None,
-    thinking_budget: int | None = None,
-    kv_bits: int | None = None,
     cached_tokens: list[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Generate from ``prompt``, yielding a response per token. A caller-owned ``cache`` continues from its contents.
+    """Generate from ``prompt`` as ``settings`` say, yielding a response per token. A caller-owned ``cache`` continues from its contents.
 
     ``cached_tokens``: the ids that ``cache`` already holds, for the penalties to look back over as a fresh run would.
     ``should_stop``: asked between prefill chunks; True raises ``PrefillCancelled`` (decoding stops when the caller
     stops iterating).
     """
-    tokens = prompt_token_ids(processor, prompt, enable_thinking, tools)
+    tokens = prompt_token_ids(processor, prompt, settings.enable_thinking, settings.tools)
     if not tokens:
         raise Qwen35Error("the prompt is empty; give some text")
-    if seed is not None:
-        mx.random.seed(seed)
-    cache = cache if cache is not None else make_cache(model, kv_bits=kv_bits)
-    budget = ThinkingBudget(processor, tokens, thinking_budget)
-    # top_k beyond the vocabulary keeps every token; mlx-lm's compiled top-k raises instead, mid-trace,
-    # which leaves mx.random.state holding a tracer that breaks every later sampled generation.
-    top_k = top_k if top_k < model.config.text.vocab_size else 0
-    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=PENALTY_CONTEXT,
-        presence_penalty=presence_penalty,
-        presence_context_size=PENALTY_CONTEXT,
-    )
-    vocab_mask = _vocab_mask(model, processor)
+    if settings.seed is not None:
+        mx.random.seed(settings.seed)
+    if cache is None:
+        cache = make_cache(model, settings.kv_cache.bits, settings.kv_cache.group_size)
+    sampler, processors = sampling_functions(model, processor, settings.sampling)
     eos = processor.eos_token_ids
-    detokenizer = TextStream(processor.tokenizer)
-    # The penalties look back PENALTY_CONTEXT tokens (mlx-lm's default window); keep only those, not the
-    # whole context, so each decode step does not copy a growing array.
-    history = mx.array(((cached_tokens or []) + tokens)[-PENALTY_CONTEXT:])
-
-    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
-        if vocab_mask is not None:
-            logits = logits + vocab_mask
-        for process in processors:
-            logits = process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        return token, logprobs.squeeze(0)
-
-    start = time.perf_counter()
-    # The last token is text (<|vision_end|> at the latest), so the step below embeds it itself.
-    head = (
-        prompt.span(0, len(tokens) - 1, model.config) if isinstance(prompt, ModelInputs) else ModelInputs(tokens[:-1])
+    generated = generate_tokens(
+        model,
+        prompt if isinstance(prompt, ModelInputs) else ModelInputs(tokens),
+        cache,
+        sampler,
+        processors,
+        max_tokens=settings.max_tokens,
+        stop_tokens=eos,
+        context_tokens=cached_tokens or (),
+        choose_token=ThinkingBudget(processor, tokens, settings.thinking_budget).choose,
+        prefill_step_size=settings.prefill_step_size,
+        should_stop=should_stop,
     )
-    prefill_prompt(model, head, cache, prefill_step_size, should_stop)
-    token, logprobs = step(history[-1:])
-    mx.eval(token, logprobs)
-    prompt_tps = len(tokens) / (time.perf_counter() - start)
-
+    detokenizer = TextStream(processor.tokenizer)
+    stop = StopStrings(settings.stop)
     start = time.perf_counter()
-    text, emitted = "", 0  # with stop strings: all text so far, and how much of it was yielded
-    hold = max((len(s) for s in stop or []), default=1) - 1
-    for n in range(1, max_tokens + 1):
-        token_id = budget.choose(token.item())
-        if token_id != token.item():
-            token = mx.array([token_id], dtype=token.dtype)
-        history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
-        finish = None
-        if token_id in eos:
-            finish = "stop"
-        else:
-            detokenizer.add_token(token_id)
-            if n == max_tokens:
-                finish = "length"
-        if finish is None:  # start the next step while this token is being printed
-            next_token, next_logprobs = step(token)
-            mx.async_eval(next_token, next_logprobs)
-        else:
+    for n, (token, logprobs) in enumerate(generated, start=1):
+        if n == 1:  # the prompt is in the cache and the first token is out
+            prompt_tps = len(tokens) / (time.perf_counter() - start)
+            start = time.perf_counter()
+        finish = "stop" if token in eos else "length" if n == settings.max_tokens else None
+        if finish != "stop":
+            detokenizer.add_token(token)
+        if finish is not None:
             detokenizer.finalize()
-        segment = detokenizer.last_segment
-        if stop:  # hold back text that may be the start of a stop string until it is decided
-            text += segment
-            hit = min((i for s in stop if (i := text.find(s, max(0, emitted - hold))) != -1), default=-1)
-            if hit != -1:
-                finish = "stop"
-            end = hit if hit != -1 else len(text) if finish else max(emitted, len(text) - hold)
-            segment, emitted = text[emitted:end], end
+        segment, stopped = stop.feed(detokenizer.last_segment, final=finish is not None)
+        finish = "stop" if stopped else finish
         yield GenerationResponse(
             text=segment,
-            token=token_id,
+            token=token,
             logprobs=logprobs,
             from_draft=False,
             prompt_tokens=len(tokens),
@@ -252,7 +287,50 @@ def stream_generate(
         )
         if finish is not None:
             return
-        token, logprobs = next_token, next_logprobs
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt: Prompt,
+    *,
+    max_tokens: int = GENERATE_MAX_TOKENS,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    cache: list | None = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    enable_thinking: bool = True,
+    tools: list[dict] | None = None,
+    thinking_budget: int | None = None,
+    kv_bits: int | None = None,
+    cached_tokens: list[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate from ``prompt``, yielding a response per token: ``stream_text`` with its settings as keywords.
+
+    A caller-owned ``cache`` continues from its contents; ``cached_tokens``: the ids it already holds;
+    ``should_stop``: asked between prefill chunks.
+    """
+    settings = GenerationSettings(
+        sampling=Sampling(temp, top_p, top_k, min_p, repetition_penalty, presence_penalty),
+        max_tokens=max_tokens,
+        stop=tuple(stop or ()),
+        seed=seed,
+        enable_thinking=enable_thinking,
+        thinking_budget=thinking_budget,
+        tools=tools,
+        prefill_step_size=prefill_step_size,
+        kv_cache=KVCacheSettings(bits=kv_bits),
+    )
+    yield from stream_text(
+        model, processor, prompt, settings, cache=cache, cached_tokens=cached_tokens, should_stop=should_stop
+    )
 
 
 def generate(model, processor, prompt: Prompt, **kwargs) -> str:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ..errors import Qwen35Error
+from ..runtime.settings import DEFAULT_MAX_TOKENS, GENERATE_MAX_TOKENS
 
 app = typer.Typer(
     name="mlx-qwen35",
@@ -69,7 +70,7 @@ def convert(
 def generate(
     model: ModelOption,
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads standard input)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate."),
+    max_tokens: int = typer.Option(GENERATE_MAX_TOKENS, "--max-tokens", help="Most tokens to generate."),
     temp: float | None = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy)."),
     top_p: TopP = None,
     top_k: TopK = None,
@@ -110,19 +111,49 @@ def generate(
     max_kv_size: int | None = typer.Option(None, "--max-kv-size", help="Most tokens of context (prompt + reply)."),
 ) -> None:
     """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
+    from dataclasses import replace
+
     import mlx.core as mx
 
-    from ..processing.output import OutputParser, OutputPiece, read_tools_file
-    from ..runtime.conversation import ConversationSettings
-    from ..runtime.generation import prompt_token_ids, recommended_sampling, stream_generate
+    from ..processing.output import OutputParser, read_tools_file
+    from ..runtime.conversation import ConversationSettings, reply_events
+    from ..runtime.generation import prompt_token_ids, stream_text
     from ..runtime.sessions import open_conversation, save_conversation
+    from ..runtime.settings import GenerationSettings, KVCacheSettings, max_tokens_within_context, recommended_sampling
     from ..weights.loading import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    sampling = recommended_sampling(think)
-    overrides = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty)
-    sampling.update({k: v for k, v in overrides.items() if v is not None})
+    tool_schemas = read_tools_file(tools) if tools else None
+    overrides = dict(
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+    )
+    # Built (and so checked) before the model loads: a typo should not wait for a large model.
+    if prompt_cache_file:
+        settings = ConversationSettings(
+            system=system,
+            enable_thinking=think,
+            tools=tool_schemas,
+            max_tokens=max_tokens,
+            thinking_budget=thinking_budget,
+            kv_bits=kv_bits,
+            sampling={k: v for k, v in overrides.items() if v is not None},
+        )
+    else:
+        settings = GenerationSettings(
+            sampling=recommended_sampling(think, overrides),
+            max_tokens=max_tokens,
+            seed=seed,
+            enable_thinking=think,
+            thinking_budget=thinking_budget,
+            tools=tool_schemas,
+            kv_cache=KVCacheSettings(bits=kv_bits),
+        )
     model_obj, processor = load(model)
     media = [{"type": "image", "image": path} for path in image or []] + (
         [{"type": "video", "video": video}] if video else []
@@ -149,72 +180,47 @@ def generate(
         )
         vision_seconds = time.perf_counter() - started
         vision_tokens = processor.vision_token_count(request)
-    if kv_bits not in (None, 4, 8):
-        raise Qwen35Error(f"--kv-bits {kv_bits}: use 8 or 4")
-    tool_schemas = read_tools_file(tools) if tools else None
     conversation = None
     if prompt_cache_file:
         if raw or media:
             raise Qwen35Error("--prompt-cache-file continues a text chat; drop --raw / --image / --video")
-        settings = ConversationSettings(
-            system=system,
-            enable_thinking=think,
-            tools=tool_schemas,
-            max_tokens=max_tokens,
-            thinking_budget=thinking_budget,
-            kv_bits=kv_bits,
-            sampling=sampling | ({"repetition_penalty": repetition_penalty} if repetition_penalty else {}),
-        )
         if seed is not None:
             mx.random.seed(seed)
         conversation = open_conversation(prompt_cache_file, model_obj, processor, settings)
-        responses = conversation.send(prompt)
+        events = conversation.send(prompt)  # renders and reads the settings when the reply starts
         prompt_length = len(conversation.prompt_tokens())
     else:
         prompt_length = len(prompt_token_ids(processor, request, think, tool_schemas))
-    if max_kv_size is not None:
-        if prompt_length >= max_kv_size:
-            raise Qwen35Error(f"the prompt has {prompt_length} tokens, not below --max-kv-size {max_kv_size}")
-        max_tokens = min(max_tokens, max_kv_size - prompt_length)
-        if conversation:
-            conversation.settings.max_tokens = max_tokens  # read when the reply starts
-    if not conversation:
-        responses = stream_generate(
-            model_obj,
-            processor,
-            request,
-            max_tokens=max_tokens,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            enable_thinking=think,
-            tools=tool_schemas,
-            thinking_budget=thinking_budget,
-            kv_bits=kv_bits,
-            **sampling,
-        )
-    parser = OutputParser(think and not raw, tool_schemas)
-    text, pieces, last = [], [], None
-    for item in responses:  # GenerationResponses, or a conversation's ChatEvents (one or more per token)
-        response = item.response if conversation else item
-        new = [OutputPiece(item.kind, item.text, item.tool_call)] if conversation else parser.feed(response.text)
-        if not conversation and response.finish_reason:
-            new += parser.finish()
+    max_tokens = max_tokens_within_context(
+        max_tokens, prompt_length, max_kv_size, fix="raise --max-kv-size or shorten the prompt"
+    )
+    if conversation:
+        conversation.settings = replace(conversation.settings, max_tokens=max_tokens)
+    else:
+        responses = stream_text(model_obj, processor, request, replace(settings, max_tokens=max_tokens))
+        events = reply_events(responses, OutputParser(think and not raw, tool_schemas))
+    # One event stream either way: the text as it comes, or (--tools) each piece with each call as a JSON line.
+    text, calls, shown_kind, last = [], [], None, None
+    for event in events:
+        response = event.response
         if response is not last:
             text.append(response.text)
             if not as_json and not tool_schemas:
                 typer.echo(response.text, nl=False)
-        for piece in new if tool_schemas and not as_json else []:  # the text as it comes, each call as a JSON line
-            if pieces and pieces[-1].kind != piece.kind:
+        if tool_schemas and not as_json and (event.text or event.tool_call):
+            if shown_kind not in (None, event.kind):
                 typer.echo()
             typer.echo(
-                json.dumps(piece.tool_call.to_dict(), ensure_ascii=False) if piece.tool_call else piece.text, nl=False
+                json.dumps(event.tool_call.to_dict(), ensure_ascii=False) if event.tool_call else event.text, nl=False
             )
-        pieces += [piece for piece in new if piece.text or piece.tool_call]
+            shown_kind = event.kind
+        if event.tool_call:
+            calls.append(event.tool_call.to_dict())
         last = response
     prompt_tokens, prompt_tps = last.prompt_tokens, last.prompt_tps
     if conversation:
         save_conversation(conversation, prompt_cache_file)
-        turn = conversation.last_stats  # stream_generate only saw the tokens after the reused prefix
+        turn = conversation.last_stats  # stream_text only saw the tokens after the reused prefix
         prompt_tokens, prompt_tps = turn.prompt_tokens, turn.prefilled_tokens / max(turn.time_to_first_token, 1e-9)
     if as_json:
         stats = dict(
@@ -229,7 +235,7 @@ def generate(
             vision_seconds=round(vision_seconds, 3),
         )
         if tool_schemas:
-            stats["tool_calls"] = [piece.tool_call.to_dict() for piece in pieces if piece.tool_call]
+            stats["tool_calls"] = calls
         if conversation:
             stats |= dict(
                 reused_tokens=conversation.last_stats.reused_tokens,
@@ -254,7 +260,7 @@ def chat(
     ),
     thinking_budget: ThinkingBudget = None,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the reasoning, only the answer."),
-    max_tokens: int = typer.Option(32768, "--max-tokens", help="Most tokens to generate per answer."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Most tokens to generate per answer."),
     temp: float | None = typer.Option(
         None, "--temp", help="Sampling temperature (0 = greedy; default: the model card's)."
     ),
@@ -318,7 +324,9 @@ def serve(
         "--api-key",
         help="Require this key on every route but /health: 'Authorization: Bearer KEY'; browsers sign in with it as the password.",
     ),
-    max_tokens: int = typer.Option(32768, "--max-tokens", help="Default and largest max_tokens of a request."),
+    max_tokens: int = typer.Option(
+        DEFAULT_MAX_TOKENS, "--max-tokens", help="Default and largest max_tokens of a request."
+    ),
     allow_local_images: Path | None = typer.Option(
         None,
         "--allow-local-images",

@@ -21,7 +21,7 @@ import json
 import re
 import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -32,6 +32,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from ..errors import Qwen35Error
+from ..runtime.settings import max_tokens_within_context
 
 STATE_DIR = Path("~/.cache/mlx-qwen35").expanduser()
 DEFAULT_SESSIONS_DIR = STATE_DIR / "sessions"
@@ -291,14 +292,14 @@ class ChatRepl:
     def _stream_within_context(self, events: Iterator) -> None:
         """Stream a reply capped to the context left; refuse when the prompt alone fills it (the cache cannot drop tokens)."""
         # send/retry/edit change the messages at once and render lazily, so the prompt can be measured first.
-        prompt_tokens = len(self.conversation.prompt_tokens())
-        room = self.context_max - prompt_tokens
-        if room <= 0:
-            raise Qwen35Error(
-                f"the conversation ({prompt_tokens} tokens) fills the context ({self.context_max}); "
-                "/edit the last message shorter or /reset"
-            )
-        self.conversation.settings.max_tokens = min(self.max_tokens, room)
+        max_tokens = max_tokens_within_context(
+            self.max_tokens,
+            len(self.conversation.prompt_tokens()),
+            self.context_max,
+            what="the conversation",
+            fix="/edit the last message shorter or /reset",
+        )
+        self.conversation.settings = replace(self.conversation.settings, max_tokens=max_tokens)
         self._stream(events)
 
     def _run_command(self, command: Command) -> None:
@@ -459,15 +460,7 @@ def run_chat(
     from ..runtime.conversation import Conversation, ConversationSettings
     from ..weights.loading import load
 
-    if kv_bits not in (None, 4, 8):
-        raise Qwen35Error(f"--kv-bits {kv_bits}: use 8 or 4")
-    if max_tokens < 1:
-        raise Qwen35Error(f"--max-tokens {max_tokens}: give at least 1")
-    console = Console(highlight=False)
-    with console.status(f"loading {model}"):
-        model_obj, processor = load(model)
-    context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
-    settings = ConversationSettings(
+    settings = ConversationSettings(  # checked here, before the model loads
         system=system,
         enable_thinking=enable_thinking,
         sampling={k: v for k, v in sampling_overrides.items() if v is not None},
@@ -475,6 +468,10 @@ def run_chat(
         thinking_budget=thinking_budget,
         kv_bits=kv_bits,
     )
+    console = Console(highlight=False)
+    with console.status(f"loading {model}"):
+        model_obj, processor = load(model)
+    context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
     conversation = Conversation(model_obj, processor, settings, seed=seed)
     read_line = prompt_reader(HISTORY_FILE) if sys.stdin.isatty() else plain_reader(sys.stdin)
     ChatRepl(

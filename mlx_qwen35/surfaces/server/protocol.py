@@ -11,10 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import Qwen35Error
+from ...runtime.settings import RANGES
 
 # ---------------------------------------------------------------- request models (the OpenAI API)
 
-MAX_SEED = 2**63 - 1
+# ---------------------------------------------------------------- request models (the OpenAI API)
 
 
 class ImageURL(BaseModel):
@@ -88,18 +89,23 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions; unknown OpenAI fields are accepted and ignored."""
+    """Fields shared by chat and text completions; unknown OpenAI fields are accepted and ignored.
+
+    Bounds come from the runtime's rules (``RANGES``); an ``le`` / ``ge`` written here is the API's own, tighter limit.
+    """
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (capped by the server's limit).")
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    max_tokens: int | None = Field(
+        None, **RANGES["max_tokens"].bounds(), description="Most tokens to generate (capped by the server's limit)."
+    )
+    max_completion_tokens: int | None = Field(None, **RANGES["max_tokens"].bounds())
+    temperature: float | None = Field(None, **RANGES["temp"].bounds(), le=2)
+    top_p: float | None = Field(None, **RANGES["top_p"].bounds())
+    top_k: int | None = Field(None, **RANGES["top_k"].bounds())
+    min_p: float | None = Field(None, **RANGES["min_p"].bounds())
+    presence_penalty: float | None = Field(None, **RANGES["presence_penalty"].bounds(), ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, **RANGES["repetition_penalty"].bounds(), le=10)
+    seed: int | None = Field(None, **RANGES["seed"].bounds())
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -111,7 +117,9 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    thinking_budget: int | None = Field(None, ge=0, description="Close the thinking block after this many tokens.")
+    thinking_budget: int | None = Field(
+        None, **RANGES["thinking_budget"].bounds(), description="Close the thinking block after this many tokens."
+    )
 
 
 class CompletionRequest(SamplingRequest):

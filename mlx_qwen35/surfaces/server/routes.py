@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from ...errors import Qwen35Error
+from ...runtime.settings import DEFAULT_MAX_TOKENS, GenerationSettings, recommended_sampling
 from .guard import BodyTooLarge, Guard, exposure_warning, key_matches
 from .protocol import (
     ApiError,
@@ -39,7 +40,7 @@ from .protocol import (
 )
 from .worker import Cancelled, Failed, Finished, GenerationWorker, JobEvents, Started
 
-# ---------------------------------------------------------------- generation options
+# ---------------------------------------------------------------- generation settings
 
 
 DEFAULT_MAX_BODY_MB = 64
@@ -51,7 +52,7 @@ class ServerSettings:
 
     model_id: str
     api_key: str | None = None
-    max_tokens: int = 32768  # the default and the cap of a request's max_tokens
+    max_tokens: int = DEFAULT_MAX_TOKENS  # the default and the cap of a request's max_tokens
     host: str = "127.0.0.1"  # the address it is bound to: requests naming another host are refused
     allow_local_images: Path | None = None  # image_url may name files inside this directory (else data: URLs only)
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20
@@ -68,29 +69,36 @@ class ServerSettings:
             self.allow_local_images = root
 
 
-def generation_options(request: SamplingRequest, settings: ServerSettings, enable_thinking: bool) -> dict:
-    """``stream_generate`` keyword arguments: the model card's preset for the mode, overridden by the request."""
-    from ...runtime.generation import recommended_sampling
-
-    options = recommended_sampling(enable_thinking)
-    overrides = dict(
-        temp=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        min_p=request.min_p,
-        presence_penalty=request.presence_penalty,
+def generation_settings(
+    request: SamplingRequest,
+    settings: ServerSettings,
+    enable_thinking: bool,
+    tools: list[dict] | None = None,
+    thinking_budget: int | None = None,
+) -> GenerationSettings:
+    """The request's settings: the model card's preset for the mode under the request's sampling fields."""
+    sampling = recommended_sampling(
+        enable_thinking,
+        dict(
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+        ),
     )
-    options.update({k: v for k, v in overrides.items() if v is not None})
     requested = request.max_completion_tokens or request.max_tokens or settings.max_tokens
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    options.update(
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    return GenerationSettings(
+        sampling=sampling,
         max_tokens=min(requested, settings.max_tokens),
-        repetition_penalty=request.repetition_penalty,
+        stop=tuple(s for s in stop if s),
         seed=request.seed,
-        stop=[s for s in stop or [] if s] or None,
         enable_thinking=enable_thinking,
+        thinking_budget=thinking_budget,
+        tools=tools,
     )
-    return options
 
 
 # ---------------------------------------------------------------- responses
@@ -139,10 +147,16 @@ class ChatReply:
     """Accumulates a chat reply from the model's text: reasoning, answer, tool calls (OpenAI shapes)."""
 
     def __init__(self, thinking: bool, tools: list[dict] | None):
-        from ...processing.output import OutputParser
+        from ...processing.output import OutputParser, ShownAnswer
 
         self._parser = OutputParser(thinking, tools)
-        self.reasoning, self.content, self.tool_calls = "", "", []
+        self._answer = ShownAnswer()
+        self.reasoning, self.tool_calls = "", []
+
+    @property
+    def content(self) -> str:
+        """The answer so far, a malformed call in it as text."""
+        return self._answer.text
 
     def feed(self, text: str) -> list[dict]:
         """Deltas (OpenAI ``delta`` objects) completed by ``text``."""
@@ -158,10 +172,9 @@ class ChatReply:
             if piece.kind == "reasoning":
                 self.reasoning += piece.text
                 deltas.append({"reasoning_content": piece.text})
-            elif piece.kind == "content" or piece.tool_call.error is not None:
-                # A malformed call stays visible as text rather than vanishing.
-                text = ("\n\n" if self.content else "") + piece.text if piece.kind == "tool_call" else piece.text
-                self.content += text
+                continue
+            text = self._answer.add(piece)
+            if piece.kind == "content" or piece.tool_call.error is not None:
                 deltas.append({"content": text})
             else:
                 call = {
@@ -354,12 +367,9 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         check_unicode(body)
         thinking = (body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None) is not False
         tools = offered_tools(body)
-        options = generation_options(body, settings, thinking) | {
-            "tools": tools,
-            "thinking_budget": body.thinking_budget,
-        }
+        generation = generation_settings(body, settings, thinking, tools, body.thinking_budget)
         messages = template_messages(body.messages, settings.allow_local_images)
-        events = JobEvents(worker, request, messages, options)
+        events = JobEvents(worker, request, messages, generation)
         try:
             started = await first_event(events)
         except ApiError:
@@ -396,7 +406,7 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1 or not prompts[0]:
             raise ApiError("prompt must be one non-empty string", param="prompt")
-        events = JobEvents(worker, request, prompts[0], generation_options(body, settings, enable_thinking=False))
+        events = JobEvents(worker, request, prompts[0], generation_settings(body, settings, enable_thinking=False))
         try:
             started = await first_event(events)
         except ApiError:
@@ -421,7 +431,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     api_key: str | None = None,
-    max_tokens: int = 32768,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     allow_local_images: Path | None = None,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_prompt_tokens: int | None = None,

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from ...errors import Qwen35Error
+from ...runtime.settings import GenerationSettings
 from .protocol import has_images
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,10 @@ class Finished:
 
 @dataclass
 class GenerationJob:
-    """One request's generation: the prompt (chat messages or raw text) and ``stream_generate``'s options."""
+    """One request's generation: the prompt (chat messages or raw text) and its settings."""
 
     prompt: list[dict] | str
-    options: dict
+    settings: GenerationSettings
     emit: Callable[[Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -94,7 +95,7 @@ class GenerationWorker:
     The model's one cache (a ``ConversationCache``) goes from request to request: a chat client sends
     the whole history every time, and the cache's checkpoints at turn boundaries and prompt ends let
     the next request prefill only what follows the longest prefix it shares with an earlier one.
-    ``generate`` replaces all that with a stand-in for ``stream_generate`` (tests script replies with it).
+    ``generate`` replaces all that with a stand-in for ``stream_text`` (tests script replies with it).
     """
 
     def __init__(
@@ -162,7 +163,7 @@ class GenerationWorker:
         """The prompt as ``stream_generate`` takes it (ids, or ModelInputs with images) and its length."""
         from ...runtime.generation import prompt_token_ids
 
-        thinking, tools = job.options.get("enable_thinking", True), job.options.get("tools")
+        thinking, tools = job.settings.enable_thinking, job.settings.tools
         if isinstance(job.prompt, list) and has_images(job.prompt):
             inputs = self.processor(job.prompt, enable_thinking=thinking, tools=tools)
             return inputs, len(prompt_token_ids(self.processor, inputs))
@@ -178,14 +179,16 @@ class GenerationWorker:
             limits.append((self.model.config.text.max_position_embeddings, "the model's context"))
         return min(limits, default=None)
 
-    def _start(self, prompt: Any, options: dict) -> tuple[Iterator[Any], int]:
+    def _start(
+        self, prompt: Any, settings: GenerationSettings, should_stop: Callable[[], bool]
+    ) -> tuple[Iterator[Any], int]:
         """The generation of ``prompt`` and how many of its tokens came from the cache (prefilled up to the reply start)."""
         if self.prompt_cache is None:
-            return self._generate(self.model, self.processor, prompt, **options), 0
+            return self._generate(self.model, self.processor, prompt, settings=settings, should_stop=should_stop), 0
         from ...model.inputs import ModelInputs
 
         inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(prompt)
-        generation = self.prompt_cache.stream(inputs, **options)
+        generation = self.prompt_cache.stream(inputs, settings, should_stop)
         return generation, self.prompt_cache.reused_tokens
 
     def _run_job(self, job: GenerationJob) -> None:
@@ -207,8 +210,7 @@ class GenerationWorker:
         generation = None
         try:
             # A client that leaves during a long prefill frees the model at the next prefill chunk.
-            options = job.options | {"should_stop": job.cancelled.is_set}
-            generation, cached_tokens = self._start(prompt, options)
+            generation, cached_tokens = self._start(prompt, job.settings, job.cancelled.is_set)
             job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
             for response in generation:
                 token = Token.of(response)
@@ -221,7 +223,7 @@ class GenerationWorker:
         except Qwen35Error as e:
             job.emit(Failed(str(e)))
         except Exception as e:  # the server must outlive a bad generation; the client gets a 500-class error
-            log.exception("generation failed (options %s)", job.options)
+            log.exception("generation failed (settings %s)", job.settings)
             job.emit(Failed(f"{type(e).__name__}: {e}", internal=True))
         finally:
             # A cancelled generation has the next token in flight (async_eval); let it land before
@@ -241,7 +243,9 @@ class Cancelled:
 class JobEvents:
     """The async side of a job: the handler awaits the worker's events; a client that disconnects cancels the job."""
 
-    def __init__(self, worker: GenerationWorker, request: Request, prompt: list[dict] | str, options: dict):
+    def __init__(
+        self, worker: GenerationWorker, request: Request, prompt: list[dict] | str, settings: GenerationSettings
+    ):
         loop = asyncio.get_running_loop()
         self._events: asyncio.Queue = asyncio.Queue()
 
@@ -251,7 +255,7 @@ class JobEvents:
             except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
                 self.job.cancelled.set()
 
-        self.job = GenerationJob(prompt=prompt, options=options, emit=emit)
+        self.job = GenerationJob(prompt=prompt, settings=settings, emit=emit)
         worker.submit(self.job)
         self._watcher = asyncio.create_task(self._watch_disconnect(request))
 
