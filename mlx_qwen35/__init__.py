@@ -6,13 +6,16 @@ starts instantly and the package imports without MLX-heavy work.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
 __all__ = ["load", "generate", "stream_generate", "Qwen35Error"]
 
 from .errors import Qwen35Error
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("mlx-qwen35")  # the installed metadata: pyproject.toml's, the one place it is written
     if name == "load":
         from .weights.loading import load
 

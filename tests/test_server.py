@@ -863,3 +863,14 @@ def test_the_server_answers_what_the_conversation_keeps(reply, answer):
     kept = assistant_message(parser.pieces)
     assert "".join(d.get("content", "") for d in deltas) == served.content == kept["content"] == answer
     assert served.reasoning == kept["reasoning_content"] == "Hm."
+
+
+def test_the_api_reports_the_installed_packages_version(monkeypatch):
+    """One source for the version: the installed metadata (pyproject.toml's), read by the package and the API alike."""
+    import importlib.metadata
+
+    import mlx_qwen35
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9" if name == "mlx-qwen35" else real(name))
+    assert mlx_qwen35.__version__ == create_app(None, ServerSettings(model_id="m")).version == "9.9.9"

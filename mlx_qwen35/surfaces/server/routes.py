@@ -8,6 +8,7 @@ the worker's events into an OpenAI response, streamed as server-sent events or w
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -311,7 +312,11 @@ def web_root() -> Path:
 
 def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
     """The FastAPI app: the OpenAI routes under /v1, /health, and the chat page at /."""
-    app = FastAPI(title="mlx-qwen35", version="0.1.0", description="OpenAI-compatible API for Qwen3.5 on MLX.")
+    app = FastAPI(
+        title="mlx-qwen35",
+        version=importlib.metadata.version("mlx-qwen35"),  # pyproject.toml's, as mlx_qwen35.__version__ reads it
+        description="OpenAI-compatible API for Qwen3.5 on MLX.",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
