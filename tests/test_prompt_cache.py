@@ -17,6 +17,7 @@ from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
 from mlx_qwen35.runtime.sessions import (
     CACHE_FILE,
     CONVERSATION_FILE,
+    check_session_target,
     load_conversation,
     model_fingerprint,
     read_saved_conversation,
@@ -159,3 +160,65 @@ def test_cli_prompt_cache_file_continues_and_updates_the_saved_conversation(moe_
     assert results[0]["reused_tokens"] == 0 and results[1]["reused_tokens"] > 0
     assert results[1]["prefilled_tokens"] == results[1]["prompt_tokens"] - results[1]["reused_tokens"]
     assert [m["role"] for m in read_saved_conversation(saved)["messages"]] == ["user", "assistant"] * 2
+
+
+def edited(record: dict, change) -> dict:
+    record = json.loads(json.dumps(record))
+    change(record)
+    return record
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda r: r.pop("model_fingerprint"), "missing field model_fingerprint"),
+        (lambda r: r.update(comment="mine"), "unknown field comment"),
+        (lambda r: r.update(messages={"role": "user"}), "messages must be list, not dict"),
+        (lambda r: r["messages"].append("hello"), r"messages\[4\] must be an object"),
+        (lambda r: r["messages"][0].update(content=5), r"messages\[0\].content must be text"),
+        (lambda r: r["settings"].update(top_p=0.9), "unknown field settings.top_p"),
+        (lambda r: r["settings"].pop("enable_thinking"), "missing field settings.enable_thinking"),
+        (lambda r: r["settings"].update(enable_thinking="yes"), "settings.enable_thinking must be bool, not str"),
+        (lambda r: r["settings"]["sampling"].update(temp=-1), "settings: temp -1: give a finite number >= 0"),
+        (lambda r: r["settings"]["sampling"].update(stop=["x"]), "settings: unknown sampling option 'stop'"),
+        (lambda r: r["settings"].update(max_tokens=0), "settings: max_tokens 0: give an integer >= 1"),
+        (lambda r: r["settings"].update(kv_bits=3), "settings: kv_bits 3: use 8 or 4"),
+        (lambda r: r["cache"].update(tokens="1 2 3"), "cache.tokens must be list, not str"),
+        (lambda r: r["cache"]["tokens"].append("7"), "cache.tokens must be a list of integers"),
+        (lambda r: r["cache"]["checkpoints"][0].pop("rope_delta"), r"missing field cache.checkpoints\[0\].rope_delta"),
+        (lambda r: r["cache"].update(layers=2), "cache section does not describe"),
+        (lambda r: r["cache"]["tokens"].pop(), "cache section does not describe"),
+        (lambda r: r["cache"]["checkpoints"][-1].update(tokens=10**6), "cache section does not describe"),
+    ],
+)
+def test_hand_edited_or_newer_records_are_one_error_naming_the_field(saved, loaded, change, error):
+    path, _ = saved
+    record = json.loads((path / CONVERSATION_FILE).read_text())
+    (path / CONVERSATION_FILE).write_text(json.dumps(edited(record, change)))
+    with pytest.raises(Qwen35Error, match=error):
+        load_conversation(path, *loaded)
+
+
+def test_saving_where_nothing_can_be_written_is_one_error(saved, tmp_path):
+    _, conversation = saved
+    with pytest.raises(Qwen35Error, match="/proc/mlx-qwen35-test/chat: cannot save the conversation there"):
+        save_conversation(conversation, "/proc/mlx-qwen35-test/chat")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(Qwen35Error, match="cannot save the conversation there"):
+        save_conversation(conversation, tmp_path / "a-file")
+
+
+def test_session_target_is_checked_without_a_model(saved, tmp_path):
+    path, _ = saved
+    check_session_target(tmp_path / "new" / "chat", kv_bits=None)  # created when saved
+    check_session_target(path, kv_bits=None)
+    assert not list((tmp_path / "new").parent.glob(".mlx-qwen35-write-test-*"))  # the probe file is gone
+    with pytest.raises(Qwen35Error, match="the saved cache has kv_bits None; pass the same --kv-bits"):
+        check_session_target(path, kv_bits=8)
+    (tmp_path / "prompt.safetensors").write_bytes(b"")
+    with pytest.raises(Qwen35Error, match="is a file; a saved conversation is a directory"):
+        check_session_target(tmp_path / "prompt.safetensors", kv_bits=None)
+    with pytest.raises(Qwen35Error, match="prompt.safetensors is a file, so nothing can be saved below it"):
+        check_session_target(tmp_path / "prompt.safetensors" / "chat", kv_bits=None)
+    with pytest.raises(Qwen35Error, match="--prompt-cache-file /proc/mlx-qwen35-test/chat: cannot write in /proc"):
+        check_session_target("/proc/mlx-qwen35-test/chat", kv_bits=None)

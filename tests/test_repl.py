@@ -83,6 +83,11 @@ def spawn_chat(model: Path, home: Path, *args: str) -> pexpect.spawn:
     return child
 
 
+def plain(screen: str) -> str:
+    """Terminal output as words: escape sequences dropped, line wraps and runs of spaces as one space."""
+    return " ".join(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|[\x08\r]", "", screen).split())
+
+
 def ask(child: pexpect.spawn, line: str) -> str:
     """Type ``line``, press Enter and return everything printed until the next prompt."""
     child.send(line + "\r")
@@ -122,6 +127,43 @@ def test_chat_session_in_a_terminal(chat_model, tmp_path):
     assert child.exitstatus == 0
 
 
+def test_a_failed_message_or_load_leaves_the_conversation_as_it_was(chat_model, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    hand_edited = tmp_path / "sessions" / "edited"
+    child = spawn_chat(chat_model, tmp_path, "--no-think", "--max-tokens", "4", "--seed", "0")
+    try:
+        assert STATUS.search(ask(child, "Hello"))
+        assert "saved to" in ask(child, "/save edited")
+        record = json.loads((hand_edited / "conversation.json").read_text())
+        del record["model_fingerprint"]
+        (hand_edited / "conversation.json").write_text(json.dumps(record))
+
+        ask(child, f"/image {tmp_path / 'notes.png'}")
+        shown = ask(child, "What is in it?")
+        assert "error: " + str(tmp_path / "notes.png") + ": not an image pillow can read" in plain(shown)
+        child.expect_exact("What is in it?")  # the unsent message is back at the prompt, to edit
+        child.sendintr()  # clears it
+        child.expect_exact(PROMPT_READY)
+        assert re.search(r"messages\s+2", ask(child, "/stats"))  # the failed message was not kept
+        retried = STATUS.search(ask(child, "/retry"))  # and /retry answers "Hello" again
+        assert retried and int(retried.group(3)) > 0, child.before
+
+        assert "missing field model_fingerprint" in plain(ask(child, "/load edited"))
+        assert re.search(r"messages\s+2", ask(child, "/stats"))  # the unsaved conversation is still there
+        ask(child, f"/image {tmp_path / 'red.png'}")
+        assert STATUS.search(ask(child, "And this?"))
+        assert re.search(r"messages\s+4", ask(child, "/stats"))
+
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(endless_model, tmp_path):
     child = spawn_chat(endless_model, tmp_path, "--think", "--max-tokens", "100000")
     try:
@@ -149,7 +191,7 @@ def test_piped_chat_keeps_within_max_kv_size(endless_model, tmp_path):
     command = [sys.executable, "-m", "mlx_qwen35", "chat", "--model", str(endless_model), "--no-think"]
     result = subprocess.run(
         command + ["--max-tokens", "40", "--max-kv-size", "25"],
-        input="Hello\nAnd then?\n/stats\n",
+        input="Hello\nAnd then?\n/stats\n/retry\n",
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -157,12 +199,30 @@ def test_piped_chat_keeps_within_max_kv_size(endless_model, tmp_path):
         env=os.environ | {"HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
-    status = STATUS.search(result.stdout)
-    assert status, result.stdout
-    generated, prefilled, _, _, context_max = map(int, status.groups())
+    first, retried = STATUS.finditer(result.stdout)
+    generated, prefilled, _, _, context_max = map(int, first.groups())
     assert context_max == 25 and prefilled + generated == 25  # the reply was capped to the room left
     assert "error: the conversation" in result.stdout and "fills the context (25)" in result.stdout
-    assert re.search(r"messages\s+3", result.stdout)  # the refused message stays, for /edit
+    # The refused message is not kept: the conversation is as before it, and /retry answers "Hello" again.
+    assert re.search(r"messages\s+2", result.stdout)
+    assert int(retried.group(3)) > 0 and int(retried.group(2)) + int(retried.group(3)) == prefilled
+
+
+def test_piped_chat_survives_bad_bytes_and_an_unwritable_sessions_dir(chat_model, tmp_path):
+    command = [sys.executable, "-m", "mlx_qwen35", "chat", "--model", str(chat_model), "--no-think"]
+    result = subprocess.run(
+        command + ["--max-tokens", "3"],
+        input=b"Caf\xe9?\n/save first\nHello\n/stats\n",  # Latin-1, not UTF-8
+        cwd=REPO,
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=os.environ | {"HOME": str(tmp_path), "MLX_QWEN35_SESSIONS_DIR": "/proc/mlx-qwen35-test/sessions"},
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0 and "Traceback" not in result.stderr.decode(), result.stderr.decode()
+    assert "error: the line is not UTF-8 text (byte 0xe9 at position 3)" in plain(out)
+    assert "error: /proc/mlx-qwen35-test/sessions/first: cannot save the conversation there" in plain(out)
+    assert len(STATUS.findall(out)) == 1 and re.search(r"messages\s+2", out)  # only "Hello" was sent
 
 
 def test_piped_chat_with_an_image_reuses_it_in_the_next_turn(chat_model, tmp_path):

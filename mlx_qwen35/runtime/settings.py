@@ -73,6 +73,16 @@ RANGES: dict[str, Range] = {
     "seed": Range(ge=0, le=MAX_SEED, integer=True),
     "thinking_budget": Range(ge=0, integer=True),  # 0: close the reasoning at once
     "prefill_step_size": Range(ge=1, integer=True),
+    # Options around a generation, checked by the surfaces that take them (runtime/validation.py).
+    "max_kv_size": Range(ge=1, integer=True),
+    "min_pixels": Range(ge=1, integer=True),
+    "max_pixels": Range(ge=1, integer=True),
+    "fps": Range(gt=0),
+    "max_frames": Range(ge=1, integer=True),
+    "video_start": Range(ge=0),  # seconds
+    "video_end": Range(gt=0),  # seconds; past the end of the video reads to its end
+    "shard_size_gb": Range(gt=0),
+    "port": Range(ge=1, le=65535, integer=True),
 }
 
 

@@ -13,6 +13,10 @@ terminal cannot be repainted — and is printed once in full when it ends. A sta
 Ctrl-C while generating stops the answer at the next token (so the cache is never left half
 written); a second Ctrl-C interrupts at once, e.g. during a long prefill. The conversation keeps
 the partial answer, as far as it got, and the next message continues after it.
+
+A message, /retry or /edit that fails or is stopped before the first token of its answer (an
+unreadable image, a full context) leaves the conversation as it was; a failed message comes back
+at the prompt to be edited. A failed /load keeps the current conversation.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rich.text import Text
 
 from ..errors import Qwen35Error
 from ..runtime.settings import max_tokens_within_context
+from ..runtime.validation import check_text
 
 STATE_DIR = Path("~/.cache/mlx-qwen35").expanduser()
 DEFAULT_SESSIONS_DIR = STATE_DIR / "sessions"
@@ -269,11 +274,14 @@ class ChatRepl:
             except EOFError:
                 return
             default = ""
+            sending, messages = False, len(self.conversation.messages)
             try:
+                check_text(line, "the line")
                 command = parse_command(line)
                 if command is None:
                     text = message_text(line)
                     if text:
+                        sending = True
                         self._send(text)
                 elif command.name == "exit":
                     return
@@ -281,15 +289,30 @@ class ChatRepl:
                     default = self._last_user_text()
                 else:
                     self._run_command(command)
-            except Qwen35Error as e:
-                self.console.print(Text(f"error: {e}", style="red"))
+            except Exception as e:  # a bug must not cost the conversation: one line, and the chat goes on
+                message = (
+                    str(e) if isinstance(e, Qwen35Error) else f"unexpected {type(e).__name__}: {e} (please report it)"
+                )
+                self.console.print(Text(f"error: {message}", style="red"))
+                if sending and len(self.conversation.messages) == messages:
+                    default = line.strip()  # the message was not sent: back at the prompt, to edit
 
     def _send(self, text: str) -> None:
         content = self.attachments + [{"type": "text", "text": text}] if self.attachments else text
         self.attachments = []
-        self._stream_within_context(self.conversation.send(content))
+        self._reply(lambda: self.conversation.send(content))
 
-    def _stream_within_context(self, events: Iterator) -> None:
+    def _reply(self, start: Callable[[], Iterator]) -> None:
+        """Start a reply (send, retry or edit) and stream it; without a single token, the messages are as before."""
+        before = list(self.conversation.messages)
+        answered = False
+        try:
+            answered = self._stream_within_context(start())
+        finally:
+            if not answered:
+                self.conversation.messages[:] = before
+
+    def _stream_within_context(self, events: Iterator) -> bool:
         """Stream a reply capped to the context left; refuse when the prompt alone fills it (the cache cannot drop tokens)."""
         # send/retry/edit change the messages at once and render lazily, so the prompt can be measured first.
         max_tokens = max_tokens_within_context(
@@ -300,7 +323,7 @@ class ChatRepl:
             fix="/edit the last message shorter or /reset",
         )
         self.conversation.settings = replace(self.conversation.settings, max_tokens=max_tokens)
-        self._stream(events)
+        return self._stream(events)
 
     def _run_command(self, command: Command) -> None:
         name, argument = command.name, command.argument
@@ -311,9 +334,9 @@ class ChatRepl:
             self.attachments = []
             self.console.print(Text("new conversation", style="dim"))
         elif name == "retry":
-            self._stream_within_context(self.conversation.retry())
+            self._reply(self.conversation.retry)
         elif name == "edit":
-            self._stream_within_context(self.conversation.edit(argument))
+            self._reply(lambda: self.conversation.edit(argument))
         elif name == "think":
             self.conversation.set_thinking(argument.lower() == "on")
             self.console.print(Text(f"reasoning {argument.lower()}", style="dim"))
@@ -349,8 +372,8 @@ class ChatRepl:
             )
         )
 
-    def _stream(self, events: Iterator) -> None:
-        """Show a reply as it streams; Ctrl-C stops it and leaves the session as it is."""
+    def _stream(self, events: Iterator) -> bool:
+        """Show a reply as it streams; Ctrl-C stops it and leaves the session as it is. Whether a token came."""
         view = ReplyView(self.console, show_reasoning=not self.hide_thinking)
         answered = False
         with StopRequest() as stop:
@@ -368,6 +391,7 @@ class ChatRepl:
                 view.close(stop.requested)
         if answered:
             self.console.print(Text(status_line(self.conversation.last_stats, self.context_max), style="dim"))
+        return answered
 
     def _last_user_text(self) -> str:
         for message in reversed(self.conversation.messages):
@@ -458,9 +482,11 @@ def run_chat(
     import sys
 
     from ..runtime.conversation import Conversation, ConversationSettings
+    from ..runtime.validation import check_numbers
     from ..weights.loading import load
 
-    settings = ConversationSettings(  # checked here, before the model loads
+    # Everything that can be wrong without the model is found before it loads (minutes, for a large one).
+    settings = ConversationSettings(  # checks the sampling, lengths and --kv-bits
         system=system,
         enable_thinking=enable_thinking,
         sampling={k: v for k, v in sampling_overrides.items() if v is not None},
@@ -468,12 +494,18 @@ def run_chat(
         thinking_budget=thinking_budget,
         kv_bits=kv_bits,
     )
+    check_numbers(seed=seed, max_kv_size=max_kv_size)
+    if system is not None:
+        check_text(system, "--system")
     console = Console(highlight=False)
     with console.status(f"loading {model}"):
         model_obj, processor = load(model)
     context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
     conversation = Conversation(model_obj, processor, settings, seed=seed)
-    read_line = prompt_reader(HISTORY_FILE) if sys.stdin.isatty() else plain_reader(sys.stdin)
+    if sys.stdin.isatty():
+        read_line = prompt_reader(HISTORY_FILE)
+    else:  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name, whatever the locale
+        read_line = plain_reader(line.decode("utf-8", errors="surrogateescape") for line in sys.stdin.buffer)
     ChatRepl(
         conversation,
         console,
