@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from checkpoints import convert_tiny
+from typer.testing import CliRunner
 
 from mlx_qwen35 import load
 from mlx_qwen35.errors import Qwen35Error
@@ -23,6 +24,7 @@ from mlx_qwen35.runtime.sessions import (
     read_saved_conversation,
     save_conversation,
 )
+from mlx_qwen35.surfaces.cli import app
 
 SETTINGS = dict(system="Be brief.", max_tokens=8, thinking_budget=2, sampling={"temp": 0.0, "presence_penalty": 0.0})
 
@@ -222,3 +224,19 @@ def test_session_target_is_checked_without_a_model(saved, tmp_path):
         check_session_target(tmp_path / "prompt.safetensors" / "chat", kv_bits=None)
     with pytest.raises(Qwen35Error, match="--prompt-cache-file /proc/mlx-qwen35-test/chat: cannot write in /proc"):
         check_session_target("/proc/mlx-qwen35-test/chat", kv_bits=None)
+
+
+@pytest.mark.parametrize(
+    "target, error",
+    [
+        ("model.safetensors", "is a file; a saved conversation is a directory"),
+        ("/proc/mlx-qwen35-test/chat", "cannot write in /proc"),
+    ],
+)
+def test_cli_prompt_cache_file_is_checked_before_the_model_loads(moe_dir, tmp_path, target, error):
+    (tmp_path / "model.safetensors").write_bytes(b"")  # what an mlx-lm user would pass
+    for model in (str(moe_dir), str(tmp_path / "no-such-model")):  # the second shows: before loading
+        args = ["generate", "-m", model, "-p", "hi", "--prompt-cache-file", str(tmp_path / target)]
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, Qwen35Error) and result.output == "", result.output
+        assert error in str(result.exception) and "\n" not in str(result.exception)

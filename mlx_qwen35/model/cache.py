@@ -38,6 +38,13 @@ class ModelCache(list):
 def make_cache(model, kv_bits: int | None = None, kv_group_size: int = 64) -> ModelCache:
     """A fresh cache for ``model``: K/V per attention layer (quantised to ``kv_bits`` if given), ArraysCache(2) per DeltaNet layer."""
 
+    head_dim = model.config.text.head_dim
+    if kv_bits and head_dim % kv_group_size:  # mx.quantize groups each key row; it would fail at the first token
+        raise Qwen35Error(
+            f"--kv-bits {kv_bits}: this model's attention heads ({head_dim} wide) are not a multiple of the "
+            f"quantisation group ({kv_group_size}); drop --kv-bits for it"
+        )
+
     def attention_cache():
         return QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) if kv_bits else KVCache()
 

@@ -73,7 +73,13 @@ class Processor:
             raise Qwen35Error(
                 f"{model_dir / 'tokenizer.json'}: not found; copy the tokenizer files of the original checkpoint"
             )
-        tokenizer = load_tokenizer(model_dir)
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except Exception as e:  # json, tokenizers and transformers each raise their own types for a broken file
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise Qwen35Error(
+                f"{model_dir}: the tokenizer files cannot be read ({reason}); copy them again from the original checkpoint"
+            ) from None
         for token_id in _stop_token_ids(model_dir, config, tokenizer):
             tokenizer.add_eos_token(token_id)
         return cls(tokenizer, config, model_dir)

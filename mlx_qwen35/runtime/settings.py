@@ -56,7 +56,9 @@ class Range:
 
     def __str__(self) -> str:
         limits = [
-            f"{op} {bound:g}" for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le)) if bound is not None
+            f"{op} {bound:g}" if isinstance(bound, float) else f"{op} {bound}"  # an int exactly (the seed's 2^63 - 1)
+            for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le))
+            if bound is not None
         ]
         return ("an integer" if self.integer else "a finite number") + (" " + " and ".join(limits) if limits else "")
 

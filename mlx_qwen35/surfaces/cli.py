@@ -52,8 +52,10 @@ def convert(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the predicted size of each recipe."),
 ) -> None:
     """Convert a Hugging Face Qwen3.5 checkpoint (bf16, fused or per-expert, or block-FP8) to MLX."""
+    from ..runtime.validation import check_numbers
     from ..weights.convert import convert as run_convert
 
+    check_numbers(shard_size_gb=shard_size_gb)
     run_convert(
         hf_path=hf_path,
         mlx_path=mlx_path,
@@ -118,12 +120,35 @@ def generate(
     from ..processing.output import OutputParser, read_tools_file
     from ..runtime.conversation import ConversationSettings, reply_events
     from ..runtime.generation import prompt_token_ids, stream_text
-    from ..runtime.sessions import open_conversation, save_conversation
+    from ..runtime.sessions import check_session_target, open_conversation, save_conversation
     from ..runtime.settings import GenerationSettings, KVCacheSettings, max_tokens_within_context, recommended_sampling
+    from ..runtime.validation import check_media, check_numbers, check_text
     from ..weights.loading import load
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    # Everything that can be wrong without the model is found before it loads (minutes, for a large one).
+    prompt_source = "--prompt"
+    if prompt == "-":  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name
+        prompt, prompt_source = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape"), "standard input"
+    check_text(prompt, prompt_source)
+    if system is not None:
+        check_text(system, "--system")
+    check_numbers(seed=seed, max_kv_size=max_kv_size)
+    check_media(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        fps=fps,
+        max_frames=max_frames,
+        video_start=video_start,
+        video_end=video_end,
+    )
+    media = [{"type": "image", "image": path} for path in image or []] + (
+        [{"type": "video", "video": video}] if video else []
+    )
+    if raw and media:
+        raise Qwen35Error("--raw sends text only; drop --raw to ask about --image / --video")
+    if prompt_cache_file and (raw or media):
+        raise Qwen35Error("--prompt-cache-file continues a text chat; drop --raw / --image / --video")
+    _check_media_files(image or [], video)
     tool_schemas = read_tools_file(tools) if tools else None
     overrides = dict(
         temp=temp,
@@ -154,12 +179,9 @@ def generate(
             tools=tool_schemas,
             kv_cache=KVCacheSettings(bits=kv_bits),
         )
+    if prompt_cache_file:
+        check_session_target(prompt_cache_file, kv_bits)
     model_obj, processor = load(model)
-    media = [{"type": "image", "image": path} for path in image or []] + (
-        [{"type": "video", "video": video}] if video else []
-    )
-    if raw and media:
-        raise Qwen35Error("--raw sends text only; drop --raw to ask about --image / --video")
     vision_tokens, vision_seconds = 0, 0.0
     if raw:
         request = prompt
@@ -182,8 +204,6 @@ def generate(
         vision_tokens = processor.vision_token_count(request)
     conversation = None
     if prompt_cache_file:
-        if raw or media:
-            raise Qwen35Error("--prompt-cache-file continues a text chat; drop --raw / --image / --video")
         if seed is not None:
             mx.random.seed(seed)
         conversation = open_conversation(prompt_cache_file, model_obj, processor, settings)
@@ -309,8 +329,10 @@ def demo(
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the embedded demo checkpoint."),
 ) -> None:
     """Build a small random-weight Qwen3.5 checkpoint (no download) and run it through the whole stack."""
+    from ..runtime.validation import check_numbers
     from .demo import run_demo
 
+    check_numbers(max_tokens=max_tokens)
     run_demo(max_tokens=max_tokens, rebuild=rebuild)
 
 
@@ -338,8 +360,11 @@ def serve(
     ),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
+    from ..runtime.validation import check_numbers
     from .server.routes import serve as run_server
 
+    check_numbers(port=port, max_tokens=max_tokens)
+    _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
     run_server(
         model,
         host=host,
@@ -358,9 +383,50 @@ def menubar_app(
     port: int = typer.Option(8080, "--port", help="Port of the local server."),
 ) -> None:
     """The macOS menu-bar app: start/stop the local server, pick a model, open the chat."""
+    from ..runtime.validation import check_numbers
     from .menubar import run_menubar_app
 
+    check_numbers(port=port)
     run_menubar_app(model=model, port=port)
+
+
+def _check_media_files(images: list[str], video: str | None) -> None:
+    """Each --image / --video names an existing local file (or an image data: URL), in the processor's words."""
+    from ..processing.image import DATA_URL, URL_SCHEME
+
+    for kind, source in [("image", path) for path in images] + ([("video", video)] if video else []):
+        if kind == "image" and DATA_URL.match(source):
+            continue
+        if URL_SCHEME.match(source):
+            raise Qwen35Error(f"{source}: URLs are not fetched; download the {kind} and pass its local path")
+        try:  # "~nobody/…" and NUL bytes raise rather than say False
+            found = Path(source).expanduser().is_file()
+        except (RuntimeError, OSError, ValueError):
+            found = False
+        if not found:
+            raise Qwen35Error(f"{source}: no such {kind} file; check the path")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """``host`` is an address of this machine and ``port`` is free on each of its addresses (as the server binds)."""
+    import errno
+    import socket
+
+    try:
+        addresses = {info[4][:2]: info[:3] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError, ValueError) as e:
+        raise Qwen35Error(f"--host {host}: not an address to listen on ({e}); use 127.0.0.1, ::1 or 0.0.0.0") from None
+    for address, (family, kind, protocol) in addresses.items():
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise Qwen35Error(
+                        f"--port {port}: already in use on {address[0]}; stop what listens there or pick another --port"
+                    ) from None
+                raise Qwen35Error(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
 
 
 def main() -> None:

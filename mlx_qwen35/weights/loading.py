@@ -136,5 +136,5 @@ def load(path_or_repo: str, revision: str | None = None) -> tuple[Qwen35Model, P
     """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor)."""
     model_dir = resolve_checkpoint(str(path_or_repo), revision, argument="--model")
     config = load_config(model_dir)
-    model = load_model(model_dir, config)
-    return model, Processor.from_dir(model_dir, config)
+    processor = Processor.from_dir(model_dir, config)  # first: a broken tokenizer is found before the weights load
+    return load_model(model_dir, config), processor
