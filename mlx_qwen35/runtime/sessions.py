@@ -162,7 +162,7 @@ def read_saved_conversation(path: str | Path) -> dict:
 def _json_types(hint) -> tuple[type, ...]:
     """The JSON value types a type hint admits: ``list[dict] | None`` → (list, NoneType)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return tuple(typing.get_origin(option) or option for option in options) + ((int,) if float in options else ())
+    return tuple(typing.get_origin(option) or option for option in options)
 
 
 def _check_fields(file: Path, prefix: str, value: object, fields: dict[str, tuple | type]) -> None:
@@ -285,6 +285,8 @@ def open_conversation(path: str | Path, model, processor, settings: Conversation
     conversation = load_conversation(path, model, processor)
     _check_same_kv_bits(path, conversation.settings.kv_bits, settings.kv_bits)
     if settings.kv_group_size != conversation.settings.kv_group_size:
-        raise Qwen35Error(f"{path}: the saved cache has kv_group_size {conversation.settings.kv_group_size}")
+        raise Qwen35Error(
+            f"{path}: the saved cache has kv_group_size {conversation.settings.kv_group_size}; continue it with that"
+        )
     conversation.settings = settings
     return conversation
