@@ -79,9 +79,16 @@ def test_config_comes_from_the_checkpoint_not_class_defaults(config: ImageProces
 )
 def test_rgb_images_match_reference(width, height, grid, config, reference):
     image = Image.fromarray(noise(width, height, seed=width + height))
-    ours = preprocess_image(image, config)
+    ours = preprocess_image(image, config, max_pixels=config.max_pixels)  # the reference's budget, not our 1344² cap
     assert ours.grid_thw == grid
     assert_matches_reference(ours, reference, image)
+
+
+def test_the_default_cap_is_the_reference_at_1344_squared(config, reference):
+    image = Image.fromarray(noise(4000, 3000, seed=3))
+    ours = preprocess_image(image, config)
+    assert ours.grid_thw == (1, 72, 96)  # 1536×1152
+    assert_matches_reference(ours, reference, image, size={"longest_edge": 1344 * 1344, "shortest_edge": 65_536})
 
 
 def test_1344_square_is_1764_tokens(config):

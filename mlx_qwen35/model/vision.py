@@ -19,6 +19,10 @@ ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
 # The reference hard-codes the LayerNorm epsilon (vision_config has no field for it).
 LAYER_NORM_EPS = 1e-6
 FUSED_HEAD_DIMS = (64, 80, 128)  # head sizes MLX's fused full-attention Metal kernel takes
+# Attention scores one block may hold (64 MB in float32): memory O(block · L), not O(L²), on every backend.
+MAX_ATTENTION_SCORES = 2**24
+# MLX's CPU matmul multiplies a matrix's two sides in 32 bits (mlx 0.32 matmul_dispatch: a.shape(-2) · a.shape(-1)).
+MAX_MATRIX_ELEMENTS = 2**31 - 1
 
 
 class PatchEmbed(nn.Module):
@@ -70,20 +74,48 @@ class VisionAttention(nn.Module):
         return self.proj(mx.concatenate(out) if len(out) > 1 else out[0])
 
 
-def segment_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, pad: bool | None = None) -> mx.array:
-    """softmax(q·kᵀ·scale)·v over [B, heads, L, D], zero-padding D to a head size of MLX's fused Metal kernel.
+def segment_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, pad: bool | None = None, max_scores: int | None = None
+) -> mx.array:
+    """softmax(q·kᵀ·scale)·v over [B, heads, L, D] (B segments of L patches), holding at most ``max_scores`` scores.
 
-    The fused kernel (64, 80 or 128 per head) never materialises the [L, L] scores; the ViT's 72 would
-    fall back to the unfused path (1.6 GB of scores per block for one 1344² image). Padding is exact:
-    zero features add nothing to q·k, and v's padded outputs are cut off. Off Metal there is no fused
-    kernel, so nothing is padded.
+    Query rows go in blocks: whole segments while their [heads, L, L] scores fit, else slices of one
+    segment's queries against all its keys (each row's softmax sees every key, so the result is the
+    same). Without blocks a 65,536-patch image makes MLX's CPU matmul compute the [L, L] matrix's
+    size in 32 bits: 2³² wraps to 0 and the process dies of SIGFPE; below that it still needs
+    heads·L² floats (275 GB for a 4096² image on the real tower).
+
+    D is zero-padded to a head size of MLX's fused Metal kernel (64, 80 or 128): the ViT's 72 would fall
+    back to the unfused path. Padding is exact: zero features add nothing to q·k, and v's padded
+    outputs are cut off. Off Metal there is no fused kernel, so nothing is padded.
     """
-    d = q.shape[-1]
+    batch, heads, length, d = q.shape
     pad = mx.metal.is_available() if pad is None else pad
     width = next((w for w in FUSED_HEAD_DIMS if w >= d), d) if pad else d
     if width != d:
         q, k, v = (mx.pad(a, [(0, 0)] * 3 + [(0, width - d)]) for a in (q, k, v))
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
+    segments, rows = attention_block(heads, length, MAX_ATTENTION_SCORES if max_scores is None else max_scores)
+    out = []
+    for s in range(0, batch, segments):
+        k_s, v_s = k[s : s + segments], v[s : s + segments]
+        blocks = []
+        for r in range(0, length, rows):
+            blocks.append(
+                mx.fast.scaled_dot_product_attention(q[s : s + segments, :, r : r + rows], k_s, v_s, scale=scale)
+            )
+            # MLX runs independent branches breadth-first: left lazy, every block's scores would be alive at
+            # once (measured for one 1344² image's 48 blocks: 1.4 GB instead of 0.1 GB).
+            mx.eval(blocks[-1])
+        out.append(mx.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0])
+    return (mx.concatenate(out) if len(out) > 1 else out[0])[..., :d]
+
+
+def attention_block(heads: int, length: int, max_scores: int) -> tuple[int, int]:
+    """(segments, query rows) per attention block: as many whole segments as fit ``max_scores``, else row slices."""
+    per_segment = heads * length * length
+    if per_segment <= max_scores:
+        return max_scores // per_segment, length
+    return 1, max(1, max_scores // (heads * length))
 
 
 def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -140,6 +172,20 @@ class PatchMerger(nn.Module):
         """x [N, W] in merge-block order → [N / merge², out_hidden_size]."""
         x = self.norm(x).reshape(-1, self.linear_fc1.weight.shape[1])  # [N/4, 4W]
         return self.linear_fc2(nn.gelu(self.linear_fc1(x)))
+
+
+def max_patches(cfg: VisionConfig, memory_bytes: int) -> int:
+    """The most patch rows one tower call can take: its working set within ``memory_bytes``, each matrix within 2³¹.
+
+    Working set measured on the CPU backend (width-1152 tower, 1024 and 4096 patches; 2 and 4 blocks
+    alike, it does not grow with depth): 110 kB per patch row plus 85 MB; the estimate below, 128 kB per
+    row plus three 64-MB score blocks, keeps a margin over that.
+    """
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    widest = max(patch_dim, 3 * cfg.hidden_size, cfg.intermediate_size)  # columns of the tower's largest matrix
+    per_patch = 4 * (2 * patch_dim + 4 * cfg.intermediate_size + 12 * cfg.hidden_size)  # float32 activations
+    in_memory = (memory_bytes - 3 * 4 * MAX_ATTENTION_SCORES) // per_patch
+    return max(0, min(MAX_MATRIX_ELEMENTS // widest, in_memory))
 
 
 def merge_block_order(grid: np.ndarray, merge: int) -> np.ndarray:

@@ -25,6 +25,10 @@ MAX_ASPECT_RATIO = 200  # the reference refuses anything more extreme
 URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 DATA_URL = re.compile(r"^data:image/[^;,]+;base64,", re.IGNORECASE)
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# The model card's largest image, 1344×1344 (84×84 patches, 1764 LM tokens): larger ones are resized down
+# to it unless the caller raises max_pixels. The checkpoint's own limit (4096², 16,384 tokens) is 9× the
+# tower's memory and compute for one photo.
+CARD_MAX_PIXELS = 1344 * 1344
 
 ImageSource = str | Path | Image.Image
 
@@ -80,6 +84,54 @@ class ImagePatches:
 
     pixel_values: np.ndarray  # [grid_h·grid_w, C·T·P·P] float32, rows in merge-block order (§12.3)
     grid_thw: tuple[int, int, int]  # (1, grid_h, grid_w) in patches
+
+
+@dataclass
+class VisionBudget:
+    """What a request's images and videos may still take: LM tokens (the context) and patch rows (the tower's memory)."""
+
+    tokens: int  # placeholder tokens the context has room for
+    patches: int  # patch rows one vision-tower call can take in the memory left
+    context: int  # the model's whole context, in tokens (for the message)
+
+    def reserve(self, grid_thw: tuple[int, int, int], merge_size: int, what: str, fix: str) -> None:
+        """Take one item's tokens and patches, or refuse it with a message naming its size (``what``) and ``fix``."""
+        patches = grid_thw[0] * grid_thw[1] * grid_thw[2]
+        tokens = patches // merge_size**2
+        if tokens > self.tokens:
+            raise Qwen35Error(
+                f"{what} is {tokens:,} vision tokens, more than the {self.tokens:,} left of the "
+                f"{self.context:,}-token context; {fix}"
+            )
+        if patches > self.patches:
+            raise Qwen35Error(
+                f"{what} is {patches:,} patches, more than the {self.patches:,} the vision tower can still "
+                f"take in the memory left; {fix}"
+            )
+        self.tokens -= tokens
+        self.patches -= patches
+
+
+def max_area(config: ImageProcessorConfig, max_pixels: int | None) -> int:
+    """The largest resized area of an image or a video frame: ``max_pixels``, else the card's 1344² (within the checkpoint's)."""
+    max_pixels = min(config.max_pixels, CARD_MAX_PIXELS) if max_pixels is None else max_pixels
+    if max_pixels < config.factor**2:
+        raise Qwen35Error(
+            f"--max-pixels {max_pixels} is below one {config.factor}×{config.factor} block; "
+            f"give at least {config.factor**2}"
+        )
+    return max_pixels
+
+
+def pixel_range(config: ImageProcessorConfig, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """The resized-area bounds of an image: the caller's, else the checkpoint's minimum and ``max_area``'s default."""
+    min_pixels = config.min_pixels if min_pixels is None else min_pixels
+    max_pixels = max_area(config, max_pixels)
+    if min_pixels < 0:
+        raise Qwen35Error(f"--min-pixels {min_pixels} is negative; give an area in pixels (0 or more)")
+    if min_pixels > max_pixels:
+        raise Qwen35Error(f"--min-pixels {min_pixels} is larger than --max-pixels {max_pixels}; swap or drop one")
+    return min_pixels, max_pixels
 
 
 def read_processor_file(path: Path) -> dict:
@@ -187,21 +239,22 @@ def preprocess_image(
     config: ImageProcessorConfig,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    budget: VisionBudget | None = None,
 ) -> ImagePatches:
-    """Load, resize, normalise and patchify one image; ``min_pixels`` / ``max_pixels`` override the checkpoint's."""
+    """Load, resize, normalise and patchify one image within ``budget``; ``min_pixels`` / ``max_pixels`` override the defaults."""
     name = describe_source(source)
     image = to_rgb(open_image(source))
+    if not image.width or not image.height:
+        raise Qwen35Error(f"{name}: the image is empty ({image.width}×{image.height}); give one with pixels")
     check_aspect_ratio(image.height, image.width, name)
-    min_pixels = config.min_pixels if min_pixels is None else min_pixels
-    max_pixels = config.max_pixels if max_pixels is None else max_pixels
-    if min_pixels > max_pixels:
-        raise Qwen35Error(f"--min-pixels {min_pixels} is larger than --max-pixels {max_pixels}; swap or drop one")
+    min_pixels, max_pixels = pixel_range(config, min_pixels, max_pixels)
     height, width = smart_resize(image.height, image.width, config.factor, min_pixels, max_pixels)
+    grid_thw = (1, height // config.patch_size, width // config.patch_size)
+    if budget is not None:  # before the resize: a refused image costs no pixel work
+        what = f"{name} ({image.width}×{image.height}, resized to {width}×{height})"
+        budget.reserve(grid_thw, config.merge_size, what, f"lower --max-pixels (now {max_pixels}) or send fewer images")
     resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC))  # [H, W, C] uint8
     frame = normalize(resized.transpose(2, 0, 1), config)
     # A still image is a clip of temporal_patch_size identical frames.
     frames = np.broadcast_to(frame, (config.temporal_patch_size, *frame.shape))
-    return ImagePatches(
-        pixel_values=patchify(frames, config),
-        grid_thw=(1, height // config.patch_size, width // config.patch_size),
-    )
+    return ImagePatches(pixel_values=patchify(frames, config), grid_thw=grid_thw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import Qwen35Error
 from ..model.inputs import ModelInputs
-from .image import ImagePatches, ImageProcessorConfig, preprocess_image
+from ..model.vision import max_patches
+from .image import ImagePatches, ImageProcessorConfig, VisionBudget, preprocess_image
 from .video import VideoPatches, VideoProcessorConfig, format_timestamp, preprocess_video
 
 IM_END = "<|im_end|>"
@@ -152,7 +154,11 @@ class Processor:
         video_start: float | None = None,
         video_end: float | None = None,
     ) -> ModelInputs:
-        """Messages whose content may list text, image and video items → token ids plus the vision inputs."""
+        """Messages whose content may list text, image and video items → token ids plus the vision inputs.
+
+        ``max_pixels`` bounds each image and video frame (default: the model card's 1344×1344); a request whose
+        vision tokens would not fit the context, or whose patches the vision tower's memory, is refused.
+        """
         text = self.apply_chat_template(messages, enable_thinking=enable_thinking, tools=tools)
         media = _media_items(messages)
         if not media:
@@ -170,9 +176,12 @@ class Processor:
 
         images: list[ImagePatches] = []
         videos: list[VideoPatches] = []
+        budget = self.vision_budget()
         for position, (kind, source) in zip(range(1, len(pieces), 2), media):
             if kind == "image":
-                patches = preprocess_image(source, self.image_config, min_pixels=min_pixels, max_pixels=max_pixels)
+                patches = preprocess_image(
+                    source, self.image_config, min_pixels=min_pixels, max_pixels=max_pixels, budget=budget
+                )
                 pieces[position] = start + image_pad * self._merged_tokens(patches.grid_thw, self.image_config) + end
                 images.append(patches)
             else:
@@ -183,6 +192,8 @@ class Processor:
                     max_frames=max_frames,
                     video_start=video_start,
                     video_end=video_end,
+                    max_pixels=max_pixels,
+                    budget=budget,
                 )
                 # The reference Qwen3-VL layout: time as text, then each temporal group in its own start/end pair.
                 per_group = start + video_pad * self._merged_tokens((1, *clip.grid_thw[1:]), self.video_config) + end
@@ -195,6 +206,14 @@ class Processor:
             pixel_values_videos=_stacked_pixels(videos),
             video_grid_thw=_stacked_grids(videos),
         )
+
+    def vision_budget(self) -> VisionBudget:
+        """What one request's images and videos may take: the model's context, and the tower's patches in the memory left."""
+        context = self.config.text.max_position_embeddings
+        memory = mx.get_memory_limit() - mx.get_active_memory()
+        # Without a vision tower the model itself refuses images, naming the cause.
+        patches = max_patches(self.config.vision, memory) if self.config.vision else sys.maxsize
+        return VisionBudget(tokens=context, patches=patches, context=context)
 
     @staticmethod
     def _merged_tokens(grid_thw: tuple[int, int, int], config: ImageProcessorConfig) -> int:

@@ -21,10 +21,13 @@ from ..errors import Qwen35Error
 from .image import (
     URL_SCHEME,
     ImageProcessorConfig,
+    VisionBudget,
     check_aspect_ratio,
+    max_area,
     normalize,
     patchify,
     read_processor_file,
+    smart_resize,
 )
 
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
@@ -210,22 +213,26 @@ def _window(decoder: _Decoder, start: float | None, end: float | None) -> VideoW
     return VideoWindow(first=first, count=stop - first)
 
 
-def _decode_resized(
-    decoder: _Decoder, indices: np.ndarray, config: VideoProcessorConfig
-) -> tuple[int, int, dict[int, np.ndarray], int]:
-    """The clip's frame size, its sampled frames resized as they are decoded, and how many frames were decoded."""
-    height, width = video_smart_resize(
-        len(indices),
-        decoder.height,
-        decoder.width,
-        config.factor,
-        config.temporal_patch_size,
-        config.min_pixels,
-        config.max_pixels,
+def frame_size(
+    num_frames: int, height: int, width: int, config: VideoProcessorConfig, max_frame_pixels: int
+) -> tuple[int, int]:
+    """The resized frame of a ``num_frames`` clip: the reference's size for the whole-clip budget, at most ``max_frame_pixels``."""
+    h_bar, w_bar = video_smart_resize(
+        num_frames, height, width, config.factor, config.temporal_patch_size, config.min_pixels, config.max_pixels
     )
+    if h_bar * w_bar > max_frame_pixels:
+        # The clip budget alone lets a 2-s 4K clip keep 6-MP frames (~24,000 patches, one attention segment
+        # each); qwen-vl-utils caps frames too. Sized from the source, so the aspect ratio is the frame's.
+        h_bar, w_bar = smart_resize(height, width, config.factor, 0, max_frame_pixels)
+    return h_bar, w_bar
+
+
+def _decode_resized(
+    decoder: _Decoder, indices: np.ndarray, height: int, width: int
+) -> tuple[dict[int, np.ndarray], int]:
+    """The sampled frames resized to ``height``×``width`` as they are decoded, and how many frames were decoded."""
     # Resizing each frame as it arrives keeps memory at the resized clip (120 4K frames would be 3 GB).
-    frames, seen = decoder.decode(set(indices.tolist()), lambda frame: resize_frame(frame, height, width))
-    return height, width, frames, seen
+    return decoder.decode(set(indices.tolist()), lambda frame: resize_frame(frame, height, width))
 
 
 def preprocess_video(
@@ -236,10 +243,16 @@ def preprocess_video(
     max_frames: int | None = None,
     video_start: float | None = None,
     video_end: float | None = None,
+    max_pixels: int | None = None,
+    budget: VisionBudget | None = None,
 ) -> VideoPatches:
-    """Decode, sample, resize, normalise and patchify one video file; the keywords override the checkpoint's."""
+    """Decode, sample, resize, normalise and patchify one video file within ``budget``; the keywords override the defaults.
+
+    ``max_pixels`` bounds each frame (default: the card's 1344²); the checkpoint's ``max_pixels`` bounds the whole clip.
+    """
     fps = config.fps if fps is None else fps
     max_frames = config.max_frames if max_frames is None else max_frames
+    max_frame_pixels = max_area(config, max_pixels)
     if fps <= 0:
         raise Qwen35Error(f"--fps {fps} must be positive")
     if max_frames < 1:
@@ -249,14 +262,24 @@ def preprocess_video(
     window = _window(decoder, video_start, video_end)
     sample = dict(video_fps=decoder.video_fps, fps=fps, min_frames=config.min_frames, max_frames=max_frames)
     indices = sample_frame_indices(window, temporal_patch_size=config.temporal_patch_size, **sample)
-    height, width, frames, seen = _decode_resized(decoder, indices, config)
+    height, width = frame_size(len(indices), decoder.height, decoder.width, config, max_frame_pixels)
+    if budget is not None:  # before decoding: a refused clip costs no pixel work
+        groups = -(-len(indices) // config.temporal_patch_size)
+        what = (
+            f"{decoder.name} ({len(indices)} frames of {decoder.width}×{decoder.height}, resized to {width}×{height})"
+        )
+        fix = f"lower --max-pixels (now {max_frame_pixels}), --fps or --max-frames, or cut it with --video-end"
+        budget.reserve((groups, height // config.patch_size, width // config.patch_size), config.merge_size, what, fix)
+    frames, seen = _decode_resized(decoder, indices, height, width)
     if seen <= indices[-1]:
-        # The recorded frame count was too high: sample again from the frames that exist.
+        # The recorded frame count was too high: sample again from the frames that exist (fewer frames,
+        # within the same clip budget as the reservation above).
         window = VideoWindow(first=window.first, count=min(window.count, seen - window.first))
         if window.count <= 0:
             raise Qwen35Error(f"{decoder.name}: no frames after --video-start {video_start}")
         indices = sample_frame_indices(window, temporal_patch_size=config.temporal_patch_size, **sample)
-        height, width, frames, _ = _decode_resized(decoder, indices, config)
+        height, width = frame_size(len(indices), decoder.height, decoder.width, config, max_frame_pixels)
+        frames, _ = _decode_resized(decoder, indices, height, width)
 
     clip = np.stack([frames[int(i)] for i in indices]).transpose(0, 3, 1, 2)  # [n, C, H, W] uint8
     pad = -len(indices) % config.temporal_patch_size  # odd frame counts repeat the last frame
