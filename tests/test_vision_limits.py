@@ -22,11 +22,13 @@ from checkpoints import TinyCheckpoint
 from PIL import Image
 
 import mlx_qwen35.model.vision as vision
+from mlx_qwen35 import load
 from mlx_qwen35.config import VisionConfig, load_config
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.model.vision import VisionModel, attention_block, max_patches, segment_attention
 from mlx_qwen35.processing.image import CARD_MAX_PIXELS, VisionBudget
 from mlx_qwen35.processing.processor import Processor
+from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
 from mlx_qwen35.surfaces.cli import main
 from mlx_qwen35.weights.convert import convert
 
@@ -249,7 +251,7 @@ def test_a_video_beyond_the_memory_left_is_refused(processor, hd_clip, monkeypat
     )
 
 
-# -- the CLI --------------------------------------------------------------------------------------
+# -- the CLI and the chat settings --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +280,15 @@ def test_cli_max_pixels_reaches_the_processor_and_the_refusal_is_one_line(conver
     assert err.startswith(
         f"error: {png} (4096×4096, resized to 4096×4096) is 16,384 vision tokens, more than the 4,096"
     )
+
+
+def test_chat_settings_carry_max_pixels_to_the_processor(converted):
+    model, processor = load(str(converted))
+    conversation = Conversation(model, processor, ConversationSettings(max_pixels=448 * 448))
+    conversation.messages = user(image_item(1344, 1344), {"type": "text", "text": "x"})
+    assert conversation.prompt_inputs().image_grid_thw.tolist() == [[1, 28, 28]]
+
+
+def test_chat_has_a_max_pixels_option(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "chat", "--help")
+    assert code in (0, None) and "--max-pixels" in out

@@ -100,6 +100,7 @@ class ConversationSettings:
     kv_bits: int | None = None
     kv_group_size: int = KV_GROUP_SIZE
     prefill_step_size: int = PREFILL_STEP_SIZE
+    max_pixels: int | None = None  # largest image / video-frame area; None: the processor's default (1344²)
 
     def __post_init__(self) -> None:
         self.generation()  # every value is checked here, not when a reply starts
@@ -309,7 +310,10 @@ class Conversation:
             raise Qwen35Error("the conversation has no message yet")
         system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
         return self.processor(
-            system + self.messages, enable_thinking=self.settings.enable_thinking, tools=self.settings.tools
+            system + self.messages,
+            enable_thinking=self.settings.enable_thinking,
+            tools=self.settings.tools,
+            max_pixels=self.settings.max_pixels,
         )
 
     def prompt_tokens(self) -> list[int]:

@@ -38,6 +38,12 @@ ThinkingBudget = Annotated[
     int | None, typer.Option("--thinking-budget", help="Close the reasoning after this many tokens.")
 ]
 KVBits = Annotated[int | None, typer.Option("--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits.")]
+MaxPixels = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels", help="Largest area of an image or video frame, in pixels (default 1344×1344, the model card's)."
+    ),
+]
 
 
 @app.command()
@@ -86,9 +92,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
     image: list[str] | None = typer.Option(None, "--image", help="Image file to ask about (repeat for several)."),
     video: str | None = typer.Option(None, "--video", help="Video file to ask about."),
-    max_pixels: int | None = typer.Option(
-        None, "--max-pixels", help="Largest image area in pixels (default: the checkpoint's)."
-    ),
+    max_pixels: MaxPixels = None,
     min_pixels: int | None = typer.Option(
         None, "--min-pixels", help="Smallest image area in pixels (default: the checkpoint's)."
     ),
@@ -297,6 +301,7 @@ def chat(
     sessions_dir: Path | None = typer.Option(
         None, "--sessions-dir", envvar="MLX_QWEN35_SESSIONS_DIR", help="Where /save and /load keep conversations."
     ),
+    max_pixels: MaxPixels = None,
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
@@ -320,6 +325,7 @@ def chat(
         max_kv_size=max_kv_size,
         kv_bits=kv_bits,
         sessions_dir=sessions_dir,
+        max_pixels=max_pixels,
     )
 
 

@@ -477,6 +477,7 @@ def run_chat(
     max_kv_size: int | None,
     kv_bits: int | None,
     sessions_dir: Path | None,
+    max_pixels: int | None = None,
 ) -> None:
     """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
     import sys
@@ -493,6 +494,7 @@ def run_chat(
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         kv_bits=kv_bits,
+        max_pixels=max_pixels,
     )
     check_numbers(seed=seed, max_kv_size=max_kv_size)
     if system is not None:
