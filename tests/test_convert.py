@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from safetensors.numpy import load_file, save_file
 
 import mlx_qwen35.weights.convert as convert_module
@@ -497,17 +498,6 @@ def test_hub_ids_use_the_local_cache_first_and_dry_run_fetches_only_the_config(t
 
 
 # ------------------------------------------------------------------------------------------ --overwrite (issue 10.1)
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The console entry point in this process (a subprocess would spend seconds importing MLX again)."""
-    from mlx_qwen35.surfaces.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mlx-qwen35", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def files_under(path: Path) -> dict[str, bytes]:

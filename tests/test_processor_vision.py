@@ -8,20 +8,19 @@ test_image_processing.py / test_video_processing.py.
 from __future__ import annotations
 
 import json
-import sys
 
 import av
 import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import TinyCheckpoint
+from cli_runner import run_cli
 from PIL import Image
 
 from mlx_qwen35.config import load_config
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.model.inputs import ModelInputs
 from mlx_qwen35.processing.processor import Processor
-from mlx_qwen35.surfaces.cli import main
 from mlx_qwen35.weights.convert import convert
 
 PATCH_ROW = 3 * 2 * 16 * 16
@@ -241,15 +240,6 @@ def converted(tiny_dense_checkpoint: TinyCheckpoint, tmp_path_factory: pytest.Te
     out = tmp_path_factory.mktemp("vision-cli") / "model"
     convert(hf_path=str(tiny_dense_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32")
     return out
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The console entry point in this process (a subprocess would spend seconds importing MLX again)."""
-    monkeypatch.setattr(sys, "argv", ["mlx-qwen35", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def test_cli_image_and_video_json(converted, clip_path, tmp_path, monkeypatch, capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import sys
 import zlib
 
 import av
@@ -19,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import TinyCheckpoint
+from cli_runner import run_cli
 from PIL import Image
 
 import mlx_qwen35.model.vision as vision
@@ -29,7 +29,6 @@ from mlx_qwen35.model.vision import VisionModel, attention_block, max_patches, s
 from mlx_qwen35.processing.image import CARD_MAX_PIXELS, VisionBudget
 from mlx_qwen35.processing.processor import Processor
 from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
-from mlx_qwen35.surfaces.cli import main
 from mlx_qwen35.weights.convert import convert
 
 # Chunked vs one-block attention on random inputs: measured max |Δ| 0 (the CPU computes each query row
@@ -259,14 +258,6 @@ def converted(tiny_dense_checkpoint: TinyCheckpoint, tmp_path_factory: pytest.Te
     out = tmp_path_factory.mktemp("limits-cli") / "model"
     convert(hf_path=str(tiny_dense_checkpoint.path), mlx_path=out, recipe="bf16", dtype="float32")
     return out
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["mlx-qwen35", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 def test_cli_max_pixels_reaches_the_processor_and_the_refusal_is_one_line(converted, tmp_path, monkeypatch, capsys):
