@@ -2,7 +2,7 @@
 
 Issue 10 item 8: the 4096² PNG killed the process with SIGFPE (a [heads, 65,536, 65,536] score
 matrix, whose size MLX's CPU matmul computes in 32 bits) and the 4032×3024 photo grew past 18 GB of
-RSS (47,880 patches at the checkpoint's 4096² budget, full N×N scores). Now images are resized to the
+RSS (47,376 patches at the checkpoint's 4096² budget, full N×N scores). Now images are resized to the
 card's 1344² by default and the vision attention holds at most ``MAX_ATTENTION_SCORES`` scores at once.
 
 Builds the demo's tiny random-weight Qwen3.5-MoE checkpoint (real patch / merge geometry, a 2-block
@@ -12,8 +12,9 @@ entry point in a fresh process per case: its own peak RSS (VmHWM; ru_maxrss on m
 
     python benchmarks/bench_image_memory.py [--workdir DIR] [--uncapped]
 
-``--uncapped`` also runs both images at the checkpoint's own budget (``--max-pixels 16777216``): 47,880
-and 65,536 patches through the blocked attention (minutes on a CPU), the inputs that used to die.
+``--uncapped`` also runs both images at the checkpoint's own budget (``--max-pixels 16777216``): 47,376
+and 65,536 patches through the blocked attention, the inputs that used to die. Measured here: photo
+1.20 GB RSS / 0.81 GB MLX peak (14 min), PNG 1.54 / 1.15 GB (23 min); no bound is claimed for them.
 """
 
 from __future__ import annotations
@@ -135,12 +136,14 @@ def main() -> None:
                 within = False
                 continue
             rss, peak = r["rss"] / 1e9, r["mlx"] / 1e9
+            capped = "--max-pixels" not in extra  # the bound is stated for the default cap
             ok = rss <= RSS_BOUND_GB and peak <= MLX_PEAK_BOUND_GB
-            within &= ok or "--max-pixels" in extra  # the bound is stated for the default cap
+            within &= ok or not capped
+            bound = f"{RSS_BOUND_GB} / {MLX_PEAK_BOUND_GB} GB"
+            verdict = f"{'within' if ok else 'OVER'} {bound}" if capped else "above the default cap: no bound"
             print(
                 f"{name:>26}: {r['vision_tokens']:>6} vision tokens, peak RSS {rss:.3f} GB, MLX peak {peak:.3f} GB, "
-                f"{r['seconds']:.0f} s ({r['vision_seconds']:.1f} s preprocessing) → "
-                f"{'within' if ok else 'OVER'} {RSS_BOUND_GB} / {MLX_PEAK_BOUND_GB} GB"
+                f"{r['seconds']:.0f} s ({r['vision_seconds']:.1f} s preprocessing) → {verdict}"
             )
         print(f"bound (default cap): peak RSS ≤ {RSS_BOUND_GB} GB, MLX peak ≤ {MLX_PEAK_BOUND_GB} GB → "
               f"{'OK' if within else 'OVER'}")  # fmt: skip
