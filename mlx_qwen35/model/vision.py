@@ -94,7 +94,11 @@ def segment_attention(
     width = next((w for w in FUSED_HEAD_DIMS if w >= d), d) if pad else d
     if width != d:
         q, k, v = (mx.pad(a, [(0, 0)] * 3 + [(0, width - d)]) for a in (q, k, v))
-    segments, rows = attention_block(heads, length, MAX_ATTENTION_SCORES if max_scores is None else max_scores)
+    if max_scores is None:
+        # Metal's fused kernel never holds the scores, so one block serves (and saves a sync per block).
+        fused = mx.metal.is_available() and width in FUSED_HEAD_DIMS
+        max_scores = batch * heads * length * length if fused else MAX_ATTENTION_SCORES
+    segments, rows = attention_block(heads, length, max_scores)
     out = []
     for s in range(0, batch, segments):
         k_s, v_s = k[s : s + segments], v[s : s + segments]
