@@ -78,6 +78,43 @@ def test_generate_tokens_steps_like_mlx_lm_generate_step(loaded, tiny_moe_checkp
     assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(ours, theirs))
 
 
+@pytest.mark.parametrize("end", ["stop token", "forced token"])
+def test_a_step_run_ahead_is_undone_so_the_cache_holds_the_reply_but_its_last_token(loaded, tiny_moe_checkpoint, end):
+    """Each step is built before the previous token is read; on a stop token (or a token ``choose_token``
+    replaces) that step read the wrong input and is undone: the cache then equals prefilling exactly the
+    prompt and the reply but its last token (K/V length, and every DeltaNet array within 1e-5: prefill and
+    decode round differently)."""
+    from mlx_qwen35.model.cache import cache_length, make_cache
+    from mlx_qwen35.model.inputs import ModelInputs
+    from mlx_qwen35.runtime.generation import generate_tokens, prefill, sampling_functions
+    from mlx_qwen35.runtime.settings import Sampling
+
+    model, processor = loaded
+    prompt = tiny_moe_checkpoint.prompt_ids(12)
+    sampler, processors = sampling_functions(model, processor, Sampling())
+    free = [t for t, _ in generate_tokens(model, ModelInputs(prompt), make_cache(model), sampler, max_tokens=8)]
+    cache = make_cache(model)
+    if end == "stop token":  # the 5th greedy token ends the reply
+        kwargs = dict(stop_tokens={free[4]})
+        expected = free[:5]
+    else:  # the 3rd token is replaced by another, as the thinking budget forces its closing tag
+        forced = (free[2] + 1) % 50
+        kwargs = dict(choose_token=lambda t, n=iter(range(100)): forced if next(n) == 2 else t)
+        expected = None
+    reply = [t for t, _ in generate_tokens(model, ModelInputs(prompt), cache, sampler, max_tokens=8, **kwargs)]
+    if expected is not None:
+        assert reply == expected
+    else:
+        assert reply[2] == forced and reply[:2] == free[:2] and len(reply) == 8
+    fresh = make_cache(model)
+    prefill(model, mx.array(prompt + reply[:-1]), fresh)
+    assert cache_length(cache) == cache_length(fresh) == len(prompt) + len(reply) - 1
+    for ours, theirs in zip(cache, fresh):
+        if hasattr(ours, "offset"):
+            continue
+        assert all(mx.allclose(a, b, atol=1e-5).item() for a, b in zip(ours.cache, theirs.cache))
+
+
 def test_stop_string_truncates_text(loaded, tiny_moe_checkpoint):
     model, processor = loaded
     prompt = tiny_moe_checkpoint.prompt_ids(12)

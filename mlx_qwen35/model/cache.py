@@ -70,10 +70,24 @@ class Snapshot:
     stale: bool = False
 
 
+def recurrent_arrays(cache: list) -> list:
+    """Per layer, the DeltaNet layer's [conv window, state] arrays (references, not copies); None for attention."""
+    return [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache]
+
+
+def drop_last_token(cache: list, recurrent: list) -> None:
+    """Undo the latest one-token step: K/V trimmed by one, the DeltaNet arrays put back to ``recurrent``
+    (``recurrent_arrays`` taken just before that step)."""
+    for layer_cache, saved in zip(cache, recurrent):
+        if isinstance(layer_cache, ArraysCache):
+            layer_cache.cache = list(saved)
+        else:
+            layer_cache.trim(1)
+
+
 def snapshot(cache: ModelCache) -> Snapshot:
     """Capture the cache's current state (no copy of K/V)."""
-    recurrent = [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache]
-    snap = Snapshot(cache_length(cache), recurrent, cache.rope_delta, weakref.ref(cache))
+    snap = Snapshot(cache_length(cache), recurrent_arrays(cache), cache.rope_delta, weakref.ref(cache))
     cache._snapshots.append(weakref.ref(snap))
     return snap
 

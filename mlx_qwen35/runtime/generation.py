@@ -20,7 +20,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..errors import Qwen35Error
-from ..model.cache import make_cache
+from ..model.cache import drop_last_token, make_cache, recurrent_arrays
 from ..model.inputs import ModelInputs
 from .settings import GENERATE_MAX_TOKENS, PREFILL_STEP_SIZE, GenerationSettings, KVCacheSettings, Sampling
 from .text_stream import TextStream
@@ -164,8 +164,10 @@ def generate_tokens(
 ) -> Iterator[tuple[int, mx.array]]:
     """Prefill ``prompt`` into ``cache``, then yield each generated token and its log-probabilities [vocab].
 
-    The next token is computing while the caller handles this one; none is started after a stop token or the
-    ``max_tokens``-th, so the cache never holds the last token. ``choose_token`` may replace a sampled token
+    Each step is built on the previous token before that token is read back, so building the graph overlaps
+    the compute (as mlx-lm's ``generate_step`` does); a step run ahead on a stop token, or on a token that
+    ``choose_token`` replaces, is undone (``drop_last_token``), so the cache never holds the last token and
+    the next token is computing while the caller handles this one. ``choose_token`` may replace a sampled token
     (the thinking budget forces its closing tag); ``context_tokens``: the ids ``cache`` already holds, for the
     penalties to look back over as a fresh run would; ``should_stop``: asked between prefill chunks (``prefill``).
     """
@@ -174,7 +176,7 @@ def generate_tokens(
     # whole context, so each decode step does not copy a growing array.
     history = mx.array((list(context_tokens) + ids)[-PENALTY_CONTEXT:])
 
-    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
+    def step(inputs: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
         for process in logits_processors:
             logits = process(history, logits)
@@ -183,22 +185,29 @@ def generate_tokens(
 
     # The last token is text (<|vision_end|> at the latest), so the first step embeds it itself.
     prefill_prompt(model, prompt.span(0, len(ids) - 1, model.config), cache, prefill_step_size, should_stop)
-    token, logprobs = step(history[-1:])
-    mx.eval(token, logprobs)
+    token, logprobs = step(history[-1:], history)
+    mx.async_eval(token, logprobs)
     for n in range(1, max_tokens + 1):
+        ahead = n < max_tokens
+        if ahead:  # build the next step on this token before reading it: reading waits for the compute
+            before = recurrent_arrays(cache)
+            next_history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
+            next_token, next_logprobs = step(token, next_history)
+            mx.async_eval(next_token, next_logprobs)
         sampled = token.item()
         token_id = choose_token(sampled) if choose_token is not None else sampled
-        if token_id != sampled:
-            token = mx.array([token_id], dtype=token.dtype)
-        history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
         last = token_id in stop_tokens or n == max_tokens
-        if not last:  # start the next step while the caller handles this token
-            next_token, next_logprobs = step(token)
-            mx.async_eval(next_token, next_logprobs)
+        if ahead and (last or token_id != sampled):
+            drop_last_token(cache, before)  # the step ahead read a token the reply does not have
+            if not last:
+                token = mx.array([token_id], dtype=token.dtype)
+                next_history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
+                next_token, next_logprobs = step(token, next_history)
+                mx.async_eval(next_token, next_logprobs)
         yield token_id, logprobs
         if last:
             return
-        token, logprobs = next_token, next_logprobs
+        token, logprobs, history = next_token, next_logprobs, next_history
 
 
 class StopStrings:
