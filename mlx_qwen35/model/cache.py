@@ -75,14 +75,18 @@ def recurrent_arrays(cache: list) -> list:
     return [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache]
 
 
-def drop_last_token(cache: list, recurrent: list) -> None:
-    """Undo the latest one-token step: K/V trimmed by one, the DeltaNet arrays put back to ``recurrent``
-    (``recurrent_arrays`` taken just before that step)."""
+def _rewind(cache: list, recurrent: list, tokens: int) -> None:
+    """K/V trimmed by ``tokens``, the DeltaNet arrays put back to ``recurrent`` (taken that many tokens ago)."""
     for layer_cache, saved in zip(cache, recurrent):
         if isinstance(layer_cache, ArraysCache):
             layer_cache.cache = list(saved)
         else:
-            layer_cache.trim(1)
+            layer_cache.trim(tokens)
+
+
+def drop_last_token(cache: list, recurrent: list) -> None:
+    """Undo the latest one-token step; ``recurrent``: ``recurrent_arrays`` taken just before it."""
+    _rewind(cache, recurrent, 1)
 
 
 def snapshot(cache: ModelCache) -> Snapshot:
@@ -101,11 +105,7 @@ def restore(cache: ModelCache, snap: Snapshot) -> None:
     current = cache_length(cache)
     if snap.length > current:
         raise Qwen35Error(f"cache snapshot at {snap.length} tokens is ahead of the cache ({current} tokens)")
-    for layer_cache, saved in zip(cache, snap.recurrent):
-        if isinstance(layer_cache, ArraysCache):
-            layer_cache.cache = list(saved)
-        else:
-            layer_cache.trim(current - snap.length)
+    _rewind(cache, snap.recurrent, current - snap.length)
     cache.rope_delta = snap.rope_delta
     # Later K/V writes land past snap.length, over what longer snapshots relied on.
     alive = [ref for ref in cache._snapshots if ref() is not None]

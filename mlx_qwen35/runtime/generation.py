@@ -183,6 +183,13 @@ def generate_tokens(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
+    def step_after(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Dispatch the step that reads ``token``: (its sampled token, its logprobs, the penalties' window)."""
+        history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
+        sampled, logprobs = step(token, history)
+        mx.async_eval(sampled, logprobs)
+        return sampled, logprobs, history
+
     # The last token is text (<|vision_end|> at the latest), so the first step embeds it itself.
     prefill_prompt(model, prompt.span(0, len(ids) - 1, model.config), cache, prefill_step_size, should_stop)
     token, logprobs = step(history[-1:], history)
@@ -191,9 +198,7 @@ def generate_tokens(
         ahead = n < max_tokens
         if ahead:  # build the next step on this token before reading it: reading waits for the compute
             before = recurrent_arrays(cache)
-            next_history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
-            next_token, next_logprobs = step(token, next_history)
-            mx.async_eval(next_token, next_logprobs)
+            following = step_after(token, history)
         sampled = token.item()
         token_id = choose_token(sampled) if choose_token is not None else sampled
         last = token_id in stop_tokens or n == max_tokens
@@ -201,13 +206,11 @@ def generate_tokens(
             drop_last_token(cache, before)  # the step ahead read a token the reply does not have
             if not last:
                 token = mx.array([token_id], dtype=token.dtype)
-                next_history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
-                next_token, next_logprobs = step(token, next_history)
-                mx.async_eval(next_token, next_logprobs)
+                following = step_after(token, history)
         yield token_id, logprobs
         if last:
             return
-        token, logprobs, history = next_token, next_logprobs, next_history
+        token, logprobs, history = following
 
 
 class StopStrings:
