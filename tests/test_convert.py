@@ -103,9 +103,9 @@ def test_experts_are_stacked_in_order(tiny_moe_checkpoint, per_expert_fp32):
 
 def released_and_tiny_configs(*checkpoints) -> dict[str, dict]:
     """config.json of every released MoE member and of the given tiny checkpoints, by name."""
-    from mlx_qwen35.weights.quantize import RELEASED_MOE_CONFIGS
+    from mlx_qwen35.weights.memory_plan import RELEASED_CONFIGS
 
-    return RELEASED_MOE_CONFIGS | {f"tiny-{c.layout}-{'moe' if c.is_moe else 'dense'}": c.config for c in checkpoints}
+    return RELEASED_CONFIGS | {f"tiny-{c.layout}-{'moe' if c.is_moe else 'dense'}": c.config for c in checkpoints}
 
 
 def test_the_release_layout_converts_to_the_module_tree(tiny_moe_checkpoint, tiny_dense_checkpoint):
@@ -294,7 +294,7 @@ def test_shards_are_bounded_and_indexed(tiny_moe_checkpoint, tmp_path):
 
 
 def test_size_table_for_the_released_flagship():
-    from mlx_qwen35.weights.quantize import RELEASED_MOE_CONFIGS, size_table
+    from mlx_qwen35.weights.memory_plan import RELEASED_MOE_CONFIGS, size_table
 
     cfg = parse_config(RELEASED_MOE_CONFIGS["Qwen3.5-397B-A17B"])
     params = expected_tensors(cfg)

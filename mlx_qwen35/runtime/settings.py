@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 from ..errors import Qwen35Error
+from ..weights.memory_plan import PREFILL_STEP_SIZE
 
 DEFAULT_MAX_TOKENS = 32768  # a chat reply or a server request when the user sets no limit
 GENERATE_MAX_TOKENS = 256  # one-shot ``generate`` / ``stream_generate`` (mlx-lm's default)
-PREFILL_STEP_SIZE = 2048  # prompt tokens per forward pass while prefilling: bounds memory at any length
 KV_BITS = (8, 4)  # the attention K/V cache quantisations offered (None: float K/V)
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 KV_GROUP_SIZE = 64

@@ -396,6 +396,28 @@ def menubar_app(
     run_menubar_app(model=model, port=port)
 
 
+@app.command()
+def plan(
+    model: str | None = typer.Option(
+        None, "--model", help="A checkpoint dir or Hub id: a conversion as it is, a source as each recipe makes it."
+    ),
+    config: str | None = typer.Option(None, "--config", help="A config.json (file or its directory) to plan instead."),
+    memory_gb: float | None = typer.Option(
+        None, "--memory-gb", help="Unified memory of the Mac to plan for, in GiB (default: this machine's)."
+    ),
+    context: int | None = typer.Option(
+        None, "--context", help="Conversation length the cache must hold, in tokens (default 131072 or the model's)."
+    ),
+    recipe: str | None = typer.Option(None, "--recipe", help="Only this conversion recipe (default: all)."),
+    kv_bits: KVBits = None,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
+) -> None:
+    """Memory each model and recipe needs (weights, KV cache, state, prefill), what fits, and decode ceilings."""
+    from .plan import run_plan
+
+    run_plan(model, config, memory_gb, context, recipe, kv_bits, as_json)
+
+
 def _check_media_files(images: list[str], video: str | None) -> None:
     """Each --image / --video names an existing local file (or an image data: URL), in the processor's words."""
     from ..processing.image import DATA_URL, URL_SCHEME

@@ -19,6 +19,7 @@ from ..errors import Qwen35Error
 from ..model.qwen35 import Qwen35Model
 from ..processing.processor import Processor
 from .hub import resolve_checkpoint
+from .memory_plan import plan
 from .peer_formats import detect_format, translate_peer_checkpoint
 
 log = logging.getLogger(__name__)
@@ -70,20 +71,24 @@ def _activation_dtype(model: Qwen35Model) -> mx.Dtype:
     return mx.bfloat16
 
 
-def _set_wired_limit(model: nn.Module) -> None:
-    """On Metal, wire the model's memory so macOS does not page it out between tokens; warn if it cannot fit."""
-    info = mx.device_info()
-    limit = info.get("max_recommended_working_set_size")
+def _set_wired_limit(model: Qwen35Model) -> None:
+    """On Metal, wire the model's memory so macOS does not page it out between tokens; warn if it cannot fit.
+
+    The need is ``plan``'s (weights, a 128k-token cache, the prefill workspace): what ``mlx-qwen35 plan`` prints.
+    """
+    limit = mx.device_info().get("max_recommended_working_set_size")
     if not limit:
         return
-    size = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-    if size > 0.9 * limit:
+    need = plan(model.config, {k: a.nbytes for k, a in tree_flatten(model.parameters())}, memory_bytes=limit)
+    if need.total > 0.9 * limit:
         log.warning(
-            "the model (%.1f GB) is close to or above the GPU wired-memory limit (%.1f GB); raise it with "
-            "'sudo sysctl iogpu.wired_limit_mb=<MB>' (e.g. %d for this model) or use a smaller quantisation",
-            size / 1e9,
+            "the model (%.1f GB, %.1f GB with a %d-token cache) is close to or above the GPU wired-memory limit "
+            "(%.1f GB); raise it with 'sudo sysctl iogpu.wired_limit_mb=%d' or use a smaller quantisation",
+            need.weights / 1e9,
+            need.total / 1e9,
+            need.context,
             limit / 1e9,
-            int(size / 2**20 * 1.1) + 8192,
+            need.wired_limit_mb,
         )
     mx.set_wired_limit(limit)
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config import ModelConfig, parse_config
 from ..errors import Qwen35Error
-from .layout import expected_tensors, is_zero_centred_norm
+from .layout import is_zero_centred_norm
 
 QUANT_MODE = "affine"
 # In order of preference: when the last dim is not a multiple of 64, a group of 32 still quantises it;
@@ -168,95 +167,3 @@ def predict_size(tensors: dict[str, tuple[int, ...]], recipe: Recipe, dtype: str
         for _, s, d in stored_tensors(name, shape, recipe.spec_for(name, shape), dtype):
             total += nbytes(s, d)
     return SizePrediction(recipe.name, total, params)
-
-
-# ---------------------------------------------------------------------------------------------- README table
-
-# text_config values of the released MoE members (docs/architecture.md §1.3); every member uses the large ViT.
-_SHARED_TEXT = {
-    "head_dim": 256,
-    "vocab_size": 248320,
-    "linear_num_key_heads": 16,
-    "linear_key_head_dim": 128,
-    "linear_value_head_dim": 128,
-    "linear_conv_kernel_dim": 4,
-    "mtp_num_hidden_layers": 1,
-    "tie_word_embeddings": False,
-}
-_LARGE_VIT = {
-    "depth": 27,
-    "hidden_size": 1152,
-    "num_heads": 16,
-    "intermediate_size": 4304,
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "spatial_merge_size": 2,
-    "num_position_embeddings": 2304,
-    "in_channels": 3,
-}
-RELEASED_MOE_CONFIGS = {
-    name: {
-        "model_type": "qwen3_5_moe",
-        "text_config": _SHARED_TEXT
-        | dict(
-            hidden_size=h,
-            num_hidden_layers=layers,
-            layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4),  # full_attention_interval 4
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            linear_num_value_heads=hv,
-            num_experts=experts,
-            num_experts_per_tok=top_k,
-            moe_intermediate_size=inter,
-            shared_expert_intermediate_size=inter,
-        ),
-        "vision_config": _LARGE_VIT | {"out_hidden_size": h},
-    }
-    for name, (h, layers, heads, hv, experts, top_k, inter) in {
-        "Qwen3.5-397B-A17B": (4096, 60, 32, 64, 512, 10, 1024),
-        "Qwen3.5-122B-A10B": (3072, 48, 32, 64, 256, 8, 1024),
-        "Qwen3.5-35B-A3B": (2048, 40, 16, 32, 256, 8, 512),
-    }.items()
-}
-# What a Mac must hold besides the weights: macOS and apps (with iogpu.wired_limit_mb raised to leave
-# this much), and the caches of one 128k-token conversation.
-OS_RESERVE_GIB = 8
-FIT_CONTEXT_TOKENS = 131_072
-MAC_MEMORY_GIB = (192, 256)
-
-
-def cache_bytes(cfg: ModelConfig, tokens: int) -> int:
-    """bf16 KV cache of the attention layers for ``tokens`` plus the fp32 DeltaNet states (length-independent)."""
-    t = cfg.text
-    attention = t.layer_types.count("full_attention")
-    linear = len(t.layer_types) - attention
-    kv = attention * 2 * t.num_key_value_heads * t.head_dim * 2 * tokens
-    delta = linear * (
-        t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
-        + (t.linear_conv_kernel_dim - 1) * t.linear_conv_dim * 2
-    )
-    return kv + delta
-
-
-def size_table(dtype: str = "bfloat16") -> str:
-    """Markdown table: each recipe's size for the released MoE members and whether it fits a 192 / 256 GB Mac."""
-    head = "| model | recipe | size (GB) | bits/weight | " + " | ".join(f"{m} GB Mac" for m in MAC_MEMORY_GIB) + " |"
-    rows = [head, "|" + "---|" * (4 + len(MAC_MEMORY_GIB))]
-    for name, raw in RELEASED_MOE_CONFIGS.items():
-        cfg = parse_config(raw)
-        tensors = expected_tensors(cfg)
-        need = cache_bytes(cfg, FIT_CONTEXT_TOKENS) / 2**30 + OS_RESERVE_GIB
-        for recipe in RECIPES.values():
-            p = predict_size(tensors, recipe, dtype)
-            free = [ram - need - p.bytes / 2**30 for ram in MAC_MEMORY_GIB]
-            fits = [f"yes ({f:.0f} GiB spare)" if f >= 0 else "no" for f in free]
-            rows.append(
-                f"| {name} | {recipe.name} | {p.bytes / 1e9:,.1f} | {p.bits_per_weight:.2f} | "
-                + " | ".join(fits)
-                + " |"
-            )
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(size_table())
