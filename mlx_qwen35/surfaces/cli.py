@@ -16,6 +16,8 @@ import typer
 from ..errors import Qwen35Error
 from ..runtime.settings import DEFAULT_MAX_TOKENS, GENERATE_MAX_TOKENS
 
+DEFAULT_BENCH_PROMPTS = (128, 1024, 4096, 16384)
+
 app = typer.Typer(
     name="mlx-qwen35",
     help="Run the Qwen3.5 family (397B-A17B and siblings) on Apple Silicon with MLX.",
@@ -416,6 +418,37 @@ def plan(
     from .plan import run_plan
 
     run_plan(model, config, memory_gb, context, recipe, kv_bits, as_json)
+
+
+@app.command()
+def bench(
+    model: str | None = typer.Argument(None, help="Our MLX conversion, or a peer's (mlx-community), dir or Hub id."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Build and time a random checkpoint instead: bench or 397b-layers (no download)."
+    ),
+    compare: list[str] = typer.Option([], "--compare", help="Also time this runtime: mlx-lm or mlx-vlm (repeatable)."),
+    peer_model: str | None = typer.Option(None, "--peer-model", help="The peer's conversion of the same checkpoint."),
+    source: str | None = typer.Option(
+        None, "--source", help="The checkpoint MODEL was converted from: the peer converts it at the same bits."
+    ),
+    prompt_lengths: str = typer.Option(
+        ",".join(map(str, DEFAULT_BENCH_PROMPTS)), "--prompt-lengths", help="Prompt lengths to time, in tokens."
+    ),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="Tokens to decode after each prompt."),
+    repeats: int = typer.Option(3, "--repeats", help="Rounds (alternating between runtimes); medians are reported."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed short runs per runtime first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Prefill and decode tokens/s, time to first token, peak memory and launches per token, vs the peers."""
+    from .bench import run_bench
+
+    try:
+        lengths = [int(n) for n in prompt_lengths.split(",") if n.strip()]
+    except ValueError:
+        raise Qwen35Error(
+            f"--prompt-lengths {prompt_lengths}: give comma-separated token counts, e.g. 128,1024"
+        ) from None
+    run_bench(model, preset, compare, peer_model, source, lengths, decode_tokens, repeats, warmup, as_json)
 
 
 def _check_media_files(images: list[str], video: str | None) -> None:

@@ -44,11 +44,12 @@ def _candidates(model: str | None, config_file: str | None, recipe: str | None) 
         sources = [(str(path), raw, raw.get("dtype", "bfloat16"))]
     elif model:
         from ..weights.hub import resolve_checkpoint
+        from ..weights.peer_formats import detect_format
 
         directory = resolve_checkpoint(model, patterns=["config.json"], argument="--model")
         on_disk = stored_tensors_on_disk(directory)
         raw = read_config_json(directory, "--model")
-        if on_disk and not any(k.startswith("model.") for k in on_disk):  # converted (ours or a peer's): as it is
+        if on_disk and detect_format(on_disk) != "hf":  # converted (ours or a peer's): as it is
             cfg = parse_config(raw, f"{model} config.json")
             return [(model, cfg, "as converted", {k: size for k, (_, size) in on_disk.items()})]
         # A source checkpoint: what each recipe makes of it, in the dtype the converter keeps by default.
