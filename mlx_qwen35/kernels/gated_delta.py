@@ -71,15 +71,19 @@ def _takes_kernel(Dk: int, use_kernel: bool | None) -> bool:
 
 @mx.compile
 def _step_pure(q, k, v, a, b, A_log, dt_bias, state):
+    # Value heads as [Hk, r] groups, so each q/k head meets its r value heads by broadcasting (no repeat), and
+    # the state products as multiply + sum: a matrix–vector product would go to the CPU's BLAS, 2× slower here.
     q, k = _normalize_qk(q[:, 0], k[:, 0])  # [B, Hk, Dk]
     beta, g = _gates(a[:, 0], b[:, 0], A_log, dt_bias)  # [B, Hv]
-    r = v.shape[2] // k.shape[1]
-    q, k = mx.repeat(q, r, axis=1), mx.repeat(k, r, axis=1)  # [B, Hv, Dk]
-    state = state * mx.exp(g)[..., None, None]
-    u = beta[..., None] * (v[:, 0].astype(mx.float32) - (state @ k[..., None])[..., 0])  # [B, Hv, Dv]
-    state = state + u[..., :, None] * k[..., None, :]
-    o = (state @ q[..., None])[..., 0]  # [B, Hv, Dv]
-    return o[:, None].astype(v.dtype), state
+    B, Hk, Dk = k.shape
+    _, Hv, Dv, _ = state.shape
+    group = (B, Hk, Hv // Hk)
+    q, k = q[:, :, None, None, :], k[:, :, None, None, :]  # [B, Hk, 1, 1, Dk]
+    S = state.reshape(*group, Dv, Dk) * mx.exp(g).reshape(*group, 1, 1)
+    u = beta.reshape(*group, 1) * (v[:, 0].astype(mx.float32).reshape(*group, Dv) - (S * k).sum(-1))  # [B, Hk, r, Dv]
+    S = S + u[..., None] * k
+    o = (S * q).sum(-1)  # [B, Hk, r, Dv]
+    return o.reshape(B, 1, Hv, Dv).astype(v.dtype), S.reshape(B, Hv, Dv, Dk)
 
 
 def gated_delta_step(
