@@ -11,7 +11,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU
 
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.kernels import resolve_use_kernel
+from mlx_qwen35.kernels import resolve_path
 from mlx_qwen35.kernels.metal_source import metal_kernel
 
 # From this many token–expert pairs on, the kernels group pairs by expert: SwitchGLU's threshold, so
@@ -33,7 +33,7 @@ def _check_shapes(x: mx.array, indices: mx.array, weights: mx.array, experts: nn
         raise Qwen35Error("routed experts: " + "; ".join(problems))
 
 
-def _routed_pure(x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
+def routed_pure(x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
     """The specification: SwitchGLU's gather matmuls (sorted by expert from 64 pairs on), then Σ_j w_j y_j."""
     return (experts(x, indices) * weights[..., None]).sum(axis=-2)
 
@@ -43,12 +43,17 @@ def routed_experts(
 ) -> mx.array:
     """Σ_j weights[..., j] · expert_{indices[..., j]}(x) for x [..., H], indices/weights [..., k]: [..., H]."""
     _check_shapes(x, indices, weights, experts)
-    if _kernel_fits(experts) and resolve_use_kernel(use_kernel):
-        return _routed_kernel(x, indices, weights, experts)
-    return _routed_pure(x, indices, weights, experts)
+    if kernel_fits(experts) and resolve_path(dispatch_operation(indices.size), use_kernel) == "kernel":
+        return routed_kernel(x, indices, weights, experts)
+    return routed_pure(x, indices, weights, experts)
 
 
-def _kernel_fits(experts: nn.Module) -> bool:
+def dispatch_operation(pairs: int) -> str:
+    """The operation (as the self-check names it) that routes ``pairs`` token–expert pairs: sorted or not."""
+    return "expert_dispatch_sorted" if pairs >= SORT_MIN_PAIRS else "expert_dispatch_unsorted"
+
+
+def kernel_fits(experts: nn.Module) -> bool:
     """The kernels take SwiGLU experts quantised affinely (no bias), gate and up alike; else the pure path."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     return (
@@ -84,7 +89,7 @@ def _quant(p: nn.Module) -> list:
     return [p.weight, p.scales, p.biases]
 
 
-def _routed_kernel(x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
+def routed_kernel(x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
     """Two launches: gate/up with SwiGLU per pair, then down with the router weights (and, unsorted, the sum over k)."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     H, I, k = x.shape[-1], gate.output_dims, indices.shape[-1]

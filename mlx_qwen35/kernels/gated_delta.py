@@ -13,7 +13,7 @@ from functools import cache
 import mlx.core as mx
 
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.kernels import kernel_forced, resolve_use_kernel
+from mlx_qwen35.kernels import kernel_forced, resolve_path
 from mlx_qwen35.kernels.metal_source import metal_kernel
 
 CHUNK = 32  # tokens per chunk of the WY/UT form; HF and FLA use 64, but on the CPU 32 is ~1.35× faster (fewer C² flops, same C·D² state work)
@@ -58,15 +58,15 @@ def _check_shapes(q, k, v, a, b, A_log, dt_bias, state) -> None:
         raise Qwen35Error("gated delta: " + "; ".join(problems))
 
 
-def _takes_kernel(Dk: int, use_kernel: bool | None) -> bool:
-    """Run the kernel? Chosen automatically, an unsupported head size falls back to the pure path; forced, it is an error."""
-    if not resolve_use_kernel(use_kernel):
-        return False
-    if Dk % 32 == 0:
-        return True
+def _path(operation: str, Dk: int, use_kernel: bool | None) -> str:
+    """The path to take; the kernel, chosen automatically, falls back to the pure path on an unsupported head size,
+    forced, it is an error there."""
+    path = resolve_path(operation, use_kernel)
+    if path != "kernel" or Dk % 32 == 0:
+        return path
     if kernel_forced(use_kernel):
         raise Qwen35Error(f"gated delta kernels need Dk a multiple of 32, got {Dk}: use use_kernel=False")
-    return False
+    return "pure"
 
 
 @mx.compile
@@ -102,9 +102,7 @@ def gated_delta_step(
     _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
     if q.shape[1] != 1:
         raise Qwen35Error(f"gated_delta_step takes one token, got T = {q.shape[1]}: use gated_delta_prefill")
-    if _takes_kernel(k.shape[-1], use_kernel):
-        return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, _one_token_mask(q.shape[0]))
-    return _step_pure(q, k, v, a, b, A_log, dt_bias, state)
+    return STEP_PATHS[_path("gated_delta_step", k.shape[-1], use_kernel)](q, k, v, a, b, A_log, dt_bias, state)
 
 
 def _unit_lower_inverse(L: mx.array) -> mx.array:
@@ -254,10 +252,8 @@ def gated_delta_prefill(
     _check_shapes(q, k, v, a, b, A_log, dt_bias, state)
     if mask is not None and mask.shape != q.shape[:2]:
         raise Qwen35Error(f"gated_delta_prefill: mask {mask.shape} != [B, T] = {list(q.shape[:2])}")
-    if _takes_kernel(k.shape[-1], use_kernel):
-        return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
-    o, state = _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask)
-    return o.astype(v.dtype), state
+    path = _path("gated_delta_prefill", k.shape[-1], use_kernel)
+    return PREFILL_PATHS[path](q, k, v, a, b, A_log, dt_bias, state, mask)
 
 
 def _kernel_inputs(q, k, v, a, b, A_log, dt_bias):
@@ -290,3 +286,30 @@ def _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, mask):
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[v.dtype, mx.float32],
     )
+
+
+def _prefill_pure_in_dtype(q, k, v, a, b, A_log, dt_bias, state, mask):
+    o, state = _prefill_pure(q, k, v, a, b, A_log, dt_bias, state, mask)
+    return o.astype(v.dtype), state
+
+
+def _prefill_mlx_fast(q, k, v, a, b, A_log, dt_bias, state, mask):
+    """MLX's own ``mx.fast.gated_delta_update`` (chunked simdgroup kernels on Metal) after our fp32 norms and gates:
+    it takes q̂, k̂ already normalised and the decay α = e^g in linear space, same state layout and mask meaning."""
+    q, k = _normalize_qk(q, k)
+    beta, g = _gates(a, b, A_log, dt_bias)
+    o, state = mx.fast.gated_delta_update(q, k, v, mx.exp(g), beta, state, mask)
+    return o.astype(v.dtype), state  # o comes out fp32: q̂, k̂ stay fp32 so the state keeps our precision
+
+
+def _step_kernel(q, k, v, a, b, A_log, dt_bias, state):
+    return _prefill_kernel(q, k, v, a, b, A_log, dt_bias, state, _one_token_mask(q.shape[0]))
+
+
+def _step_mlx_fast(q, k, v, a, b, A_log, dt_bias, state):
+    return _prefill_mlx_fast(q, k, v, a, b, A_log, dt_bias, state, None)
+
+
+# Each operation's paths by name (docs/architecture.md §17.1): the self-check runs and times them all.
+PREFILL_PATHS = {"kernel": _prefill_kernel, "mlx_fast": _prefill_mlx_fast, "pure": _prefill_pure_in_dtype}
+STEP_PATHS = {"kernel": _step_kernel, "mlx_fast": _step_mlx_fast, "pure": _step_pure}

@@ -1,5 +1,6 @@
 """Load a kernel from metal_kernels/*.metal (format: metal_kernels/README.md) as an MLX kernel callable."""
 
+import hashlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -75,3 +76,20 @@ def _build(name: str, emulate: bool):
 def metal_kernel(name: str):
     """The kernel callable: ``mx.fast.metal_kernel`` on Metal, the CPU emulator when kernels are emulated."""
     return _build(name, emulating())
+
+
+KERNEL_NAMES = (
+    "gated_delta_prefill",
+    "expert_dispatch_gate_up",
+    "expert_dispatch_down_sum",
+    "expert_dispatch_down_sorted",
+)
+
+
+def sources_digest() -> str:
+    """One hash of every kernel's source (its helpers included): a self-check result holds only for these sources."""
+    digest = hashlib.sha256()
+    for name in KERNEL_NAMES:
+        src = read_kernel(name)
+        digest.update("\0".join([name, *src.input_names, "|", *src.output_names, src.header, src.body, ""]).encode())
+    return digest.hexdigest()[:16]

@@ -451,6 +451,18 @@ def bench(
     run_bench(model, preset, compare, peer_model, source, lengths, decode_tokens, repeats, warmup, as_json)
 
 
+@app.command()
+def doctor(
+    model: str | None = typer.Option(None, "--model", "-m", help="Also check the kernels at this model's shapes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the fields are in the README)."),
+    emulate: bool = typer.Option(False, "--emulate", help="Run the Metal kernels on the CPU emulator (needs g++)."),
+) -> None:
+    """What a bug report needs: OS, chip, memory, MLX, Metal, the wired limit, and each kernel's self-check."""
+    from .doctor import run_doctor
+
+    run_doctor(model=model, as_json=as_json, emulate=emulate)
+
+
 def _check_media_files(images: list[str], video: str | None) -> None:
     """Each --image / --video names an existing local file (or an image data: URL), in the processor's words."""
     from ..processing.image import DATA_URL, URL_SCHEME

@@ -13,9 +13,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import ModelConfig, load_config
 from ..errors import Qwen35Error
+from ..kernels.self_check import check_kernels
 from ..model.qwen35 import Qwen35Model
 from ..processing.processor import Processor
 from .hub import resolve_checkpoint
@@ -134,6 +136,8 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
         model.language_model.compute_dtype = _activation_dtype(model)
         _set_wired_limit(model)
     model.eval()
+    experts = next((m for _, m in model.named_modules() if isinstance(m, SwitchGLU)), None)
+    check_kernels(config.text, model.language_model.compute_dtype, experts)  # docs/architecture.md §17.1
     return model
 
 
