@@ -21,6 +21,7 @@ from mlx_qwen35.model.qwen35 import Qwen35Model
 
 OPERATIONS = ["gated_delta_prefill", "gated_delta_step", "expert_dispatch_unsorted", "expert_dispatch_sorted"]
 RANKED = {"kernel": 1.0, "mlx_fast": 2.0, "pure": 3.0}  # injected times: the kernel would win wherever it passes
+ON_METAL = mx.metal.is_available()  # on a Mac the real mx.fast.metal_kernel runs, elsewhere the CPU emulator
 LOGITS_TOL = 1e-4  # × max |logits|, as tests/test_kernels_in_model.py (its measured headroom: ≥ 10×)
 
 
@@ -98,7 +99,7 @@ def by_path(report) -> dict[tuple[str, str], PathResult]:
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_correct_kernels_pass_and_are_chosen_when_fastest(model, dtype, caplog):
-    set_use_kernels(None, emulate=True)
+    set_use_kernels(None, emulate=not ON_METAL)
     report = check_kernels(model.config.text, dtype, experts_of(model), timer=ranked_timer())
     results = by_path(report)
     assert {op for op, path in results if path == "kernel"} == set(OPERATIONS)  # every kernel was checked
@@ -106,7 +107,11 @@ def test_correct_kernels_pass_and_are_chosen_when_fastest(model, dtype, caplog):
     assert not failed, failed
     assert all(r.max_diff <= r.tolerance for r in report.results if r.path != "pure")
     assert report.chosen == dict.fromkeys(OPERATIONS, "kernel")
-    assert report.emulated and not report.cached and report.probe["dtype"] == str(dtype).removeprefix("mlx.core.")
+    assert (
+        report.emulated != ON_METAL
+        and not report.cached
+        and report.probe["dtype"] == str(dtype).removeprefix("mlx.core.")
+    )
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -143,12 +148,12 @@ def test_wrong_lane_index_is_caught_warned_once_and_logits_equal_the_pure_path(m
     ids = [int(i) for i in mx.random.randint(0, 128, (40,), key=mx.random.key(1)).tolist()]
     set_use_kernels(False)
     pure = logits_prefill_then_decode(model, ids)
-    set_use_kernels(True, emulate=True)
+    set_use_kernels(True, emulate=not ON_METAL)
     broken = logits_prefill_then_decode(model, ids)
     scale = float(mx.abs(pure).max())
     assert float(mx.abs(broken - pure).max()) > 10 * LOGITS_TOL * scale  # the broken kernel does change the logits
 
-    set_use_kernels(None, emulate=True)
+    set_use_kernels(None, emulate=not ON_METAL)
     report = check_model(model)
     results = by_path(report)
     for op in ("gated_delta_prefill", "gated_delta_step"):
@@ -167,7 +172,7 @@ def test_wrong_lane_index_is_caught_warned_once_and_logits_equal_the_pure_path(m
 
 def test_source_that_does_not_compile_is_caught_and_the_pure_path_serves(model, kernel_sources, caplog):
     kernel_sources("gated_delta_prefill", "const uint lane = thread_index_in_simdgroup;", "const uint lane = oops;")
-    set_use_kernels(None, emulate=True)
+    set_use_kernels(None, emulate=not ON_METAL)
     report = check_model(model, timer=lambda op, path, run: {"kernel": 1.0, "pure": 2.0, "mlx_fast": 3.0}[path])
     results = by_path(report)
     for op in ("gated_delta_prefill", "gated_delta_step"):
@@ -226,6 +231,7 @@ def test_a_path_that_fails_while_timed_is_not_chosen():
         assert report.chosen[op] == "pure"
 
 
+@pytest.mark.skipif(ON_METAL, reason="this machine has Metal")
 def test_no_metal_means_no_kernel_candidate():
     report = check_kernels(timer=ranked_timer())
     assert not mx.metal.is_available() and not report.emulated
