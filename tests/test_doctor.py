@@ -16,6 +16,7 @@ from test_kernel_self_check import CONFIG, OPERATIONS
 from mlx_qwen35.config import parse_config
 from mlx_qwen35.kernels import self_check, set_use_kernels
 from mlx_qwen35.model.qwen35 import Qwen35Model
+from mlx_qwen35.weights.memory_plan import plan
 
 
 @pytest.fixture(autouse=True)
@@ -73,9 +74,12 @@ def test_doctor_with_a_model_gives_its_wired_limit_command(monkeypatch, capsys, 
     weight_bytes = (tmp_path / "model" / "model.safetensors").stat().st_size
 
     report = doctor_json(monkeypatch, capsys, "--model", str(tmp_path / "model"))
-    needed = int(weight_bytes / 2**20 * 1.1) + 8192  # weights + 10 %, + 8 GiB (weights/loading.py wired_limit_mb)
-    assert report["wired_memory"]["model_weight_bytes"] == weight_bytes
-    assert report["wired_memory"]["command"] == f"sudo sysctl iogpu.wired_limit_mb={needed}"
+    wired = report["wired_memory"]
+    need = plan(parse_config(CONFIG), {k: a.nbytes for k, a in tree_flatten(model.parameters())}, 0)
+    assert wired["model_weight_bytes"] == need.weights < weight_bytes  # the shard adds its header
+    assert wired["model_need_bytes"] == need.total > need.weights
+    assert wired["command"] == f"sudo sysctl iogpu.wired_limit_mb={need.wired_limit_mb}"
+    assert wired["needed_mb"] * 2**20 >= 1.05 * need.total
     probe = report["kernels"]["self_check"]["probe"]
     text = CONFIG["text_config"]
     assert (probe["key_heads"], probe["value_heads"], probe["key_dim"]) == (
