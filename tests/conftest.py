@@ -8,6 +8,8 @@ gives its transformers models in float32 and float64, loaded once per session (`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from checkpoints import (
     TinyCheckpoint,
@@ -24,6 +26,15 @@ from parity import References
 # sizes on both axes (hidden 144 = 128 + 16, expert intermediate 160 = 128 + 32).
 FP8_HIDDEN_SIZE = 144
 FP8_MOE_INTERMEDIATE_SIZE = 160
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every cache the package writes (kernel self-checks, benchmark checkpoints) goes to the session's temp dir,
+    never the user's ~/.cache; a test that sets XDG_CACHE_HOME itself still wins."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
