@@ -55,6 +55,7 @@ PRESETS = {
         hidden_size=4096,
         num_hidden_layers=2,
         layer_types=["linear_attention", "full_attention"],
+        full_attention_interval=2,  # mlx-lm places attention layers by the interval, not by layer_types
         num_attention_heads=32,
         num_key_value_heads=2,
         head_dim=256,
