@@ -12,7 +12,8 @@ from checkpoints import convert_tiny
 from test_server import free_port
 
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.surfaces.menubar.controller import AppController, find_models
+from mlx_qwen35.surfaces.menubar.controller import AppController
+from mlx_qwen35.weights.local_models import find_models
 
 
 def fake_model(path, size: int, model_type: str = "qwen3_5_moe"):

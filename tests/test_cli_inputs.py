@@ -105,7 +105,7 @@ def one_line_error(result) -> str:
         (["generate", "-p", "hi", "--max-kv-size", "0"], "--max-kv-size 0: give an integer >= 1"),
         (["generate", "-p", "hi", "--kv-bits", "3"], "kv_bits 3: use 8 or 4"),
         (["generate", "-p", "caf\udce9"], "--prompt is not UTF-8 text (byte 0xe9 at position 3)"),
-        (["generate", "-p", "hi", "--system", "\udcff"], "--system is not UTF-8 text (byte 0xff at position 0)"),
+        (["generate", "-p", "hi", "--system", "\udcff"], "--system-prompt is not UTF-8 text (byte 0xff at position 0)"),
         (["generate", "-p", "hi", "--tools", "{missing}"], "{missing}: cannot read the tools file"),
         (["generate", "-p", "hi", "--tools", "{broken_tools}"], "broken-tools.json: not valid JSON"),
         (["generate", "-p", "hi", "--image", "{missing}"], "{missing}: no such image file"),

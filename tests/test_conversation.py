@@ -229,7 +229,7 @@ def test_cli_tools_prints_each_call_as_json(model_dir, tmp_path, monkeypatch):
             )
 
     monkeypatch.setattr(generation, "stream_text", scripted_reply)
-    base = ["generate", "-m", str(model_dir), "-p", "Weather?", "--tools", str(tmp_path / "tools.json")]
+    base = ["generate", "--model", str(model_dir), "-p", "Weather?", "--tools", str(tmp_path / "tools.json")]
     printed = CliRunner().invoke(app, base)
     assert printed.exit_code == 0, printed.output
     assert '{"name": "get_weather", "arguments": {"days": 3}}' in printed.stdout.splitlines()
@@ -252,7 +252,7 @@ def test_cli_tools_puts_a_call_on_its_own_line_when_one_token_completes_several_
 
     monkeypatch.setattr(generation, "stream_text", scripted_reply)
     printed = CliRunner().invoke(
-        app, ["generate", "-m", str(model_dir), "-p", "?", "--tools", str(tmp_path / "tools.json")]
+        app, ["generate", "--model", str(model_dir), "-p", "?", "--tools", str(tmp_path / "tools.json")]
     )
     assert printed.exit_code == 0, printed.output
-    assert printed.stdout.splitlines() == ["Hm.", "Let me look.", '{"name": "f", "arguments": {}}']
+    assert printed.stdout.splitlines() == ["Thinking:", "Hm.", "", "Let me look.", '{"name": "f", "arguments": {}}']

@@ -140,7 +140,7 @@ def test_cli_prompt_cache_file_continues_and_updates_the_saved_conversation(moe_
                 "-m",
                 "mlx_qwen35",
                 "generate",
-                "-m",
+                "--model",
                 str(moe_dir),
                 "-p",
                 prompt,
@@ -236,7 +236,7 @@ def test_session_target_is_checked_without_a_model(saved, tmp_path):
 def test_cli_prompt_cache_file_is_checked_before_the_model_loads(moe_dir, tmp_path, target, error):
     (tmp_path / "model.safetensors").write_bytes(b"")  # what an mlx-lm user would pass
     for model in (str(moe_dir), str(tmp_path / "no-such-model")):  # the second shows: before loading
-        args = ["generate", "-m", model, "-p", "hi", "--prompt-cache-file", str(tmp_path / target)]
+        args = ["generate", "--model", model, "-p", "hi", "--prompt-cache-file", str(tmp_path / target)]
         result = CliRunner().invoke(app, args)
         assert isinstance(result.exception, Qwen35Error) and result.output == "", result.output
         assert error in str(result.exception) and "\n" not in str(result.exception)

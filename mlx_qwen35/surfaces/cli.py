@@ -5,16 +5,45 @@ Heavy modules (mlx, the model, tokenizers) are imported inside the commands so `
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from ..errors import Qwen35Error
-from ..runtime.settings import DEFAULT_MAX_TOKENS, GENERATE_MAX_TOKENS
+from ..runtime.settings import DEFAULT_MAX_TOKENS, KV_GROUP_SIZE, PREFILL_STEP_SIZE
+from .options import (
+    ChatTemplateConfig,
+    ExtraEosToken,
+    HideThinking,
+    IgnoreChatTemplate,
+    KVBits,
+    KVGroupSize,
+    MaxKVSize,
+    MaxPixels,
+    MaxTokens,
+    MinP,
+    ModelArgument,
+    ModelFlag,
+    PrefillStepSize,
+    PresencePenalty,
+    Prompt,
+    QuantizedKVStart,
+    RepetitionPenalty,
+    Seed,
+    SystemPrompt,
+    Temp,
+    Thinking,
+    ThinkingBudget,
+    TopK,
+    TopP,
+    Verbose,
+    check_quantized_kv_start,
+    peer_argv,
+    plain_help,
+    resolve_model,
+    template_thinking,
+)
 
 DEFAULT_BENCH_PROMPTS = (128, 1024, 4096, 16384)
 
@@ -27,25 +56,22 @@ app = typer.Typer(
 )
 
 
-# Options that several commands share, named as in mlx-lm where they overlap.
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="MLX checkpoint directory or Hub repo id.")]
-TopP = Annotated[float | None, typer.Option("--top-p")]
-TopK = Annotated[int | None, typer.Option("--top-k")]
-MinP = Annotated[float | None, typer.Option("--min-p")]
-RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty")]
-PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty")]
-Seed = Annotated[int | None, typer.Option("--seed")]
-SystemPrompt = Annotated[str | None, typer.Option("--system", help="System prompt.")]
-ThinkingBudget = Annotated[
-    int | None, typer.Option("--thinking-budget", help="Close the reasoning after this many tokens.")
-]
-KVBits = Annotated[int | None, typer.Option("--kv-bits", help="Quantise the attention K/V cache to 8 or 4 bits.")]
-MaxPixels = Annotated[
-    int | None,
-    typer.Option(
-        "--max-pixels", help="Largest area of an image or video frame, in pixels (default 1344×1344, the model card's)."
+def _version(value: bool) -> None:
+    """``--version``: print the installed version and exit."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mlx-qwen35 {version('mlx-qwen35')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-]
+) -> None:
+    """Run the Qwen3.5 family (397B-A17B and siblings) on Apple Silicon with MLX."""
 
 
 @app.command()
@@ -78,10 +104,11 @@ def convert(
 
 @app.command()
 def generate(
-    model: ModelOption,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads standard input)."),
-    max_tokens: int = typer.Option(GENERATE_MAX_TOKENS, "--max-tokens", help="Most tokens to generate."),
-    temp: float | None = typer.Option(None, "--temp", help="Sampling temperature (0 = greedy)."),
+    model: ModelArgument = None,
+    model_option: ModelFlag = None,
+    prompt: Prompt = ...,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    temp: Temp = None,
     top_p: TopP = None,
     top_k: TopK = None,
     min_p: MinP = None,
@@ -89,229 +116,149 @@ def generate(
     presence_penalty: PresencePenalty = None,
     seed: Seed = None,
     system: SystemPrompt = None,
-    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
-    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and the statistics."),
-    image: list[str] | None = typer.Option(None, "--image", help="Image file to ask about (repeat for several)."),
-    video: str | None = typer.Option(None, "--video", help="Video file to ask about."),
+    think: Thinking = True,
+    chat_template_config: ChatTemplateConfig = None,
+    thinking_budget: ThinkingBudget = None,
+    hide_thinking: HideThinking = False,
+    raw: IgnoreChatTemplate = False,
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: reasoning, content, tool_calls, text and the statistics."
+    ),
+    verbose: Verbose = True,
+    image: list[str] | None = typer.Option(
+        None, "--image", help="Image file to ask about (repeat or list several; default: none).", show_default=False
+    ),
+    video: list[str] | None = typer.Option(
+        None, "--video", help="Video file to ask about (repeat or list several; default: none).", show_default=False
+    ),
+    resize_shape: list[int] | None = typer.Option(
+        None,
+        "--resize-shape",
+        help="Fit each image into SIZE or WIDTH HEIGHT pixels, keeping its shape, as mlx-vlm (default: as given).",
+        show_default=False,
+    ),
     max_pixels: MaxPixels = None,
     min_pixels: int | None = typer.Option(
-        None, "--min-pixels", help="Smallest image area in pixels (default: the checkpoint's)."
+        None, "--min-pixels", help="Smallest image area in pixels (default: the checkpoint's).", show_default=False
     ),
     fps: float | None = typer.Option(
-        None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2)."
+        None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2).", show_default=False
     ),
-    max_frames: int | None = typer.Option(None, "--max-frames", help="Most video frames sampled."),
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", help="Most video frames sampled (default: the checkpoint's).", show_default=False
+    ),
     video_start: float | None = typer.Option(
-        None, "--video-start", help="Start of the video window, in seconds (default 0)."
+        None, "--video-start", help="Start of the video window, in seconds (default 0).", show_default=False
     ),
     video_end: float | None = typer.Option(
-        None, "--video-end", help="End of the video window, in seconds (default start + 60)."
+        None, "--video-end", help="End of the video window, in seconds (default start + 60).", show_default=False
     ),
     tools: Path | None = typer.Option(
-        None, "--tools", help="JSON file of tool schemas; the model's tool calls are printed as JSON."
+        None,
+        "--tools",
+        help="JSON file of tool schemas; the model's tool calls are printed as JSON (default: none).",
+        show_default=False,
     ),
     prompt_cache_file: Path | None = typer.Option(
-        None, "--prompt-cache-file", help="Saved conversation directory: continued and updated (created if missing)."
+        None,
+        "--prompt-cache-file",
+        help="Saved conversation directory: continued and updated (created if missing; default: none).",
+        show_default=False,
     ),
-    thinking_budget: ThinkingBudget = None,
+    extra_eos_token: ExtraEosToken = None,
     kv_bits: KVBits = None,
-    max_kv_size: int | None = typer.Option(None, "--max-kv-size", help="Most tokens of context (prompt + reply)."),
+    kv_group_size: KVGroupSize = KV_GROUP_SIZE,
+    quantized_kv_start: QuantizedKVStart = 0,
+    max_kv_size: MaxKVSize = None,
+    prefill_step_size: PrefillStepSize = PREFILL_STEP_SIZE,
 ) -> None:
-    """Generate a reply to one prompt (optionally about images or a video), streaming it to the terminal."""
-    from dataclasses import replace
+    """Generate a reply to one prompt (optionally about images or videos), streaming it to the terminal."""
+    from .generate import MediaOptions, resize_shape_option, run_generate
 
-    import mlx.core as mx
-
-    from ..processing.output import OutputParser, read_tools_file
-    from ..runtime.conversation import ConversationSettings, reply_events
-    from ..runtime.generation import prompt_token_ids, stream_text
-    from ..runtime.sessions import check_session_target, open_conversation, save_conversation
-    from ..runtime.settings import GenerationSettings, KVCacheSettings, max_tokens_within_context, recommended_sampling
-    from ..runtime.validation import check_media, check_numbers, check_text
-    from ..weights.loading import load
-
-    # Everything that can be wrong without the model is found before it loads (minutes, for a large one).
-    prompt_source = "--prompt"
-    if prompt == "-":  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name
-        prompt, prompt_source = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape"), "standard input"
-    check_text(prompt, prompt_source)
-    if system is not None:
-        check_text(system, "--system")
-    check_numbers(seed=seed, max_kv_size=max_kv_size)
-    check_media(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        fps=fps,
-        max_frames=max_frames,
-        video_start=video_start,
-        video_end=video_end,
-    )
-    media = [{"type": "image", "image": path} for path in image or []] + (
-        [{"type": "video", "video": video}] if video else []
-    )
-    if raw and media:
-        raise Qwen35Error("--raw sends text only; drop --raw to ask about --image / --video")
-    if prompt_cache_file and (raw or media):
-        raise Qwen35Error("--prompt-cache-file continues a text chat; drop --raw / --image / --video")
-    _check_media_files(image or [], video)
-    tool_schemas = read_tools_file(tools) if tools else None
-    overrides = dict(
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-    )
-    # Built (and so checked) before the model loads: a typo should not wait for a large model.
-    if prompt_cache_file:
-        settings = ConversationSettings(
-            system=system,
-            enable_thinking=think,
-            tools=tool_schemas,
-            max_tokens=max_tokens,
-            thinking_budget=thinking_budget,
-            kv_bits=kv_bits,
-            sampling={k: v for k, v in overrides.items() if v is not None},
-        )
-    else:
-        settings = GenerationSettings(
-            sampling=recommended_sampling(think, overrides),
-            max_tokens=max_tokens,
-            seed=seed,
-            enable_thinking=think,
-            thinking_budget=thinking_budget,
-            tools=tool_schemas,
-            kv_cache=KVCacheSettings(bits=kv_bits),
-        )
-    if prompt_cache_file:
-        check_session_target(prompt_cache_file, kv_bits)
-    model_obj, processor = load(model)
-    vision_tokens, vision_seconds = 0, 0.0
-    if raw:
-        request = prompt
-    else:
-        content = media + [{"type": "text", "text": prompt}] if media else prompt
-        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-    if media:
-        started = time.perf_counter()
-        request = processor(
-            request,
-            enable_thinking=think,
+    check_quantized_kv_start(quantized_kv_start)
+    run_generate(
+        model=resolve_model(model, model_option, "generate"),
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling_overrides=dict(
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+        ),
+        seed=seed,
+        system=system,
+        enable_thinking=template_thinking(chat_template_config, think),
+        hide_thinking=hide_thinking,
+        raw=raw,
+        as_json=as_json,
+        verbose=verbose,
+        media=MediaOptions(
+            images=tuple(image or ()),
+            videos=tuple(video or ()),
             max_pixels=max_pixels,
             min_pixels=min_pixels,
             fps=fps,
             max_frames=max_frames,
             video_start=video_start,
             video_end=video_end,
-        )
-        vision_seconds = time.perf_counter() - started
-        vision_tokens = processor.vision_token_count(request)
-    conversation = None
-    if prompt_cache_file:
-        if seed is not None:
-            mx.random.seed(seed)
-        conversation = open_conversation(prompt_cache_file, model_obj, processor, settings)
-        events = conversation.send(prompt)  # renders and reads the settings when the reply starts
-        prompt_length = len(conversation.prompt_tokens())
-    else:
-        prompt_length = len(prompt_token_ids(processor, request, think, tool_schemas))
-    max_tokens = max_tokens_within_context(
-        max_tokens, prompt_length, max_kv_size, fix="raise --max-kv-size or shorten the prompt"
+            resize_shape=resize_shape_option(resize_shape),
+        ),
+        tools=tools,
+        prompt_cache_file=prompt_cache_file,
+        thinking_budget=thinking_budget,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        max_kv_size=max_kv_size,
+        prefill_step_size=prefill_step_size,
+        extra_eos_tokens=list(extra_eos_token or ()),
     )
-    if conversation:
-        conversation.settings = replace(conversation.settings, max_tokens=max_tokens)
-    else:
-        responses = stream_text(model_obj, processor, request, replace(settings, max_tokens=max_tokens))
-        events = reply_events(responses, OutputParser(think and not raw, tool_schemas))
-    # One event stream either way: the text as it comes, or (--tools) each piece with each call as a JSON line.
-    text, calls, shown_kind, last = [], [], None, None
-    for event in events:
-        response = event.response
-        if response is not last:
-            text.append(response.text)
-            if not as_json and not tool_schemas:
-                typer.echo(response.text, nl=False)
-        if tool_schemas and not as_json and (event.text or event.tool_call):
-            if shown_kind not in (None, event.kind):
-                typer.echo()
-            typer.echo(
-                json.dumps(event.tool_call.to_dict(), ensure_ascii=False) if event.tool_call else event.text, nl=False
-            )
-            shown_kind = event.kind
-        if event.tool_call:
-            calls.append(event.tool_call.to_dict())
-        last = response
-    prompt_tokens, prompt_tps = last.prompt_tokens, last.prompt_tps
-    if conversation:
-        save_conversation(conversation, prompt_cache_file)
-        turn = conversation.last_stats  # stream_text only saw the tokens after the reused prefix
-        prompt_tokens, prompt_tps = turn.prompt_tokens, turn.prefilled_tokens / max(turn.time_to_first_token, 1e-9)
-    if as_json:
-        stats = dict(
-            text="".join(text),
-            prompt_tokens=prompt_tokens,
-            generation_tokens=last.generation_tokens,
-            prompt_tps=round(prompt_tps, 3),
-            generation_tps=round(last.generation_tps, 3),
-            peak_memory_gb=round(last.peak_memory, 3),
-            finish_reason=last.finish_reason,
-            vision_tokens=vision_tokens,
-            vision_seconds=round(vision_seconds, 3),
-        )
-        if tool_schemas:
-            stats["tool_calls"] = calls
-        if conversation:
-            stats |= dict(
-                reused_tokens=conversation.last_stats.reused_tokens,
-                prefilled_tokens=conversation.last_stats.prefilled_tokens,
-            )
-        typer.echo(json.dumps(stats, ensure_ascii=False))
-    else:
-        typer.echo(
-            f"\n\n[{prompt_tokens} prompt tokens at {prompt_tps:.1f} tok/s, "
-            f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s, "
-            f"peak memory {last.peak_memory:.2f} GB]",
-            err=True,
-        )
 
 
 @app.command()
 def chat(
-    model: ModelOption,
+    model: ModelArgument = None,
+    model_option: ModelFlag = None,
     system: SystemPrompt = None,
-    think: bool = typer.Option(
-        True, "--think/--no-think", help="Let the model reason before answering (/think on|off switches)."
-    ),
+    think: Thinking = True,
+    chat_template_config: ChatTemplateConfig = None,
     thinking_budget: ThinkingBudget = None,
-    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the reasoning, only the answer."),
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", help="Most tokens to generate per answer."),
-    temp: float | None = typer.Option(
-        None, "--temp", help="Sampling temperature (0 = greedy; default: the model card's)."
-    ),
+    hide_thinking: HideThinking = False,
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+    temp: Temp = None,
     top_p: TopP = None,
     top_k: TopK = None,
     min_p: MinP = None,
     repetition_penalty: RepetitionPenalty = None,
     presence_penalty: PresencePenalty = None,
     seed: Seed = None,
-    max_kv_size: int | None = typer.Option(
-        None, "--max-kv-size", help="Most tokens of context (default: the model's)."
-    ),
+    max_kv_size: MaxKVSize = None,
     kv_bits: KVBits = None,
+    kv_group_size: KVGroupSize = KV_GROUP_SIZE,
+    quantized_kv_start: QuantizedKVStart = 0,
+    prefill_step_size: PrefillStepSize = PREFILL_STEP_SIZE,
     sessions_dir: Path | None = typer.Option(
-        None, "--sessions-dir", envvar="MLX_QWEN35_SESSIONS_DIR", help="Where /save and /load keep conversations."
+        None,
+        "--sessions-dir",
+        envvar="MLX_QWEN35_SESSIONS_DIR",
+        help="Where /save and /load keep conversations (default: $XDG_STATE_HOME/mlx-qwen35/sessions, ~/.local/state without it).",
+        show_default=False,
     ),
     max_pixels: MaxPixels = None,
+    no_history: bool = typer.Option(
+        False, "--no-history", help="Keep no input history file ($XDG_STATE_HOME/mlx-qwen35/chat_history)."
+    ),
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
 
+    check_quantized_kv_start(quantized_kv_start)
     run_chat(
-        model=model,
+        model=resolve_model(model, model_option, "chat"),
         system=system,
-        enable_thinking=think,
+        enable_thinking=template_thinking(chat_template_config, think),
         thinking_budget=thinking_budget,
         hide_thinking=hide_thinking,
         max_tokens=max_tokens,
@@ -326,14 +273,17 @@ def chat(
         seed=seed,
         max_kv_size=max_kv_size,
         kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        prefill_step_size=prefill_step_size,
         sessions_dir=sessions_dir,
         max_pixels=max_pixels,
+        no_history=no_history,
     )
 
 
 @app.command()
 def demo(
-    max_tokens: int = typer.Option(48, "--max-tokens", help="Tokens to generate."),
+    max_tokens: int = typer.Option(48, "--max-tokens", "-m", help="Tokens to generate."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the embedded demo checkpoint."),
 ) -> None:
     """Build a small random-weight Qwen3.5 checkpoint (no download) and run it through the whole stack."""
@@ -346,7 +296,8 @@ def demo(
 
 @app.command()
 def serve(
-    model: ModelOption,
+    model: ModelArgument = None,
+    model_option: ModelFlag = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (localhost only by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     api_key: str | None = typer.Option(
@@ -374,7 +325,7 @@ def serve(
     check_numbers(port=port, max_tokens=max_tokens)
     _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
     run_server(
-        model,
+        resolve_model(model, model_option, "serve"),
         host=host,
         port=port,
         api_key=api_key,
@@ -383,6 +334,24 @@ def serve(
         max_body_mb=max_body_mb,
         max_prompt_tokens=max_prompt_tokens,
     )
+
+
+@app.command()
+def models(
+    search: list[Path] | None = typer.Option(
+        None,
+        "--dir",
+        help="Also look in this directory and its subdirectories (repeat for several).",
+        show_default=False,
+    ),
+) -> None:
+    """List the Qwen3.5 checkpoints on this machine (model folders, the Hub cache, the demo): size, quantisation, fit."""
+    from .models import list_models
+
+    list_models(list(search or ()))
+
+
+app.command(name="ls", hidden=True, help="Same as 'models'.")(models)
 
 
 @app.command(name="app")
@@ -463,23 +432,6 @@ def doctor(
     run_doctor(model=model, as_json=as_json, emulate=emulate)
 
 
-def _check_media_files(images: list[str], video: str | None) -> None:
-    """Each --image / --video names an existing local file (or an image data: URL), in the processor's words."""
-    from ..processing.image import DATA_URL, URL_SCHEME
-
-    for kind, source in [("image", path) for path in images] + ([("video", video)] if video else []):
-        if kind == "image" and DATA_URL.match(source):
-            continue
-        if URL_SCHEME.match(source):
-            raise Qwen35Error(f"{source}: URLs are not fetched; download the {kind} and pass its local path")
-        try:  # "~nobody/…" and NUL bytes raise rather than say False
-            found = Path(source).expanduser().is_file()
-        except (RuntimeError, OSError, ValueError):
-            found = False
-        if not found:
-            raise Qwen35Error(f"{source}: no such {kind} file; check the path")
-
-
 def _check_port_free(host: str, port: int) -> None:
     """``host`` is an address of this machine and ``port`` is free on each of its addresses (as the server binds)."""
     import errno
@@ -505,7 +457,8 @@ def _check_port_free(host: str, port: int) -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     try:
-        app(prog_name="mlx-qwen35")
+        # Typer's own command object, with mlx-lm's argv syntax rewritten and the help's type column quiet.
+        plain_help(typer.main.get_command(app)).main(args=peer_argv(sys.argv[1:]), prog_name="mlx-qwen35")
     except Qwen35Error as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

@@ -27,6 +27,11 @@ def demo_cache_dir() -> Path:
     return Path(root) / "mlx-qwen35" / "demo"
 
 
+def demo_model_dir() -> Path:
+    """The demo's converted (4-bit MLX) checkpoint: the model path that ``chat``, ``serve`` and ``generate`` accept."""
+    return demo_cache_dir() / f"v{DEMO_VERSION}" / "mlx-4bit"
+
+
 def demo_config() -> dict:
     """config.json of the demo model: the real MoE architecture (qwen3_5_moe) at a laptop-instant size."""
     special = {token: DEMO_BASE_VOCAB + i for i, (token, _) in enumerate(QWEN_ADDED_TOKENS)}
@@ -137,10 +142,10 @@ def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
     from ..runtime.generation import stream_generate
     from ..weights.loading import load
 
-    target = demo_cache_dir() / f"v{DEMO_VERSION}"
-    if rebuild or not target.exists():
-        build_demo(target)
-    model, processor = load(str(target / "mlx-4bit"))
+    model_dir = demo_model_dir()
+    if rebuild or not model_dir.parent.exists():
+        build_demo(model_dir.parent)
+    model, processor = load(str(model_dir))
     print("\nThe weights are RANDOM: the model is real Qwen3.5 architecture (hybrid Gated DeltaNet + attention,")
     print("sparse MoE, 4-bit) but it was never trained, so the text below is gibberish by design.\n")
     messages = [{"role": "user", "content": DEMO_PROMPT}]
@@ -156,3 +161,18 @@ def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
             f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
             f"peak memory {response.peak_memory:.2f} GB"
         )
+    print(next_steps(model_dir))
+
+
+def next_steps(model_dir: Path) -> str:
+    """Where the demo model lives and three commands to try on it."""
+    import shlex
+
+    path = shlex.quote(str(model_dir))
+    return (
+        f"\nThe demo model is at {model_dir}\nTry it:\n"
+        f"  mlx-qwen35 chat {path}\n"
+        f"  mlx-qwen35 serve {path}     # then open http://127.0.0.1:8080\n"
+        f"  mlx-qwen35 generate {path} --image PHOTO.png -p 'What is in this picture?'\n"
+        "Then a real model: mlx-qwen35 chat mlx-community/Qwen3.5-0.8B-4bit (a download)."
+    )

@@ -2,7 +2,7 @@
 
 Input (prompt_toolkit): Enter sends; Esc then Enter (what Alt-Enter sends in most terminals) or
 Ctrl-J starts a new line, and pasted text keeps its newlines. Up/Down walk the input history, kept
-in ``~/.cache/mlx-qwen35/chat_history``. Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
+in ``$XDG_STATE_HOME/mlx-qwen35/chat_history`` (``--no-history``: not kept). Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
 A line starting with ``//`` is sent as a message starting with ``/``.
 
 Output (rich): a spinner until the first token; reasoning streams as dim plain text (``--hide-thinking``:
@@ -22,6 +22,7 @@ at the prompt to be edited. A failed /load keeps the current conversation.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from collections.abc import Callable, Iterable, Iterator
@@ -36,12 +37,11 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from ..errors import Qwen35Error
-from ..runtime.settings import max_tokens_within_context
+from ..runtime.settings import KV_GROUP_SIZE, PREFILL_STEP_SIZE, max_tokens_within_context
 from ..runtime.validation import check_text
 
-STATE_DIR = Path("~/.cache/mlx-qwen35").expanduser()
-DEFAULT_SESSIONS_DIR = STATE_DIR / "sessions"
-HISTORY_FILE = STATE_DIR / "chat_history"
+# Where the history and sessions lived before they followed XDG_STATE_HOME.
+LEGACY_STATE_DIR = Path("~/.cache/mlx-qwen35")
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Control characters in model output would drive the terminal (escape sequences, backspaces); tabs and newlines are text.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -109,6 +109,17 @@ def message_text(line: str) -> str:
     """The message a non-command line sends: ``//x`` escapes a leading slash."""
     stripped = line.strip()
     return stripped[1:] if stripped.startswith("//") else stripped
+
+
+def state_dir() -> Path:
+    """The chat's own files (input history, saved sessions): ``$XDG_STATE_HOME`` (or ``~/.local/state``) ``/mlx-qwen35``."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "mlx-qwen35"
+
+
+def default_sessions_dir() -> Path:
+    """Where /save writes without ``--sessions-dir``; the old ``~/.cache`` one while it exists, so no saved chat goes missing."""
+    legacy = LEGACY_STATE_DIR.expanduser() / "sessions"
+    return legacy if legacy.is_dir() else state_dir() / "sessions"
 
 
 def session_path(sessions_dir: Path, name: str) -> Path:
@@ -433,10 +444,10 @@ class ChatRepl:
             self.console.print(f"{label:<12} {value}", highlight=False, markup=False)
 
 
-def prompt_reader(history_file: Path) -> Callable[[str], str]:
-    """A line reader for a terminal: prompt_toolkit with history; Esc-Enter and Ctrl-J insert a newline."""
+def prompt_reader(history_file: Path | None) -> Callable[[str], str]:
+    """A line reader for a terminal: prompt_toolkit with history (None: this session's only); Esc-Enter and Ctrl-J insert a newline."""
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
 
     bindings = KeyBindings()
@@ -446,8 +457,10 @@ def prompt_reader(history_file: Path) -> Callable[[str], str]:
     def _newline(event) -> None:
         event.current_buffer.insert_text("\n")
 
-    history_file.parent.mkdir(parents=True, exist_ok=True)
-    session = PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings, prompt_continuation="… ")
+    if history_file is not None:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+    history = FileHistory(str(history_file)) if history_file is not None else InMemoryHistory()
+    session = PromptSession(history=history, key_bindings=bindings, prompt_continuation="… ")
     return lambda default: session.prompt("> ", default=default)
 
 
@@ -478,6 +491,9 @@ def run_chat(
     kv_bits: int | None,
     sessions_dir: Path | None,
     max_pixels: int | None = None,
+    kv_group_size: int = KV_GROUP_SIZE,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    no_history: bool = False,
 ) -> None:
     """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
     import sys
@@ -494,18 +510,20 @@ def run_chat(
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        prefill_step_size=prefill_step_size,
         max_pixels=max_pixels,
     )
     check_numbers(seed=seed, max_kv_size=max_kv_size)
     if system is not None:
-        check_text(system, "--system")
+        check_text(system, "--system-prompt")
     console = Console(highlight=False)
     with console.status(f"loading {model}"):
         model_obj, processor = load(model)
     context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
     conversation = Conversation(model_obj, processor, settings, seed=seed)
     if sys.stdin.isatty():
-        read_line = prompt_reader(HISTORY_FILE)
+        read_line = prompt_reader(None if no_history else state_dir() / "chat_history")
     else:  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name, whatever the locale
         read_line = plain_reader(line.decode("utf-8", errors="surrogateescape") for line in sys.stdin.buffer)
     ChatRepl(
@@ -515,7 +533,7 @@ def run_chat(
         model=model_obj,
         processor=processor,
         hide_thinking=hide_thinking,
-        sessions_dir=sessions_dir or DEFAULT_SESSIONS_DIR,
+        sessions_dir=sessions_dir or default_sessions_dir(),
         context_max=context_max,
         max_tokens=max_tokens,
     ).run()

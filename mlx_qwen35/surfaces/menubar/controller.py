@@ -6,70 +6,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 import urllib.request
 import webbrowser
-from dataclasses import dataclass
-from pathlib import Path
 
 from ...errors import Qwen35Error
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model the app can serve: a local MLX dir or a Hub cache snapshot."""
-
-    name: str
-    path: Path
-    size_bytes: int
-    fits: bool  # weights leave a quarter of the machine's memory for the cache and the OS
-
-    @property
-    def label(self) -> str:
-        """The menu text: name, size, and a warning when it will not fit."""
-        return f"{self.name} ({self.size_bytes / 1e9:.1f} GB){'' if self.fits else ' — too large for this Mac'}"
-
-
-def total_memory_bytes() -> int:
-    """Physical memory of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _weights_size(model_dir: Path) -> int:
-    # Hub snapshots hold symlinks into blobs/: stat follows them to the real size.
-    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-
-
-def _is_qwen35_dir(path: Path) -> bool:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return str(config.get("model_type", "")).startswith("qwen3_5") and any(path.glob("*.safetensors"))
-
-
-def find_models(
-    search_dirs: list[Path], hf_cache: Path | None = None, memory_bytes: int | None = None
-) -> list[ModelEntry]:
-    """Qwen3.5 MLX checkpoints in ``search_dirs`` (and their subdirs) and the Hugging Face cache, largest first."""
-    memory = memory_bytes or total_memory_bytes()
-    candidates: list[tuple[str, Path]] = []
-    for root in search_dirs:
-        for path in [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []:
-            candidates.append((path.name, path))
-    cache = hf_cache or Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface" / "hub"))
-    for repo in cache.glob("models--*") if cache.is_dir() else []:
-        for snapshot in sorted((repo / "snapshots").glob("*")):
-            candidates.append((repo.name.removeprefix("models--").replace("--", "/"), snapshot))
-    entries = {}
-    for name, path in candidates:
-        if _is_qwen35_dir(path):
-            size = _weights_size(path)
-            entries[path.resolve()] = ModelEntry(name, path, size, fits=size <= 0.75 * memory)
-    return sorted(entries.values(), key=lambda e: -e.size_bytes)
+from ...weights.local_models import ModelEntry
 
 
 class AppController:

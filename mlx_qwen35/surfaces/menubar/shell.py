@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import rumps
 
-from .controller import AppController, find_models
-
-SEARCH_DIRS = [Path.home() / "models", Path.home() / "mlx-models", Path.cwd()]
+from ...weights.local_models import DEFAULT_SEARCH_DIRS, find_models
+from .controller import AppController
 
 
 class MenuBarApp(rumps.App):
@@ -17,7 +14,7 @@ class MenuBarApp(rumps.App):
     def __init__(self, controller: AppController, model_hint: str | None = None):
         super().__init__("Qwen", quit_button="Quit")
         self.controller = controller
-        self.models = find_models(SEARCH_DIRS)
+        self.models = find_models(DEFAULT_SEARCH_DIRS)
         chosen = next((m for m in self.models if model_hint in (m.name, str(m.path))), None) if model_hint else None
         self.controller.model = chosen or next((m for m in self.models if m.fits), None)
         self.status_item = rumps.MenuItem("")
