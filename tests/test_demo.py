@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_demo(cache_home) -> subprocess.CompletedProcess:
@@ -35,3 +37,26 @@ def test_demo_builds_once_and_generates(tmp_path):
         first.stdout.split("assistant: ", 1)[1].split("\n")[0]
         == second.stdout.split("assistant: ", 1)[1].split("\n")[0]
     )
+
+
+def test_demo_says_where_its_model_is_and_models_lists_it(tmp_path):
+    """The path the demo prints is one that ``generate`` accepts and ``models`` lists, with its size and fit."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path / "home")}
+    demo = run_demo(tmp_path / "cache")
+    assert demo.returncode == 0, demo.stderr
+    [path] = re.findall(r"^The demo model is at (.+)$", demo.stdout, re.MULTILINE)
+    assert path == str(tmp_path / "cache" / "mlx-qwen35" / "demo" / "v1" / "mlx-4bit")
+    tries = re.findall(r"^  mlx-qwen35 (chat|serve|generate) (\S+)", demo.stdout, re.MULTILINE)
+    assert tries == [("chat", path), ("serve", path), ("generate", path)]
+
+    cli = [sys.executable, "-m", "mlx_qwen35"]
+    generated = subprocess.run(
+        [*cli, "generate", path, "-p", "hi", "-m", "3", "--json"], capture_output=True, text=True, env=env
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["generation_tokens"] == 3
+    listed = subprocess.run([*cli, "models"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith("demo")]
+    size_mb = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 1e6
+    assert re.fullmatch(rf"demo \(random weights\)\s+{size_mb:.1f} MB\s+4bit\s+yes\s+{re.escape(path)}", row), row
