@@ -315,9 +315,11 @@ def test_status_line():
         generation_tps=31.25,
         peak_memory_gb=12.346,
         context_tokens=184,
+        time_to_first_token=0.25,
     )
     assert status_line(stats, 262144) == (
-        "64 tokens, 31.2 tok/s · prompt 20 new + 100 cached · context 184/262144 · peak 12.35 GB"
+        "64 tokens, 31.2 tok/s · prompt 20 new + 100 cached · context 184/262144 · peak 12.35 GB · "
+        "first token 0.25 s, prompt 80 tok/s"
     )
 
 

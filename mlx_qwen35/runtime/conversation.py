@@ -252,6 +252,7 @@ class Conversation:
         self.settings = settings or ConversationSettings()
         self.messages: list[dict] = []  # without the system prompt (``settings.system``)
         self.last_stats = TurnStats()
+        self.should_stop: Callable[[], bool] | None = None  # asked between prefill chunks (progress, Ctrl-C)
         if seed is not None:
             mx.random.seed(seed)  # once: a retry should draw a new reply, not the same one
         self.cache = ConversationCache(model, processor, self.settings.kv_bits, self.settings.kv_group_size)
@@ -327,7 +328,7 @@ class Conversation:
         started = time.perf_counter()
         inputs = self.prompt_inputs()
         settings = self.settings
-        responses = self.cache.stream(inputs, settings.generation())
+        responses = self.cache.stream(inputs, settings.generation(), self.should_stop)
         reused = self.cache.reused_tokens
         stats = TurnStats(
             prompt_tokens=len(inputs.input_ids), reused_tokens=reused, prefilled_tokens=len(inputs.input_ids) - reused

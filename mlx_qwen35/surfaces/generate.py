@@ -158,6 +158,7 @@ def run_generate(
     """Load ``model`` and stream its reply to ``prompt`` (with ``media``), or print it as JSON."""
     import mlx.core as mx
 
+    from ..model.cache import make_cache
     from ..processing.output import OutputParser, read_tools_file
     from ..runtime.conversation import ConversationSettings, reply_events
     from ..runtime.generation import prompt_token_ids, stream_text
@@ -165,6 +166,7 @@ def run_generate(
     from ..runtime.settings import GenerationSettings, KVCacheSettings, max_tokens_within_context, recommended_sampling
     from ..runtime.validation import check_media, check_numbers, check_text
     from ..weights.loading import load
+    from .progress import PrefillProgress, StatusLine
 
     # Everything that can be wrong without the model is found before it loads (minutes, for a large one).
     prompt_source = "--prompt"
@@ -258,10 +260,22 @@ def run_generate(
     max_tokens = max_tokens_within_context(
         max_tokens, prompt_length, max_kv_size, fix="raise --max-kv-size or shorten the prompt"
     )
+    status = StatusLine()
     if conversation:
         conversation.settings = replace(conversation.settings, max_tokens=max_tokens)
+        conversation.should_stop = PrefillProgress(
+            conversation.cache.model_cache, prompt_length, prefill_step_size, status.show
+        )
     else:
-        responses = stream_text(model_obj, processor, request, replace(settings, max_tokens=max_tokens))
+        cache = make_cache(model_obj, kv_bits, kv_group_size)
+        responses = stream_text(
+            model_obj,
+            processor,
+            request,
+            replace(settings, max_tokens=max_tokens),
+            cache=cache,
+            should_stop=PrefillProgress(cache, prompt_length, prefill_step_size, status.show),
+        )
         events = reply_events(responses, OutputParser(enable_thinking and not raw, tool_schemas))
     printer = None if as_json else ReplyPrinter(show_reasoning=not hide_thinking)
     text, pieces, last, first_token_at = [], [], None, None
@@ -269,6 +283,7 @@ def run_generate(
         response = event.response
         if first_token_at is None:
             first_token_at = time.perf_counter()
+            status.close()
         if response is not last:
             text.append(response.text)
         if event.text or event.tool_call:

@@ -143,11 +143,13 @@ def media_item(kind: str, path: str) -> dict:
 
 
 def status_line(stats, context_max: int) -> str:
-    """One line after an answer (from the conversation's ``TurnStats``): speed, prompt reuse, context, memory (/stats has more)."""
+    """One line after an answer (from the conversation's ``TurnStats``): speed, prompt reuse, context, memory, time to first token."""
+    prompt_tps = stats.prefilled_tokens / stats.time_to_first_token if stats.time_to_first_token > 0 else 0.0
     return (
         f"{stats.generated_tokens} tokens, {stats.generation_tps:.1f} tok/s · "
         f"prompt {stats.prefilled_tokens} new + {stats.reused_tokens} cached · "
-        f"context {stats.context_tokens}/{context_max} · peak {stats.peak_memory_gb:.2f} GB"
+        f"context {stats.context_tokens}/{context_max} · peak {stats.peak_memory_gb:.2f} GB · "
+        f"first token {stats.time_to_first_token:.2f} s, prompt {prompt_tps:.0f} tok/s"
     )
 
 
@@ -169,9 +171,10 @@ class _LastLines:
 class ReplyView:
     """Shows one streamed reply: reasoning dim (or a spinner when hidden), the answer as markdown, tool calls as JSON."""
 
-    def __init__(self, console: Console, show_reasoning: bool):
+    def __init__(self, console: Console, show_reasoning: bool, markdown: bool = True):
         self.console = console
         self.show_reasoning = show_reasoning
+        self.markdown = markdown  # False (piped output): the answer's own text, unwrapped, for the next program
         self.answer = ""
         self._live: Live | None = None
         self._kind: str | None = None
@@ -187,10 +190,15 @@ class ReplyView:
                 self.console.print(Text(text, style="dim"), end="", soft_wrap=True)
         elif kind == "content":
             self.answer += text
-            self._live.update(_LastLines(Markdown(self.answer)))
+            self._live.update(_LastLines(self._rendered(self.answer)))
         else:
             call = tool_call.to_dict() if tool_call is not None else {"raw": text}
             self.console.print(Text(f"tool call: {json.dumps(call, ensure_ascii=False)}", style="yellow"))
+
+    def show_prefill(self, renderable) -> None:
+        """Replace the prompt spinner by ``renderable`` (the prefill's progress bar) while the prompt is read."""
+        if self._kind == "prompt" and self._live is not None:
+            self._live.update(renderable, refresh=True)  # each chunk drawn: a fast prefill shows too
 
     def close(self, stopped: bool) -> None:
         """End the reply: the full answer rendered once, and a mark when Ctrl-C stopped it."""
@@ -209,7 +217,7 @@ class ReplyView:
         if self._kind == "reasoning" and self.show_reasoning:
             self.console.print("\n")
         elif self._kind == "content":
-            self.console.print(Markdown(self.answer))
+            self.console.print(self._rendered(self.answer), soft_wrap=not self.markdown)
             self.answer = ""
         if kind == "prompt":
             self._start_live(Spinner("dots", Text("reading the prompt…", style="cyan")))
@@ -218,6 +226,9 @@ class ReplyView:
         elif kind == "content":
             self._start_live(Text(""))
         self._kind = kind
+
+    def _rendered(self, answer: str):
+        return Markdown(answer) if self.markdown else Text(answer)
 
     def _start_live(self, renderable) -> None:
         # transient: a spinner leaves nothing behind, the live answer is replaced by its final render.
@@ -326,15 +337,16 @@ class ChatRepl:
     def _stream_within_context(self, events: Iterator) -> bool:
         """Stream a reply capped to the context left; refuse when the prompt alone fills it (the cache cannot drop tokens)."""
         # send/retry/edit change the messages at once and render lazily, so the prompt can be measured first.
+        prompt_tokens = len(self.conversation.prompt_tokens())
         max_tokens = max_tokens_within_context(
             self.max_tokens,
-            len(self.conversation.prompt_tokens()),
+            prompt_tokens,
             self.context_max,
             what="the conversation",
             fix="/edit the last message shorter or /reset",
         )
         self.conversation.settings = replace(self.conversation.settings, max_tokens=max_tokens)
-        return self._stream(events)
+        return self._stream(events, prompt_tokens)
 
     def _run_command(self, command: Command) -> None:
         name, argument = command.name, command.argument
@@ -383,11 +395,21 @@ class ChatRepl:
             )
         )
 
-    def _stream(self, events: Iterator) -> bool:
+    def _stream(self, events: Iterator, prompt_tokens: int) -> bool:
         """Show a reply as it streams; Ctrl-C stops it and leaves the session as it is. Whether a token came."""
-        view = ReplyView(self.console, show_reasoning=not self.hide_thinking)
-        answered = False
+        from ..runtime.generation import PrefillCancelled
+        from .progress import PrefillProgress
+
+        view = ReplyView(self.console, show_reasoning=not self.hide_thinking, markdown=self.console.is_terminal)
+        answered = cancelled = False
         with StopRequest() as stop:
+            self.conversation.should_stop = PrefillProgress(
+                self.conversation.cache.model_cache,
+                prompt_tokens,
+                self.conversation.settings.prefill_step_size,
+                view.show_prefill,
+                lambda: stop.requested,  # the first Ctrl-C during the prefill stops it at the next chunk
+            )
             try:
                 for event in events:
                     if event.text or event.kind == "tool_call":
@@ -397,11 +419,19 @@ class ChatRepl:
                         break
             except KeyboardInterrupt:
                 pass  # the second Ctrl-C: already marked as stopped
+            except PrefillCancelled:
+                cancelled = True
             finally:
+                self.conversation.should_stop = None
                 events.close()
-                view.close(stop.requested)
+                view.close(stop.requested and not cancelled)
+        if cancelled:
+            raise Qwen35Error(
+                "stopped while reading the prompt, before the answer began; the conversation is as it was"
+            )
         if answered:
-            self.console.print(Text(status_line(self.conversation.last_stats, self.context_max), style="dim"))
+            status = status_line(self.conversation.last_stats, self.context_max)
+            self.console.print(Text(status, style="dim"), soft_wrap=True)
         return answered
 
     def _last_user_text(self) -> str:
@@ -442,6 +472,18 @@ class ChatRepl:
         ]
         for label, value in rows:
             self.console.print(f"{label:<12} {value}", highlight=False, markup=False)
+
+
+def banner(model: str, model_dir: Path | None, context_max: int, enable_thinking: bool) -> str:
+    """The chat's first line: which model, how it is quantised, how much context, reasoning on or off."""
+    from ..weights.local_models import quantization_label
+
+    try:
+        quantization = quantization_label(json.loads((Path(model_dir) / "config.json").read_text()))
+    except (OSError, TypeError, ValueError):  # no directory (a processor made in code) or an unreadable config
+        quantization = "unknown quantisation"
+    thinking = "on" if enable_thinking else "off"
+    return f"{model} · {quantization} · context {context_max:,} tokens · thinking {thinking}"
 
 
 def prompt_reader(history_file: Path | None) -> Callable[[str], str]:
@@ -522,6 +564,7 @@ def run_chat(
         model_obj, processor = load(model)
     context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
     conversation = Conversation(model_obj, processor, settings, seed=seed)
+    console.print(Text(banner(model, processor.model_dir, context_max, enable_thinking), style="bold"), soft_wrap=True)
     if sys.stdin.isatty():
         read_line = prompt_reader(None if no_history else state_dir() / "chat_history")
     else:  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name, whatever the locale
