@@ -23,6 +23,7 @@ from mlx_qwen35.runtime.conversation import TurnStats
 from mlx_qwen35.surfaces.repl import (
     Command,
     ReplyView,
+    command_completions,
     media_item,
     message_text,
     parse_command,
@@ -64,7 +65,8 @@ def endless_model(chat_model, tmp_path_factory) -> Path:
 def spawn_chat(model: Path, home: Path, *args: str) -> pexpect.spawn:
     """``mlx-qwen35 chat`` in a 40×100 pseudo-terminal, its history and sessions under ``home``, at its first prompt."""
     env = os.environ | {
-        "HOME": str(home),  # the input history file goes under ~/.cache
+        "HOME": str(home),
+        "XDG_STATE_HOME": str(home / "state"),  # the input history file goes there
         "MLX_QWEN35_SESSIONS_DIR": str(home / "sessions"),
         "TERM": "xterm-256color",
         "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor-position requests
@@ -125,6 +127,66 @@ def test_chat_session_in_a_terminal(chat_model, tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0
+    history = (tmp_path / "state" / "mlx-qwen35" / "chat_history").read_text()
+    assert "+What is the capital of France?" in history and not (tmp_path / ".cache").exists()
+
+
+def test_banner_prefill_bar_system_set_sessions_tab_and_stats_after_reset(chat_model, tmp_path):
+    """The chat's first line, a long prompt's progress bar, and the /commands a user reaches for next."""
+    child = spawn_chat(chat_model, tmp_path, "--no-think", "-m", "4", "--prefill-step-size", "1", "--no-history")
+    try:
+        opening = plain(child.before)
+        assert f"{chat_model} · bf16 · context 4,096 tokens · thinking off" in opening
+        assert opening.index("thinking off") < opening.index("/help for commands")
+
+        shown = plain(ask(child, "Tell me about " + "the sea and " * 60 + "the sky."))
+        bar = re.search(r"reading the prompt \S* ?(\d+)/(\d+) tokens · \d+ tok/s · ETA", shown)
+        assert bar and int(bar.group(2)) > 100, shown  # the ~190-token prompt, one token per chunk
+        assert STATUS.search(shown) and re.search(r"first token [\d.]+ s, prompt \d+ tok/s", shown)
+
+        assert "system prompt set; it applies from the next message" in plain(ask(child, "/system Be brief."))
+        assert "temp 0.0" in plain(ask(child, "/set temp 0"))
+        settings = plain(ask(child, "/set"))
+        assert "temp 0.0" in settings and "max_tokens 4" in settings
+        assert "error: /set temp -1.0: give" not in plain(ask(child, "/set top_k 5"))
+        assert "error: temp -1.0: give a finite number >= 0" in plain(ask(child, "/set temp -1"))
+        stats = plain(ask(child, "/stats"))
+        assert "system Be brief." in stats and "temp 0.0" in stats and "top_k 5" in stats
+
+        assert "no saved conversation in" in plain(ask(child, "/sessions"))
+        ask(child, "/save beach")
+        child.send("/sess\t")  # Tab completes the command
+        assert "beach" in plain(ask(child, ""))
+
+        ask(child, "/reset")
+        stats = plain(ask(child, "/stats"))
+        assert "messages 0" in stats and "context 0/4096 tokens" in stats and "last prompt none yet" in stats
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert not (tmp_path / "state" / "mlx-qwen35" / "chat_history").exists()  # --no-history
+
+
+def test_a_full_context_is_refused_with_the_policy_to_use_or_the_oldest_turns_dropped(endless_model, tmp_path):
+    command = [sys.executable, "-m", "mlx_qwen35", "chat", str(endless_model), "--no-think", "-m", "30"]
+    lines = "".join(f"Message number {n}?\n" for n in range(5)) + "/stats\n"
+    run = dict(
+        input=lines, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=os.environ | {"HOME": str(tmp_path)}
+    )
+    refused = subprocess.run(command + ["--max-kv-size", "120"], **run)
+    assert refused.returncode == 0, refused.stderr
+    assert "or chat with --context-policy drop-oldest" in plain(refused.stdout)
+
+    dropping = subprocess.run(command + ["--max-kv-size", "120", "--context-policy", "drop-oldest"], **run)
+    assert dropping.returncode == 0, dropping.stderr
+    out = plain(dropping.stdout)
+    assert "error" not in out and len(STATUS.findall(dropping.stdout)) == 5  # every message answered
+    dropped = [int(n) for n in re.findall(r"dropped the (\d+) oldest messages to fit the context \(120 tokens\)", out)]
+    assert dropped and all(n % 2 == 0 for n in dropped)  # whole turns: a message and its reply
+    kept = int(re.search(r"messages (\d+)", out).group(1))
+    assert kept == 2 * 5 - sum(dropped)
 
 
 def test_a_failed_message_or_load_leaves_the_conversation_as_it_was(chat_model, tmp_path):
@@ -267,6 +329,8 @@ def test_piped_chat_with_an_image_reuses_it_in_the_next_turn(chat_model, tmp_pat
         ("/edit", Command("edit", "")),
         ("/edit a better question", Command("edit", "a better question")),
         ("//etc/hosts is a file", None),
+        ("/set temperature 0", Command("set", "temperature 0")),
+        ("/system", Command("system", "")),
     ],
 )
 def test_parse_command(line, expected):
@@ -280,11 +344,21 @@ def test_parse_command(line, expected):
         ("/save", "/save NAME: missing argument"),
         ("/think maybe", "/think takes on or off"),
         ("/retry now", "/retry takes no argument"),
+        ("/set warmth 3", "/set warmth: not a setting; use one of temp, top_p"),
+        ("/set top_k 0.5", "/set top_k 0.5: give an integer (or 'default')"),
+        ("/set temp", "/set temp: give a value"),
     ],
 )
 def test_parse_command_errors(line, message):
     with pytest.raises(Qwen35Error, match=re.escape(message)):
         parse_command(line)
+
+
+def test_tab_completes_commands_only():
+    assert command_completions("/se") == ["/set", "/sessions"]
+    assert command_completions("/sy") == ["/system"]
+    assert command_completions("/RE") == ["/reset", "/retry"]
+    assert command_completions("hello") == command_completions("//s") == command_completions("/set t") == []
 
 
 def test_message_text_unescapes_a_leading_slash():

@@ -250,6 +250,11 @@ def chat(
     no_history: bool = typer.Option(
         False, "--no-history", help="Keep no input history file ($XDG_STATE_HOME/mlx-qwen35/chat_history)."
     ),
+    context_policy: str = typer.Option(
+        "refuse",
+        "--context-policy",
+        help="When the conversation fills the context: refuse (say what to do) or drop-oldest (drop the oldest turns).",
+    ),
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
@@ -278,6 +283,7 @@ def chat(
         sessions_dir=sessions_dir,
         max_pixels=max_pixels,
         no_history=no_history,
+        context_policy=context_policy,
     )
 
 

@@ -17,6 +17,11 @@ the partial answer, as far as it got, and the next message continues after it.
 A message, /retry or /edit that fails or is stopped before the first token of its answer (an
 unreadable image, a full context) leaves the conversation as it was; a failed message comes back
 at the prompt to be edited. A failed /load keeps the current conversation.
+
+A long prompt shows a progress bar while it is read (surfaces/progress.py), and the first Ctrl-C
+stops it at the next chunk. When the conversation fills the context the chat refuses and says what
+to do (``--context-policy refuse``), or drops the oldest turns until a whole reply fits
+(``drop-oldest``). Piped output is the answer's own text, not rendered markdown cut at 80 columns.
 """
 
 from __future__ import annotations
@@ -56,6 +61,26 @@ class CommandSpec:
     argument: str = "none"
 
 
+# What /set changes (Ollama's habit): the sampling overrides, the reply's length and the reasoning's budget.
+SETTABLE: dict[str, type] = {
+    "temp": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "presence_penalty": float,
+    "repetition_penalty": float,
+    "max_tokens": int,
+    "thinking_budget": int,
+}
+SETTING_ALIASES = {
+    "temperature": "temp",
+    "top-p": "top_p",
+    "top-k": "top_k",
+    "min-p": "min_p",
+    "max-tokens": "max_tokens",
+}
+CONTEXT_POLICIES = ("refuse", "drop-oldest")
+
 COMMANDS: dict[str, CommandSpec] = {
     "help": CommandSpec("/help", "show this help"),
     "reset": CommandSpec("/reset", "start a new conversation (the system prompt stays)"),
@@ -66,8 +91,13 @@ COMMANDS: dict[str, CommandSpec] = {
     "think": CommandSpec("/think on|off", "switch reasoning on or off", "required"),
     "image": CommandSpec("/image PATH", "attach an image to the next message", "required"),
     "video": CommandSpec("/video PATH", "attach a video to the next message", "required"),
+    "system": CommandSpec("/system [TEXT|off]", "show, set or clear (off) the system prompt", "optional"),
+    "set": CommandSpec(
+        "/set [NAME VALUE]", "show or change a setting: " + ", ".join(SETTABLE) + " (default: the preset's)", "optional"
+    ),
     "save": CommandSpec("/save NAME", "save the conversation and its cache", "required"),
     "load": CommandSpec("/load NAME", "load a saved conversation", "required"),
+    "sessions": CommandSpec("/sessions", "list the saved conversations"),
     "stats": CommandSpec("/stats", "tokens prefilled and reused, context used, memory"),
     "exit": CommandSpec("/exit", "leave (Ctrl-D too)"),
 }
@@ -102,7 +132,28 @@ def parse_command(line: str) -> Command | None:
         raise Qwen35Error(f"/{name} takes no argument")
     if name == "think" and argument.lower() not in ("on", "off"):
         raise Qwen35Error(f"/think takes on or off, not {argument!r}")
+    if name == "set" and argument:
+        parse_setting(argument)
     return Command(name, argument)
+
+
+def parse_setting(argument: str) -> tuple[str, float | int | None]:
+    """``NAME VALUE`` of /set → (setting, value); ``default`` (None) goes back to the preset's."""
+    key, _, value = argument.partition(" ")
+    key, value = SETTING_ALIASES.get(key.lower(), key.lower()), value.strip()
+    if key not in SETTABLE:
+        raise Qwen35Error(f"/set {key}: not a setting; use one of {', '.join(SETTABLE)}")
+    if not value:
+        raise Qwen35Error(f"/set {key}: give a value (or 'default')")
+    if value.lower() == "default":
+        if key == "max_tokens":
+            raise Qwen35Error("/set max_tokens: give a number of tokens")
+        return key, None
+    try:
+        return key, SETTABLE[key](value)
+    except ValueError:
+        kind = "an integer" if SETTABLE[key] is int else "a number"
+        raise Qwen35Error(f"/set {key} {value}: give {kind} (or 'default')") from None
 
 
 def message_text(line: str) -> str:
@@ -271,6 +322,7 @@ class ChatRepl:
         sessions_dir: Path,
         context_max: int,
         max_tokens: int,
+        context_policy: str = "refuse",
     ):
         self.conversation = conversation
         self.console = console
@@ -281,6 +333,7 @@ class ChatRepl:
         self.sessions_dir = sessions_dir
         self.context_max = context_max
         self.max_tokens = max_tokens  # per reply, before the cap by the context left
+        self.context_policy = context_policy  # when the conversation fills the context: refuse, or drop old turns
         self.attachments: list[dict] = []
 
     def run(self) -> None:
@@ -338,15 +391,37 @@ class ChatRepl:
         """Stream a reply capped to the context left; refuse when the prompt alone fills it (the cache cannot drop tokens)."""
         # send/retry/edit change the messages at once and render lazily, so the prompt can be measured first.
         prompt_tokens = len(self.conversation.prompt_tokens())
+        if self.context_policy == "drop-oldest":
+            prompt_tokens = self._drop_oldest_turns(prompt_tokens)
         max_tokens = max_tokens_within_context(
             self.max_tokens,
             prompt_tokens,
             self.context_max,
             what="the conversation",
-            fix="/edit the last message shorter or /reset",
+            fix="/edit the last message shorter or /reset"
+            + (", or chat with --context-policy drop-oldest" if self.context_policy == "refuse" else ""),
         )
         self.conversation.settings = replace(self.conversation.settings, max_tokens=max_tokens)
         return self._stream(events, prompt_tokens)
+
+    def _drop_oldest_turns(self, prompt_tokens: int) -> int:
+        """Drop the oldest turns until a whole reply fits (or only the last message is left); the prompt's new length."""
+        room_wanted = min(self.max_tokens, self.context_max // 2)
+        messages, dropped = self.conversation.messages, 0
+        while self.context_max - prompt_tokens < room_wanted:
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if len(users) < 2:
+                break
+            dropped += users[1]
+            del messages[: users[1]]
+            prompt_tokens = len(self.conversation.prompt_tokens())
+        if dropped:
+            self.console.print(
+                Text(
+                    f"dropped the {dropped} oldest messages to fit the context ({self.context_max} tokens)", style="dim"
+                )
+            )
+        return prompt_tokens
 
     def _run_command(self, command: Command) -> None:
         name, argument = command.name, command.argument
@@ -375,6 +450,50 @@ class ChatRepl:
             self._load(argument)
         elif name == "stats":
             self._print_stats()
+        elif name == "sessions":
+            names = saved_sessions(self.sessions_dir)
+            listing = "\n".join(names) if names else f"no saved conversation in {self.sessions_dir} yet (/save NAME)"
+            self.console.print(listing, highlight=False, markup=False)
+        elif name == "system":
+            self._system(argument)
+        elif name == "set":
+            self._set(argument)
+
+    def _system(self, text: str) -> None:
+        """Show the system prompt, or set it (``off``: none) for the next message on; the messages stay."""
+        settings = self.conversation.settings
+        if not text:
+            self.console.print(Text(f"system prompt: {settings.system or '(none)'}", style="dim"))
+            return
+        system = None if text.lower() == "off" else text
+        self.conversation.settings = replace(settings, system=system)
+        said = "cleared" if system is None else "set"
+        self.console.print(Text(f"system prompt {said}; it applies from the next message", style="dim"))
+
+    def _set(self, argument: str) -> None:
+        """Show the settings, or change one (``default``: back to the model card's preset)."""
+        settings = self.conversation.settings
+        if not argument:
+            values = self.conversation.sampling() | {
+                "max_tokens": self.max_tokens,
+                "thinking_budget": settings.thinking_budget,
+            }
+            for key in SETTABLE:
+                self.console.print(f"{key:<20} {values.get(key)}", highlight=False, markup=False)
+            return
+        key, value = parse_setting(argument)
+        if key == "max_tokens":
+            replace(settings, max_tokens=value)  # checked as the conversation's own settings are
+            self.max_tokens = value
+        elif key == "thinking_budget":
+            self.conversation.settings = replace(settings, thinking_budget=value)
+        else:
+            sampling = {k: v for k, v in settings.sampling.items() if k != key}
+            self.conversation.settings = replace(
+                settings, sampling=sampling | ({key: value} if value is not None else {})
+            )
+        shown = "the preset's" if value is None else value
+        self.console.print(Text(f"{key} {shown}", style="dim"))
 
     def _load(self, name: str) -> None:
         """Replace the conversation by a saved one, which brings its own settings (reasoning, sampling)."""
@@ -455,20 +574,27 @@ class ChatRepl:
         conversation = self.conversation
         last = conversation.last_stats
         sampling = ", ".join(f"{k} {v}" for k, v in conversation.sampling().items())
+        # After /reset (or /load) nothing has run yet: the cache still holds the old tokens, but none is in use.
+        ran = last.prompt_tokens > 0
         rows = [
             ("messages", len(conversation.messages)),
-            ("context", f"{conversation.context_tokens}/{self.context_max} tokens"),
+            ("context", f"{conversation.context_tokens if conversation.messages else 0}/{self.context_max} tokens"),
             (
                 "last prompt",
-                f"{last.prompt_tokens} tokens: {last.reused_tokens} reused from the cache, {last.prefilled_tokens} prefilled",
+                f"{last.prompt_tokens} tokens: {last.reused_tokens} reused from the cache, {last.prefilled_tokens} prefilled"
+                if ran
+                else "none yet",
             ),
             (
                 "last reply",
-                f"{last.generated_tokens} tokens at {last.generation_tps:.1f} tok/s, first after {last.time_to_first_token:.2f} s",
+                f"{last.generated_tokens} tokens at {last.generation_tps:.1f} tok/s, first after {last.time_to_first_token:.2f} s"
+                if ran
+                else "none yet",
             ),
             ("reasoning", "on" if conversation.settings.enable_thinking else "off"),
+            ("system", conversation.settings.system or "(none)"),
             ("sampling", sampling),
-            ("peak memory", f"{last.peak_memory_gb:.2f} GB"),
+            ("peak memory", f"{last.peak_memory_gb:.2f} GB" if ran else "none yet"),
         ]
         for label, value in rows:
             self.console.print(f"{label:<12} {value}", highlight=False, markup=False)
@@ -502,8 +628,34 @@ def prompt_reader(history_file: Path | None) -> Callable[[str], str]:
     if history_file is not None:
         history_file.parent.mkdir(parents=True, exist_ok=True)
     history = FileHistory(str(history_file)) if history_file is not None else InMemoryHistory()
-    session = PromptSession(history=history, key_bindings=bindings, prompt_continuation="… ")
+    session = PromptSession(
+        history=history,
+        key_bindings=bindings,
+        prompt_continuation="… ",
+        completer=_command_completer(),
+        complete_while_typing=False,  # Tab completes; typing a message shows no menu
+    )
     return lambda default: session.prompt("> ", default=default)
+
+
+def command_completions(text: str) -> list[str]:
+    """The /commands that complete ``text`` (the line so far), for Tab."""
+    if not text.startswith("/") or text.startswith("//") or " " in text:
+        return []
+    return ["/" + name for name in COMMANDS if name.startswith(text[1:].lower())]
+
+
+def _command_completer():
+    """A prompt_toolkit completer over ``command_completions``."""
+    from prompt_toolkit.completion import Completer, Completion
+
+    class CommandCompleter(Completer):
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            for command in command_completions(text):
+                yield Completion(command, start_position=-len(text))
+
+    return CommandCompleter()
 
 
 def plain_reader(lines: Iterable[str]) -> Callable[[str], str]:
@@ -536,6 +688,7 @@ def run_chat(
     kv_group_size: int = KV_GROUP_SIZE,
     prefill_step_size: int = PREFILL_STEP_SIZE,
     no_history: bool = False,
+    context_policy: str = "refuse",
 ) -> None:
     """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
     import sys
@@ -559,6 +712,8 @@ def run_chat(
     check_numbers(seed=seed, max_kv_size=max_kv_size)
     if system is not None:
         check_text(system, "--system-prompt")
+    if context_policy not in CONTEXT_POLICIES:
+        raise Qwen35Error(f"--context-policy {context_policy}: use {' or '.join(CONTEXT_POLICIES)}")
     console = Console(highlight=False)
     with console.status(f"loading {model}"):
         model_obj, processor = load(model)
@@ -579,4 +734,5 @@ def run_chat(
         sessions_dir=sessions_dir or default_sessions_dir(),
         context_max=context_max,
         max_tokens=max_tokens,
+        context_policy=context_policy,
     ).run()
