@@ -13,7 +13,7 @@ from test_server import free_port
 
 from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.surfaces.menubar.controller import AppController
-from mlx_qwen35.weights.local_models import find_models
+from mlx_qwen35.weights.local_models import find_models, quantization_label
 
 
 def fake_model(path, size: int, model_type: str = "qwen3_5_moe"):
@@ -40,6 +40,20 @@ def test_models_from_local_dirs_and_the_hub_cache_with_sizes_and_fit(tmp_path):
         ("small", 1000, True),
     ]
     assert "too large" in models[0].label and "too large" not in models[1].label
+
+
+@pytest.mark.parametrize(
+    "config, label",
+    [
+        ({"mlx_qwen35": {"recipe": "mixed-3-6"}, "quantization": {"bits": 3}}, "mixed-3-6"),  # ours: the recipe
+        ({"quantization": {"group_size": 64, "bits": 4}}, "4bit"),  # mlx-lm / mlx-community
+        ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),  # the block-FP8 release
+        ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"),
+        ({}, "unknown"),
+    ],
+)
+def test_quantization_label(config, label):
+    assert quantization_label(config) == label
 
 
 def test_start_status_stop(tiny_moe_checkpoint, tmp_path):

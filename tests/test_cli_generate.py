@@ -59,3 +59,28 @@ def test_verbose_false_prints_no_statistics(model_dir, monkeypatch):
     script(monkeypatch, "Hmm.\n</think>\n\nFour.")
     assert "prompt tokens at" in generate(model_dir).stderr
     assert generate(model_dir, "--no-verbose").stderr == ""
+
+
+def test_a_long_prompt_shows_a_prefill_bar_on_a_terminal(model_dir):
+    """In a pseudo-terminal, stderr shows the bar while the prompt is read (one token per chunk: many updates)."""
+    import os
+    import re
+    import sys
+
+    import pexpect
+
+    prompt = "Tell me about " + "the sea and " * 60 + "the sky."
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "mlx_qwen35", "generate", str(model_dir), "-p", prompt, "-m", "2", "--prefill-step-size", "1"],
+        env=os.environ | {"TERM": "xterm-256color"},
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 120),
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)
+    done = [int(n) for n in re.findall(r"reading the prompt \S* ?(\d+)/\d+ tokens · \d+ tok/s · ETA", screen)]
+    assert len(done) > 10 and done == sorted(done), screen  # the bar moved forward, chunk by chunk
