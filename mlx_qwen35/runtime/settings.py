@@ -16,8 +16,10 @@ from dataclasses import dataclass, fields, replace
 from ..errors import Qwen35Error
 from ..weights.memory_plan import PREFILL_STEP_SIZE
 
-DEFAULT_MAX_TOKENS = 32768  # a chat reply or a server request when the user sets no limit
-GENERATE_MAX_TOKENS = 256  # one-shot ``generate`` / ``stream_generate`` (mlx-lm's default)
+# A reply when the user sets no limit (the CLI's generate and chat, a server request): the model card's
+# 32,768 for general use, so a thinking model reaches its answer.
+DEFAULT_MAX_TOKENS = 32768
+GENERATE_MAX_TOKENS = 256  # the Python API's ``generate`` / ``stream_generate`` (mlx-lm's default)
 KV_BITS = (8, 4)  # the attention K/V cache quantisations offered (None: float K/V)
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 KV_GROUP_SIZE = 64
