@@ -109,8 +109,8 @@ def test_our_conversion_without_its_source_and_a_model_too_large_are_one_line(ca
     code, _, err = run_cli(monkeypatch, capsys, "bench", str(ours), "--compare", "mlx-lm")
     assert code == 1 and "which mlx-lm cannot load; give --source" in err and len(err.strip().splitlines()) == 1
 
-    from mlx_qwen35.surfaces.menubar import controller
+    from mlx_qwen35.weights import local_models
 
-    monkeypatch.setattr(controller, "total_memory_bytes", lambda: 2 * 2**30)
+    monkeypatch.setattr(local_models, "total_memory_bytes", lambda: 2 * 2**30)
     code, _, err = run_cli(monkeypatch, capsys, "bench", str(ours))
     assert code == 1 and "bench needs" in err and "this machine has 2.1 GB" in err

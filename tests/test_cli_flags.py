@@ -127,6 +127,7 @@ def test_two_videos_are_both_kept_and_the_model_may_be_positional():
     params = parsed("generate", "M", "-p", "hi", "--video", "a.mp4", "b.mp4", "--image", "c.png", "--image", "d.png")
     assert params["model"] == "M" and params["video"] == ["a.mp4", "b.mp4"] and params["image"] == ["c.png", "d.png"]
     assert parsed("chat", "M", "--temperature", "0", "--disable-thinking")["think"] is False
+    assert parsed("serve", "M")["model"] == "M" and parsed("serve", "--model", "M")["model_option"] == "M"
 
 
 def test_version_and_quiet_help(monkeypatch, capsys):

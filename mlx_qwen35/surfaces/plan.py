@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import parse_config, read_config_json
 from ..errors import Qwen35Error
+from ..weights.local_models import total_memory_bytes
 from ..weights.memory_plan import (
     CHIP_BANDWIDTH_GBS,
     FIT_CONTEXT_TOKENS,
@@ -18,7 +19,6 @@ from ..weights.memory_plan import (
     stored_tensors_on_disk,
 )
 from ..weights.quantize import RECIPES, SAFETENSORS_DTYPE, get_recipe
-from .menubar.controller import total_memory_bytes
 
 _DTYPES = {stored: name for name, stored in SAFETENSORS_DTYPE.items()}
 

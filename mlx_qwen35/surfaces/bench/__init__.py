@@ -66,8 +66,8 @@ def _peer_dir(peer: str, model_dir: Path, peer_model: str | None, source: str | 
 def _check_fits(dirs: dict[str, Path], context: int) -> None:
     """All the runtimes' weights (resident together) plus one run's cache and workspace fit this machine; else one line."""
     from ...config import load_config
+    from ...weights.local_models import total_memory_bytes
     from ...weights.memory_plan import GIB, OS_RESERVE_GIB, plan, stored_tensors_on_disk
-    from ..menubar.controller import total_memory_bytes
 
     memory = total_memory_bytes()
     plans = [
