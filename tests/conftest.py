@@ -30,10 +30,11 @@ FP8_MOE_INTERMEDIATE_SIZE = 160
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Every cache the package writes (kernel self-checks, benchmark checkpoints) goes to the session's temp dir,
-    never the user's ~/.cache; a test that sets XDG_CACHE_HOME itself still wins."""
+    """Every cache and state file the package writes (kernel self-checks, benchmark checkpoints, chat history)
+    goes to the session's temp dir, never the user's ~/.cache or ~/.local/state; a test's own XDG_* still wins."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))  # chat history, saved sessions
         yield
 
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..kernels import paths_forced, set_use_kernels
 from ..kernels.self_check import cache_file, check_kernels, device_name, last_report
-from .menubar.controller import total_memory_bytes
+from ..weights.local_models import total_memory_bytes
 
 DOCTOR_FORMAT = 1
 
