@@ -82,8 +82,8 @@ def test_launches_count_the_graphs_non_view_primitives():
     "args, message",
     [
         (["/no/such/model"], "model /no/such/model: no such directory"),
-        ([], "give a model directory / Hub id, or --preset"),
-        (["--preset", "huge"], "--preset huge: unknown; choose one of bench, 397b-layers"),
+        ([], "give a model directory / Hub id, or --preset NAME"),
+        (["--preset", "huge"], "--preset huge: unknown; choose one of bench, dispatch, 397b-layers"),
         (["--preset", "bench", "--compare", "llama.cpp"], "--compare llama.cpp: unknown runtime"),
         (["--preset", "bench", "--prompt-lengths", "1k"], "--prompt-lengths 1k: give comma-separated token counts"),
         (["--preset", "bench", "--repeats", "0"], "--repeats must be at least 1"),

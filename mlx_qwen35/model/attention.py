@@ -31,18 +31,26 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm1p(self.head_dim, eps=cfg.rms_norm_eps)
         self.rope = rope
 
-    def __call__(self, x: mx.array, cos_sin: tuple[mx.array, mx.array], cache=None) -> mx.array:
+    def queries_keys_values(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] (normed, rotated), and the output gate [B, T, Hq·D]."""
         B, T, _ = x.shape
         query, gate = mx.split(self.q_proj(x).reshape(B, T, self.num_heads, 2 * self.head_dim), 2, axis=-1)
-        q = self.q_norm(query).transpose(0, 2, 1, 3)  # [B, Hq, T, D]
+        q = self.q_norm(query).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v, gate.reshape(B, T, -1)
 
-        cos, sin = cos_sin
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
-        mask = create_attention_mask(x, cache)
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache=None) -> mx.array:
+        """q over the cache's keys and values after appending k, v: [B, Hq, T, D]."""
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, Hkv, offset + T, D]
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, Hq·D]
-        return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+
+    def output(self, attended: mx.array, gate: mx.array) -> mx.array:
+        """o_proj(attention · sigmoid(gate)): attended [B, Hq, T, D] → [B, T, H]."""
+        B, _, T, _ = attended.shape
+        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, T, -1) * mx.sigmoid(gate))
+
+    def __call__(self, x: mx.array, cos_sin: tuple[mx.array, mx.array], cache=None) -> mx.array:
+        q, k, v, gate = self.queries_keys_values(x, *cos_sin)
+        return self.output(self.attend(q, k, v, create_attention_mask(x, cache), cache), gate)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TextConfig
+from ..kernels import emulating
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
 from .moe import feed_forward
@@ -14,7 +17,12 @@ from .rope import MRoPE, text_positions
 
 
 class DecoderLayer(nn.Module):
-    """h = x + Mixer(norm(x)); out = h + FFN(norm(h)). Mixer: Gated DeltaNet or gated attention."""
+    """h = x + Mixer(norm(x)); out = h + FFN(norm(h)). Mixer: Gated DeltaNet or gated attention.
+
+    A decode step runs as compiled graphs (``compiles_decode``, docs/architecture.md §3.1) with the layer's
+    state as explicit inputs and outputs: one graph for a DeltaNet layer; for an attention layer one before
+    and one after the cache update and attention, whose key length grows every step. Same numbers.
+    """
 
     def __init__(self, cfg: TextConfig, layer_type: str, rope: MRoPE):
         super().__init__()
@@ -26,13 +34,46 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = feed_forward(cfg)
+        # The layer is the compiled graphs' implicit input: each call reads its current weights.
+        self._deltanet_step = mx.compile(self._deltanet_step_eager, inputs=[self])
+        self._attention_in = mx.compile(self._attention_in_eager, inputs=[self])
+        self._attention_out = mx.compile(self._attention_out_eager, inputs=[self])
 
     def __call__(self, x: mx.array, cos_sin, cache=None) -> mx.array:
+        # A DeltaNet layer's first token (no state yet) runs eagerly: it makes the state the graph takes.
+        if x.shape[1] == 1 and cache is not None and compiles_decode() and (not self.is_linear or cache[1] is not None):
+            return self._decode(x, cos_sin, cache)
         if self.is_linear:
             h = x + self.linear_attn(self.input_layernorm(x), cache)
         else:
             h = x + self.self_attn(self.input_layernorm(x), cos_sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _decode(self, x: mx.array, cos_sin, cache) -> mx.array:
+        if self.is_linear:
+            x, cache[0], cache[1] = self._deltanet_step(x, cache[0], cache[1])
+            return x
+        q, k, v, gate = self._attention_in(x, *cos_sin)
+        return self._attention_out(x, self.self_attn.attend(q, k, v, None, cache), gate)
+
+    def _deltanet_step_eager(self, x: mx.array, conv: mx.array, state: mx.array) -> tuple[mx.array, ...]:
+        layer_cache = [conv, state]
+        h = x + self.linear_attn(self.input_layernorm(x), layer_cache)
+        return h + self.mlp(self.post_attention_layernorm(h)), layer_cache[0], layer_cache[1]
+
+    def _attention_in_eager(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
+        return self.self_attn.queries_keys_values(self.input_layernorm(x), cos, sin)
+
+    def _attention_out_eager(self, x: mx.array, attended: mx.array, gate: mx.array) -> mx.array:
+        h = x + self.self_attn.output(attended, gate)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def compiles_decode() -> bool:
+    """Whether decode steps run compiled: yes unless ``MLX_QWEN35_COMPILE=0``, or kernels run on the CPU emulator
+    (which cannot be traced). Compiling fuses each layer's elementwise chains and replays its graph without
+    rebuilding it in Python (docs/architecture.md §3.1)."""
+    return not emulating() and os.environ.get("MLX_QWEN35_COMPILE") != "0"
 
 
 class LanguageModel(nn.Module):

@@ -399,7 +399,9 @@ def plan(
 def bench(
     model: str | None = typer.Argument(None, help="Our MLX conversion, or a peer's (mlx-community), dir or Hub id."),
     preset: str | None = typer.Option(
-        None, "--preset", help="Build and time a random checkpoint instead: bench or 397b-layers (no download)."
+        None,
+        "--preset",
+        help="Build and time a random checkpoint instead: bench, dispatch or 397b-layers (no download).",
     ),
     compare: list[str] = typer.Option([], "--compare", help="Also time this runtime: mlx-lm or mlx-vlm (repeatable)."),
     peer_model: str | None = typer.Option(None, "--peer-model", help="The peer's conversion of the same checkpoint."),

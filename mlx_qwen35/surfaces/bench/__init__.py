@@ -107,7 +107,9 @@ def run_bench(
 ) -> dict:
     """Measure ours (and each peer in ``compare``), print the table or JSON; returns the JSON report."""
     if (model is None) == (preset is None):
-        raise Qwen35Error("bench: give a model directory / Hub id, or --preset bench|397b-layers (not both)")
+        raise Qwen35Error(
+            "bench: give a model directory / Hub id, or --preset NAME (bench, dispatch, 397b-layers), not both"
+        )
     if not prompt_lengths or min(prompt_lengths) < 2:
         raise Qwen35Error(f"--prompt-lengths {prompt_lengths}: give token counts of 2 or more, e.g. 128,1024")
     if decode_tokens < 1 or repeats < 1 or warmup < 0:

@@ -3,6 +3,9 @@
 * ``bench``: the demo architecture resized to the 397B's proportions at a CPU-instant size: hidden 256,
   4 layers (3 DeltaNet : 1 attention), attention 8 query / 1 KV heads of 64, DeltaNet 2 key / 8 value
   heads of 64, 64 experts of 64 with top-8 + a shared expert.
+* ``dispatch``: the 397B's 60 layers (45 DeltaNet, 15 attention; 10 experts a token) at tiny widths
+  (hidden 128, heads of 32, 64 experts of 64), so a decode step costs what dispatching its primitives
+  costs, as on Metal, where compute per token is small and ~60 layers of launches dominate.
 * ``397b-layers``: one DeltaNet and one attention layer at the 397B's real dimensions (hidden 4096;
   DeltaNet 16 key / 64 value heads of 128; attention 32 query / 2 KV heads of 256; experts of 1024 with
   top-10 + a shared expert of 1024), but 64 experts instead of 512 so both runtimes' copies fit a 24 GB
@@ -50,6 +53,30 @@ PRESETS = {
         num_experts_per_tok=8,
         moe_intermediate_size=64,
         shared_expert_intermediate_size=64,
+    ),
+    "dispatch": lambda: _text(
+        hidden_size=128,
+        num_hidden_layers=60,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 15,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        num_experts=64,
+        num_experts_per_tok=10,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        mtp_num_hidden_layers=0,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
     ),
     "397b-layers": lambda: _text(
         hidden_size=4096,

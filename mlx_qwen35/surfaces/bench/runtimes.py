@@ -39,7 +39,7 @@ def _greedy():
     return make_sampler(temp=0.0)
 
 
-def _step_graph(forward: Callable, make_cache: Callable) -> Callable[[list[int]], list[mx.array]]:
+def decode_step_graph(forward: Callable, make_cache: Callable) -> Callable[[list[int]], list[mx.array]]:
     """The outputs of one decode step after ``prompt``: logits and every cache array it updates."""
 
     def graph(prompt: list[int]) -> list[mx.array]:
@@ -66,7 +66,7 @@ def load_ours(model_dir: Path) -> Runner:
         steps = generate_tokens(model, ModelInputs(prompt), model.make_cache(), greedy, max_tokens=max_tokens)
         return (token for token, _ in steps)
 
-    return Runner(OURS, _weights_bytes(model), generate, _step_graph(model, model.make_cache))
+    return Runner(OURS, _weights_bytes(model), generate, decode_step_graph(model, model.make_cache))
 
 
 def load_mlx_lm(model_dir: Path) -> Runner:
@@ -82,7 +82,7 @@ def load_mlx_lm(model_dir: Path) -> Runner:
     def generate(prompt: list[int], max_tokens: int):
         return (int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=greedy))
 
-    return Runner("mlx-lm", _weights_bytes(model), generate, _step_graph(model, lambda: make_prompt_cache(model)))
+    return Runner("mlx-lm", _weights_bytes(model), generate, decode_step_graph(model, lambda: make_prompt_cache(model)))
 
 
 def load_mlx_vlm(model_dir: Path) -> Runner:
@@ -103,7 +103,9 @@ def load_mlx_vlm(model_dir: Path) -> Runner:
     def forward(ids: mx.array, cache: list) -> mx.array:
         return language(ids, cache=cache).logits
 
-    return Runner("mlx-vlm", _weights_bytes(model), generate, _step_graph(forward, lambda: make_prompt_cache(language)))
+    return Runner(
+        "mlx-vlm", _weights_bytes(model), generate, decode_step_graph(forward, lambda: make_prompt_cache(language))
+    )
 
 
 LOADERS = {OURS: load_ours, "mlx-lm": load_mlx_lm, "mlx-vlm": load_mlx_vlm}
