@@ -95,6 +95,7 @@ def ids(tokenizer, runs: list[tuple[str, object]]) -> list[int]:
 @example(runs=[("bytes", b"\xef\xbf\xbd")])  # a real U+FFFD, whole characters: not held back
 @example(runs=[("bytes", b"\xe2\x82"), ("ordinary", [65])])  # an unfinished character cut off by another token
 @example(runs=[("added", [2, 25, 26, 27]), ("bytes", b" \xc3")])  # <|im_end|>, </think>, <é>, €uro, a lone lead byte
+@example(runs=[("bytes", b"\xed\xa0"), ("bytes", b"\x80")])  # a surrogate's bytes: invalid UTF-8 CPython holds back
 def test_streamed_segments_join_to_decode(tokenizer, runs):
     token_ids = ids(tokenizer, runs)
     after_each, last = streamed(tokenizer, token_ids)

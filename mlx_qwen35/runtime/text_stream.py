@@ -60,6 +60,12 @@ class TextStream:
     def add_token(self, token_id: int) -> None:
         """Append a token; its text is readable as soon as its characters are complete."""
         self._pending += self._utf8.decode(self._token_bytes(token_id))
+        held, _ = self._utf8.getstate()
+        # CPython holds ED A0..BF (a UTF-16 surrogate's first two bytes) as if a third could complete it; none can,
+        # and decode has already rendered both as U+FFFD.
+        if len(held) == 2 and held[0] == 0xED and held[1] >= 0xA0:
+            self._pending += "\ufffd\ufffd"
+            self._utf8.reset()
 
     def finalize(self) -> None:
         """End the text: bytes of an unfinished character become U+FFFD, as ``decode`` renders them."""
