@@ -33,6 +33,7 @@ def test_preset_against_mlx_lm_reports_every_measure_and_ratio(cache_home, monke
     assert set(report["runtimes"]) == {"mlx-qwen35", "mlx-lm"}
     for runtime in report["runtimes"].values():
         assert runtime["decode_step_launches"] > 50 and runtime["weights_bytes"] > 1e6
+        assert 0 < runtime["decode_step_build_s"] < 1
         for length in ("8", "24"):
             p = runtime["prompts"][length]
             assert len(p["decode_tokens_per_s"]["runs"]) == 2

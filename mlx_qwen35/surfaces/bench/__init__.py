@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ...errors import Qwen35Error
-from .measure import Run, Summary, count_primitives, launches, measure_run
+from .measure import Run, Summary, launches, measure_run
 from .runtimes import LOADERS, OURS, require_peer
 
 WARMUP_PROMPT = 32
@@ -140,7 +140,8 @@ def run_bench(
             for runner in runners:
                 results[runner.name][length].append(measure_run(runner, _prompt(length), decode_tokens))
     step_prompt = _prompt(min(prompt_lengths))
-    step_launches = {r.name: launches(count_primitives(r.decode_step_graph(step_prompt))) for r in runners}
+    steps = {r.name: r.decode_step_graph(step_prompt) for r in runners}
+    step_launches = {name: launches(step.primitives) for name, step in steps.items()}
 
     report = {
         "model": label,
@@ -150,6 +151,7 @@ def run_bench(
             name: {
                 "weights_bytes": runner.weights_bytes,
                 "decode_step_launches": step_launches[name],
+                "decode_step_build_s": steps[name].build_s,
                 "prompts": {str(n): _summaries(runs) for n, runs in results[name].items()},
             }
             for name, runner in zip(results, runners)
@@ -157,6 +159,7 @@ def run_bench(
         "ratios": {
             peer: {
                 "decode_step_launches": step_launches[OURS] / step_launches[peer],
+                "decode_step_build_s": steps[OURS].build_s / steps[peer].build_s,
                 "prompts": {
                     str(n): {
                         key: _median(results[OURS][n], key) / _median(results[peer][n], key)
@@ -226,6 +229,8 @@ def _print_table(report: dict, prompt_lengths: list[int]) -> None:
         f"non-view primitives in one decode step (≈ kernel launches on Metal): {launches_line}"
         + (f" (ours {ratios})" if ratios else "")
     )
+    builds = ", ".join(f"{name} {r['decode_step_build_s'] * 1e3:.2f} ms" for name, r in report["runtimes"].items())
+    print(f"host time to build one decode step's graph (Python and MLX, not evaluated): {builds}")
 
 
 def _cell(summary: dict, fmt: str) -> str:

@@ -25,13 +25,21 @@ _PRIMITIVE_NODE = re.compile(r'^\{ (\d+) \[label ="(\w+)"', re.M)
 
 
 @dataclass
+class StepGraph:
+    """One decode step: the primitives of its graph, by name, and the host time it took to build it."""
+
+    primitives: Counter
+    build_s: float
+
+
+@dataclass
 class Runner:
     """One runtime with its model loaded: how to generate tokens, and the graph of one decode step."""
 
     name: str
     weights_bytes: int
     generate: Callable[[list[int], int], Iterator[int]]  # (prompt ids, max tokens) → generated ids
-    decode_step_graph: Callable[[list[int]], list[mx.array]]  # prompt ids → one step's outputs, unevaluated
+    decode_step_graph: Callable[[list[int]], StepGraph]  # prompt ids → one decode step after them
 
 
 @dataclass

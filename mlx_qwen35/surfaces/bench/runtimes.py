@@ -8,6 +8,7 @@ the chat and the server run on), mlx-lm through ``mlx_lm.generate.generate_step`
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ...errors import Qwen35Error
-from .measure import Runner
+from .measure import Runner, StepGraph, count_primitives
 
 OURS = "mlx-qwen35"
 PEERS = {"mlx-lm": "mlx_lm", "mlx-vlm": "mlx_vlm"}  # --compare name → the module it needs
@@ -39,15 +40,25 @@ def _greedy():
     return make_sampler(temp=0.0)
 
 
-def decode_step_graph(forward: Callable, make_cache: Callable) -> Callable[[list[int]], list[mx.array]]:
-    """The outputs of one decode step after ``prompt``: logits and every cache array it updates."""
+def decode_step_graph(forward: Callable, make_cache: Callable, builds: int = 6) -> Callable[[list[int]], StepGraph]:
+    """One decode step after ``prompt``: the primitives of its graph (logits and every cache array it updates) and
+    the host time to build it (the best of ``builds`` − 1 builds after the first, which may trace a compile)."""
 
-    def graph(prompt: list[int]) -> list[mx.array]:
+    def graph(prompt: list[int]) -> StepGraph:
         cache = make_cache()
         forward(mx.array([prompt[:-1]]), cache)
         mx.eval([c.state for c in cache])
-        logits = forward(mx.array([prompt[-1:]]), cache)
-        return [logits, *(a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array))]
+        token = mx.array([prompt[-1:]])
+        times, primitives = [], None
+        for _ in range(builds):  # each build chains on the last one's (unevaluated) cache; none is evaluated
+            start = time.perf_counter()
+            logits = forward(token, cache)
+            times.append(time.perf_counter() - start)
+            if primitives is None:  # now: a cache's arrays are updated in place by the next build
+                primitives = count_primitives(
+                    [logits, *(a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array))]
+                )
+        return StepGraph(primitives, min(times[1:]))
 
     return graph
 
