@@ -7,8 +7,10 @@ whatever else the machine does falls on both alike; the ratios are of medians.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -116,21 +118,23 @@ def run_bench(
         raise Qwen35Error("--decode-tokens and --repeats must be at least 1, --warmup at least 0")
     for peer in compare:
         require_peer(peer)
-    if preset:
-        from .presets import build_preset
+    # With --json, stdout carries the report alone: the converters' and loaders' progress goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        if preset:
+            from .presets import build_preset
 
-        dirs = build_preset(preset, [OURS, *compare])
-        label = f"preset {preset}"
-        dirs.pop("source")
-    else:
-        from ...weights.hub import resolve_checkpoint
+            dirs = build_preset(preset, [OURS, *compare])
+            label = f"preset {preset}"
+            dirs.pop("source")
+        else:
+            from ...weights.hub import resolve_checkpoint
 
-        ours = resolve_checkpoint(model, argument="model")
-        dirs = {OURS: ours, **{p: _peer_dir(p, ours, peer_model, source) for p in compare}}
-        label = model
-    _check_fits(dirs, max(prompt_lengths) + decode_tokens)
+            ours = resolve_checkpoint(model, argument="model")
+            dirs = {OURS: ours, **{p: _peer_dir(p, ours, peer_model, source) for p in compare}}
+            label = model
+        _check_fits(dirs, max(prompt_lengths) + decode_tokens)
 
-    runners = [LOADERS[name](directory) for name, directory in dirs.items()]
+        runners = [LOADERS[name](directory) for name, directory in dirs.items()]
     for _ in range(warmup):
         for runner in runners:
             measure_run(runner, _prompt(WARMUP_PROMPT), 4)
