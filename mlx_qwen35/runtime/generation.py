@@ -53,16 +53,21 @@ def _vocab_mask(model, processor) -> mx.array | None:
     return mx.where(mx.arange(vocab) < real, 0.0, -mx.inf)
 
 
+def leaves_thinking_open(processor, prompt_tokens: Sequence[int]) -> bool:
+    """Whether the prompt ends inside a ``<think>`` block (its last ``<think>`` comes after its last ``</think>``)."""
+    convert = processor.tokenizer.convert_tokens_to_ids
+    open_id, close_id = convert("<think>"), convert("</think>")
+    last_open = max((i for i, t in enumerate(prompt_tokens) if t == open_id), default=-1)
+    last_close = max((i for i, t in enumerate(prompt_tokens) if t == close_id), default=-1)
+    return last_open > last_close
+
+
 class ThinkingBudget:
     """Closes an open ``<think>`` block after ``budget`` generated tokens by forcing ``\n</think>\n\n``."""
 
     def __init__(self, processor, prompt_tokens: list[int], budget: int | None):
-        convert = processor.tokenizer.convert_tokens_to_ids
-        self.close_id = convert("</think>")
-        open_id = convert("<think>")
-        last_open = max((i for i, t in enumerate(prompt_tokens) if t == open_id), default=-1)
-        last_close = max((i for i, t in enumerate(prompt_tokens) if t == self.close_id), default=-1)
-        self.thinking = budget is not None and last_open > last_close  # the prompt left a block open
+        self.close_id = processor.tokenizer.convert_tokens_to_ids("</think>")
+        self.thinking = budget is not None and leaves_thinking_open(processor, prompt_tokens)
         self.budget = budget or 0
         self.spent = 0
         self.closing = processor.encode("\n</think>\n\n")
@@ -141,6 +146,8 @@ def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, l
         repetition_context_size=PENALTY_CONTEXT,
         presence_penalty=sampling.presence_penalty,
         presence_context_size=PENALTY_CONTEXT,
+        frequency_penalty=sampling.frequency_penalty,
+        frequency_context_size=PENALTY_CONTEXT,
     )
     vocab_mask = _vocab_mask(model, processor)
     if vocab_mask is not None:
@@ -257,6 +264,15 @@ def stream_text(
     if cache is None:
         cache = make_cache(model, settings.kv_cache.bits, settings.kv_cache.group_size)
     sampler, processors = sampling_functions(model, processor, settings.sampling)
+    choose_token = ThinkingBudget(processor, tokens, settings.thinking_budget).choose
+    if settings.json_schema is not None:
+        from .structured_output import JsonConstraint
+
+        thinking = leaves_thinking_open(processor, tokens)
+        constraint = JsonConstraint(processor, settings.json_schema, model.config.text.vocab_size, thinking)
+        processors.append(constraint)  # last: it masks what the penalties left
+        budget_choose = choose_token
+        choose_token = lambda sampled: constraint.choose(budget_choose(sampled))  # noqa: E731
     eos = processor.eos_token_ids
     generated = generate_tokens(
         model,
@@ -267,7 +283,7 @@ def stream_text(
         max_tokens=settings.max_tokens,
         stop_tokens=eos,
         context_tokens=cached_tokens or (),
-        choose_token=ThinkingBudget(processor, tokens, settings.thinking_budget).choose,
+        choose_token=choose_token,
         prefill_step_size=settings.prefill_step_size,
         should_stop=should_stop,
     )
@@ -313,6 +329,7 @@ def stream_generate(
     min_p: float = 0.0,
     repetition_penalty: float | None = None,
     presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     seed: int | None = None,
     stop: list[str] | None = None,
     cache: list | None = None,
@@ -323,14 +340,15 @@ def stream_generate(
     kv_bits: int | None = None,
     cached_tokens: list[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    json_schema: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt``, yielding a response per token: ``stream_text`` with its settings as keywords.
 
     A caller-owned ``cache`` continues from its contents; ``cached_tokens``: the ids it already holds;
-    ``should_stop``: asked between prefill chunks.
+    ``should_stop``: asked between prefill chunks; ``json_schema``: the answer must be JSON matching it.
     """
     settings = GenerationSettings(
-        sampling=Sampling(temp, top_p, top_k, min_p, repetition_penalty, presence_penalty),
+        sampling=Sampling(temp, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty),
         max_tokens=max_tokens,
         stop=tuple(stop or ()),
         seed=seed,
@@ -339,6 +357,7 @@ def stream_generate(
         tools=tools,
         prefill_step_size=prefill_step_size,
         kv_cache=KVCacheSettings(bits=kv_bits),
+        json_schema=json_schema,
     )
     yield from stream_text(
         model, processor, prompt, settings, cache=cache, cached_tokens=cached_tokens, should_stop=should_stop

@@ -73,6 +73,7 @@ RANGES: dict[str, Range] = {
     "min_p": Range(ge=0, le=1),  # 0: off
     "repetition_penalty": Range(gt=0),  # multiplicative; 1: no effect
     "presence_penalty": Range(),  # additive, either sign; 0: no effect
+    "frequency_penalty": Range(),  # additive per occurrence, either sign; 0: no effect
     "max_tokens": Range(ge=1, integer=True),
     "seed": Range(ge=0, le=MAX_SEED, integer=True),
     "thinking_budget": Range(ge=0, integer=True),  # 0: close the reasoning at once
@@ -107,6 +108,7 @@ class Sampling:
     min_p: float = 0.0
     repetition_penalty: float | None = None  # None: off
     presence_penalty: float | None = None  # None: off
+    frequency_penalty: float | None = None  # None: off
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -161,6 +163,7 @@ class GenerationSettings:
     tools: list[dict] | None = None  # tool schemas the chat template shows (prompts given as messages)
     prefill_step_size: int = PREFILL_STEP_SIZE
     kv_cache: KVCacheSettings = KVCacheSettings()  # for a cache the generation makes itself
+    json_schema: dict | None = None  # the answer (after any thinking) is JSON matching this schema
 
     def __post_init__(self) -> None:
         _check_ranges(self)
