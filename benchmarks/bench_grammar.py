@@ -187,7 +187,9 @@ def main() -> None:
     for _ in range(100):
         mx.eval(apply_mask(logits, everything))
     mask_alone = (time.perf_counter() - start) / 100
-    print(json.dumps({"vocab": tokenizer.get_vocab_size(), "tokens": len(ids), "mlx_mask_ms": round(mask_alone * 1e3, 3)}))
+    print(
+        json.dumps({"vocab": tokenizer.get_vocab_size(), "tokens": len(ids), "mlx_mask_ms": round(mask_alone * 1e3, 3)})
+    )
     for name in args.engines:
         try:
             runs = [ENGINES[name](tokenizer, eos, ids, logits) for _ in range(args.repeats)]

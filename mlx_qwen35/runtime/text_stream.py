@@ -59,7 +59,7 @@ class TextStream:
 
     def add_token(self, token_id: int) -> None:
         """Append a token; its text is readable as soon as its characters are complete."""
-        self._pending += self._utf8.decode(self._token_bytes(token_id))
+        self._pending += self._utf8.decode(self.token_bytes(token_id))
         held, _ = self._utf8.getstate()
         # CPython holds ED A0..BF (a UTF-16 surrogate's first two bytes) as if a third could complete it; none can,
         # and decode has already rendered both as U+FFFD.
@@ -77,7 +77,8 @@ class TextStream:
         segment, self._pending = self._pending, ""
         return segment
 
-    def _token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (an added token: its UTF-8; past the vocabulary: none)."""
         spelt = self._bytes.get(token_id)
         if spelt is None:
             token = self._tokenizer.convert_ids_to_tokens(token_id)  # None past the vocabulary: decode skips it

@@ -323,6 +323,19 @@ def serve(
     max_prompt_tokens: int | None = typer.Option(
         None, "--max-prompt-tokens", help="Longest prompt a request may send (default: the model's context)."
     ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="The model id the API reports and accepts (default: the model's name)."
+    ),
+    reasoning_field: str = typer.Option(
+        "both",
+        "--reasoning-field",
+        help="Where replies carry the thinking: reasoning_content, reasoning (mlx_lm.server's name) or both.",
+    ),
+    allowed_origins: list[str] = typer.Option(
+        [],
+        "--allowed-origins",
+        help="Web origins that may call the API from a browser (CORS), e.g. http://localhost:3000; repeat or comma-separate. Default: none.",
+    ),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
     from ..runtime.validation import check_numbers
@@ -339,6 +352,9 @@ def serve(
         allow_local_images=allow_local_images,
         max_body_mb=max_body_mb,
         max_prompt_tokens=max_prompt_tokens,
+        served_model_name=served_model_name,
+        reasoning_field=reasoning_field,
+        allowed_origins=tuple(o.strip() for option in allowed_origins for o in option.split(",") if o.strip()),
     )
 
 

@@ -15,7 +15,9 @@ from ...runtime.settings import RANGES
 
 # ---------------------------------------------------------------- request models (the OpenAI API)
 
-# ---------------------------------------------------------------- request models (the OpenAI API)
+# A field the server does not know is refused (400 naming it) rather than dropped: a client that sends
+# logit_bias must learn it had no effect. The few that change nothing about the answer are accepted.
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 class ImageURL(BaseModel):
@@ -36,7 +38,16 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    url: str = Field(description="A video file path or file:// URL inside the server's --allow-local-images directory.")
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -80,7 +91,7 @@ class NamedToolChoice(BaseModel):
 
 
 class ChatTemplateKwargs(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")  # the template reads no other switch
     enable_thinking: bool | None = None
 
 
@@ -88,11 +99,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # always strict: constrained decoding cannot produce anything else
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions; unknown OpenAI fields are accepted and ignored.
+    """Fields shared by chat and text completions; a field not listed here is a 400.
 
     Bounds come from the runtime's rules (``RANGES``); an ``le`` / ``ge`` written here is the API's own, tighter limit.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(
@@ -104,12 +129,22 @@ class SamplingRequest(BaseModel):
     top_k: int | None = Field(None, **RANGES["top_k"].bounds())
     min_p: float | None = Field(None, **RANGES["min_p"].bounds())
     presence_penalty: float | None = Field(None, **RANGES["presence_penalty"].bounds(), ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, **RANGES["frequency_penalty"].bounds(), ge=-2, le=2)
     repetition_penalty: float | None = Field(None, **RANGES["repetition_penalty"].bounds(), le=10)
     seed: int | None = Field(None, **RANGES["seed"].bounds())
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="Only one choice per request.")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the answer is constrained to JSON (matching the schema)."
+    )
+    user: str | None = None  # from here on: bookkeeping that changes nothing about the answer
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -120,10 +155,13 @@ class ChatCompletionRequest(SamplingRequest):
     thinking_budget: int | None = Field(
         None, **RANGES["thinking_budget"].bounds(), description="Close the thinking block after this many tokens."
     )
+    logprobs: bool = Field(False, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the likeliest N too.")
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(description="The text to continue, sent as is (no chat template).")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Each token's log-probability and the likeliest N.")
 
 
 # ---------------------------------------------------------------- errors
@@ -183,6 +221,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return f"{param} is not supported by this server; leave it out", param
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
 
 
@@ -248,17 +288,33 @@ def local_image_path(url: str, root: Path | None) -> Path:
     raise ApiError(refused, param="image_url")
 
 
+def video_source(url: str, local_media: Path | None) -> str:
+    """The path of the video file a ``video_url`` names, inside ``local_media`` (videos come from files only)."""
+    from ...processing.image import URL_SCHEME
+
+    if url[:5].lower() == "data:" or (URL_SCHEME.match(url) and url[:7].lower() != "file://"):
+        raise ApiError(
+            f"video_url {url[:80]!r}: videos are read from files only; give a path inside the server's "
+            "--allow-local-images directory",
+            param="video_url",
+        )
+    return str(local_image_path(url, local_media))
+
+
+def _template_part(part: TextPart | ImagePart | VideoPart, local_images: Path | None) -> dict:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, ImagePart):
+        return {"type": "image", "image": image_source(part.image_url.url, local_images)}
+    return {"type": "video", "video": video_source(part.video_url.url, local_images)}
+
+
 def _template_content(
-    content: str | list[TextPart | ImagePart] | None, local_images: Path | None
+    content: str | list[TextPart | ImagePart | VideoPart] | None, local_images: Path | None
 ) -> str | list[dict] | None:
     if not isinstance(content, list):
         return content
-    return [
-        {"type": "text", "text": part.text}
-        if isinstance(part, TextPart)
-        else {"type": "image", "image": image_source(part.image_url.url, local_images)}
-        for part in content
-    ]
+    return [_template_part(part, local_images) for part in content]
 
 
 def _template_tool_call(call: ToolCall) -> dict:
@@ -287,9 +343,26 @@ def template_messages(messages: list[ChatMessage], local_images: Path | None = N
     return rendered
 
 
-def has_images(messages: list[dict]) -> bool:
-    """Whether any message carries an image part."""
-    return any(isinstance(m["content"], list) and any(p["type"] == "image" for p in m["content"]) for m in messages)
+def has_vision(messages: list[dict]) -> bool:
+    """Whether any message carries an image or a video part."""
+    return any(
+        isinstance(m["content"], list) and any(p["type"] in ("image", "video") for p in m["content"]) for m in messages
+    )
+
+
+def response_schema(response_format: ResponseFormat | None) -> dict | None:
+    """The JSON schema the answer must match (None: free text); json_object is any object."""
+    from ...runtime.structured_output import ANY_OBJECT
+
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return ANY_OBJECT
+    if response_format.json_schema is None:
+        raise ApiError(
+            "response_format json_schema needs a json_schema object: {name, schema}", param="response_format"
+        )
+    return response_format.json_schema.schema_ or ANY_OBJECT
 
 
 def offered_tools(request: ChatCompletionRequest) -> list[dict] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import sys
@@ -22,8 +23,11 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from ...errors import Qwen35Error
 from ...runtime.settings import DEFAULT_MAX_TOKENS, GenerationSettings, recommended_sampling
@@ -36,15 +40,23 @@ from .protocol import (
     check_unicode,
     error_body,
     offered_tools,
+    response_schema,
     template_messages,
     validation_message,
 )
-from .worker import Cancelled, Failed, Finished, GenerationWorker, JobEvents, Started
+from .worker import Cancelled, Failed, Finished, GenerationWorker, JobEvents, Started, Token, TokenLogprobs
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- generation settings
 
 
 DEFAULT_MAX_BODY_MB = 64
+REASONING_FIELDS = {  # --reasoning-field: where the thinking goes (DeepSeek's and vLLM's name, mlx_lm.server's)
+    "both": ("reasoning_content", "reasoning"),
+    "reasoning_content": ("reasoning_content",),
+    "reasoning": ("reasoning",),
+}
 
 
 @dataclass
@@ -57,8 +69,12 @@ class ServerSettings:
     host: str = "127.0.0.1"  # the address it is bound to: requests naming another host are refused
     allow_local_images: Path | None = None  # image_url may name files inside this directory (else data: URLs only)
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20
+    reasoning_field: str = "both"  # a key of REASONING_FIELDS
+    allowed_origins: tuple[str, ...] = ()  # web origins allowed to call the API from a browser (CORS); none by default
 
     def __post_init__(self) -> None:
+        if self.reasoning_field not in REASONING_FIELDS:
+            raise Qwen35Error(f"--reasoning-field {self.reasoning_field}: use {', '.join(REASONING_FIELDS)}")
         if self.api_key is not None and not self.api_key.strip():
             raise Qwen35Error("--api-key is empty; give a key, or leave the option out to serve without one")
         if self.max_body_bytes <= 0:
@@ -87,6 +103,7 @@ def generation_settings(
             min_p=request.min_p,
             repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
         ),
     )
     requested = request.max_completion_tokens or request.max_tokens or settings.max_tokens
@@ -99,6 +116,7 @@ def generation_settings(
         enable_thinking=enable_thinking,
         thinking_budget=thinking_budget,
         tools=tools,
+        json_schema=response_schema(request.response_format),
     )
 
 
@@ -126,6 +144,31 @@ def _timings(last: Any) -> dict:
     }
 
 
+def _logprob_entry(logprobs: TokenLogprobs) -> dict:
+    """A chat ``logprobs.content`` item."""
+    chosen = logprobs.chosen
+    return {
+        "token": chosen.token,
+        "logprob": chosen.logprob,
+        "bytes": chosen.bytes,
+        "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in logprobs.top],
+    }
+
+
+def text_logprobs(tokens: list[TokenLogprobs]) -> dict:
+    """A text completion's ``logprobs`` (the legacy shape: parallel lists, alternatives as {token: logprob})."""
+    offsets, offset = [], 0
+    for item in tokens:
+        offsets.append(offset)
+        offset += len(item.chosen.token)
+    return {
+        "tokens": [item.chosen.token for item in tokens],
+        "token_logprobs": [item.chosen.logprob for item in tokens],
+        "top_logprobs": [{t.token: t.logprob for t in item.top} for item in tokens],
+        "text_offset": offsets,
+    }
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -147,9 +190,12 @@ async def first_event(events: JobEvents) -> Started:
 class ChatReply:
     """Accumulates a chat reply from the model's text: reasoning, answer, tool calls (OpenAI shapes)."""
 
-    def __init__(self, thinking: bool, tools: list[dict] | None):
+    def __init__(
+        self, thinking: bool, tools: list[dict] | None, reasoning_fields: tuple[str, ...] = REASONING_FIELDS["both"]
+    ):
         from ...processing.output import OutputParser, ShownAnswer
 
+        self.reasoning_fields = reasoning_fields
         self._parser = OutputParser(thinking, tools)
         self._answer = ShownAnswer()
         self.reasoning, self.tool_calls = "", []
@@ -172,7 +218,7 @@ class ChatReply:
         for piece in pieces:
             if piece.kind == "reasoning":
                 self.reasoning += piece.text
-                deltas.append({"reasoning_content": piece.text})
+                deltas.append(dict.fromkeys(self.reasoning_fields, piece.text))
                 continue
             text = self._answer.add(piece)
             if piece.kind == "content" or piece.tool_call.error is not None:
@@ -199,6 +245,7 @@ class Completion:
     """Fields every response of one request shares."""
 
     def __init__(self, kind: Literal["chat.completion", "text_completion"], model_id: str):
+        self.fingerprint = f"mlx-qwen35-{importlib.metadata.version('mlx-qwen35')}"
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         self.id, self.kind, self.model_id, self.created = (
             f"{prefix}-{uuid.uuid4().hex}",
@@ -216,6 +263,7 @@ class Completion:
             "object": kind,
             "created": self.created,
             "model": self.model_id,
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
             **extra,
         }
@@ -232,17 +280,26 @@ async def stream_chat(
             )
         )
         last = None
+        pending: list[dict] = []  # logprobs of tokens whose text has not been sent yet
         while not isinstance(event := await events.next(), (Finished, Cancelled)):
             if isinstance(event, Failed):
                 yield _sse(error_body(event.message, "server_error" if event.internal else "invalid_request_error"))
                 return
             last = event
+            if event.logprobs is not None:
+                pending.append(_logprob_entry(event.logprobs))
             deltas = reply.feed(event.text) + (reply.finish() if event.finish_reason else [])
             for delta in deltas:
-                yield _sse(completion.body([{"index": 0, "delta": delta, "finish_reason": None}], chunk=True))
+                choice = {"index": 0, "delta": delta, "finish_reason": None}
+                if pending:
+                    choice["logprobs"], pending = {"content": pending}, []
+                yield _sse(completion.body([choice], chunk=True))
             if event.finish_reason:
+                choice = {"index": 0, "delta": {}, "finish_reason": reply.finish_reason(event.finish_reason)}
+                if pending:
+                    choice["logprobs"], pending = {"content": pending}, []
                 final = completion.body(
-                    [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason(event.finish_reason)}],
+                    [choice],
                     chunk=True,
                     usage=_usage(started, last),
                     timings=_timings(last),
@@ -266,7 +323,8 @@ async def stream_text(
                 yield _sse(error_body(event.message, "server_error" if event.internal else "invalid_request_error"))
                 return
             last = event
-            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            logprobs = text_logprobs([event.logprobs]) if event.logprobs is not None else None
+            choice = {"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
             extra = dict(usage=_usage(started, last), timings=_timings(last)) if event.finish_reason else {}
             yield _sse(completion.body([choice], **extra))
         if include_usage and last is not None:
@@ -276,10 +334,10 @@ async def stream_text(
         events.close()
 
 
-async def collect_events(events: JobEvents) -> tuple[str, Any]:
-    """All the text of a job and its last response; a failure or cancel raises ``ApiError``."""
+async def collect_events(events: JobEvents) -> tuple[str, Token | None, list[TokenLogprobs]]:
+    """All the text of a job, its last response and the tokens' logprobs; a failure or cancel raises ``ApiError``."""
     try:
-        text, last = [], None
+        text, last, logprobs = [], None, []
         while not isinstance(event := await events.next(), Finished):
             if isinstance(event, Cancelled):
                 raise ApiError("the client closed the request", status=499)
@@ -290,8 +348,10 @@ async def collect_events(events: JobEvents) -> tuple[str, Any]:
                     kind="server_error" if event.internal else "invalid_request_error",
                 )
             text.append(event.text)
+            if event.logprobs is not None:
+                logprobs.append(event.logprobs)
             last = event
-        return "".join(text), last
+        return "".join(text), last, logprobs
     finally:
         events.close()
 
@@ -335,15 +395,42 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
     async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return JSONResponse(error_body(exc.detail), status_code=413)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """404, 405 and the rest in OpenAI's shape, not FastAPI's ``{"detail": ...}``."""
+        status, headers, path = exc.status_code, exc.headers, request.url.path
+        if status in (404, 405) and (path == "/v1" or path.startswith("/v1/")):
+            # The page's mount at / answers every path no route took: say what the API has there instead.
+            methods = sorted(
+                {m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(path) for m in r.methods}
+            )
+            status, headers = (405, {"allow": ", ".join(methods)}) if methods else (404, None)
+        if status == 404:
+            message = f"nothing at {path}; the API is /v1/chat/completions, /v1/completions, /v1/models"
+        elif status == 405:
+            message = f"{request.method} is not allowed on {path}"
+        else:
+            message = str(exc.detail)
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
+
     app.add_middleware(
         Guard, bound_host=settings.host, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes
     )
+    if settings.allowed_origins:  # outside Guard: a preflight carries no key, and every answer needs the headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     # The key itself is checked by Guard, for every route; this documents it in the schema.
     error_responses = {
         400: {"description": "Invalid request"},
         401: {"description": "Missing or wrong API key"},
         413: {"description": "Request body too large"},
     }
+    model_card = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-qwen35"}
 
     @app.get("/health")
     def health(request: Request) -> dict:
@@ -361,10 +448,19 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models", responses=error_responses)
     def models() -> dict:
         """The one model this server holds."""
-        return {
-            "object": "list",
-            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "mlx-qwen35"}],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}", responses={**error_responses, 404: {"description": "No such model"}})
+    def model(model_id: str) -> dict:
+        """The model, if ``model_id`` names the one this server holds."""
+        if model_id != settings.model_id:
+            raise ApiError(
+                f"the model {model_id!r} is not served here; this server holds {settings.model_id!r}",
+                status=404,
+                param="model",
+                kind="not_found_error",
+            )
+        return model_card
 
     @app.post("/v1/chat/completions", responses=error_responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -374,25 +470,28 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         tools = offered_tools(body)
         generation = generation_settings(body, settings, thinking, tools, body.thinking_budget)
         messages = template_messages(body.messages, settings.allow_local_images)
-        events = JobEvents(worker, request, messages, generation)
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        events = JobEvents(worker, request, messages, generation, top_logprobs)
         try:
             started = await first_event(events)
         except ApiError:
             events.close()
             raise
-        completion, reply = Completion("chat.completion", settings.model_id), ChatReply(thinking, tools)
+        reasoning_fields = REASONING_FIELDS[settings.reasoning_field]
+        completion = Completion("chat.completion", settings.model_id)
+        reply = ChatReply(thinking, tools, reasoning_fields)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 stream_chat(events, started, reply, completion, include_usage), media_type="text/event-stream"
             )
-        text, last = await collect_events(events)
+        text, last, logprobs = await collect_events(events)
         reply.feed(text)
         reply.finish()
         message = {
             "role": "assistant",
             "content": reply.content or (None if reply.tool_calls else ""),
-            "reasoning_content": reply.reasoning or None,
+            **dict.fromkeys(reasoning_fields, reply.reasoning or None),
         }
         if reply.tool_calls:
             message["tool_calls"] = reply.tool_calls
@@ -400,7 +499,7 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
             "index": 0,
             "message": message,
             "finish_reason": reply.finish_reason(last.finish_reason if last else None),
-            "logprobs": None,
+            "logprobs": {"content": [_logprob_entry(item) for item in logprobs]} if body.logprobs else None,
         }
         return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
 
@@ -411,7 +510,8 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1 or not prompts[0]:
             raise ApiError("prompt must be one non-empty string", param="prompt")
-        events = JobEvents(worker, request, prompts[0], generation_settings(body, settings, enable_thinking=False))
+        generation = generation_settings(body, settings, enable_thinking=False)
+        events = JobEvents(worker, request, prompts[0], generation, body.logprobs)
         try:
             started = await first_event(events)
         except ApiError:
@@ -423,12 +523,27 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
             return StreamingResponse(
                 stream_text(events, started, completion, include_usage), media_type="text/event-stream"
             )
-        text, last = await collect_events(events)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason if last else "stop"}
+        text, last, logprobs = await collect_events(events)
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": text_logprobs(logprobs) if body.logprobs is not None else None,
+            "finish_reason": last.finish_reason if last else "stop",
+        }
         return completion.body([choice], usage=_usage(started, last), timings=_timings(last))
 
     app.mount("/", StaticFiles(directory=web_root(), html=True), name="chat-page")
     return app
+
+
+def _log_to_stderr() -> None:
+    """The server's own lines (startup, one per request) on stderr beside uvicorn's."""
+    logger = logging.getLogger("mlx_qwen35.surfaces.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def serve(
@@ -440,6 +555,9 @@ def serve(
     allow_local_images: Path | None = None,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_prompt_tokens: int | None = None,
+    served_model_name: str | None = None,
+    reasoning_field: str = "both",
+    allowed_origins: tuple[str, ...] = (),
 ) -> None:
     """Load ``model`` and serve the API and the chat page until interrupted."""
     web_root()  # fail before loading a large model if the page is missing, or on a bad option
@@ -448,12 +566,14 @@ def serve(
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise Qwen35Error(f"--max-prompt-tokens must be at least 1, got {max_prompt_tokens}")
     settings = ServerSettings(
-        model_id=Path(model).name or model,
+        model_id=served_model_name or Path(model).name or model,
         api_key=api_key,
         max_tokens=max_tokens,
         host=host,
         allow_local_images=allow_local_images,
         max_body_bytes=int(max_body_mb * 2**20),
+        reasoning_field=reasoning_field,
+        allowed_origins=tuple(allowed_origins),
     )
     if warning := exposure_warning(host, api_key):
         print(warning, file=sys.stderr)
@@ -463,6 +583,9 @@ def serve(
 
     worker = GenerationWorker(lambda: load(model), max_prompt_tokens=max_prompt_tokens)
     worker.start()
+    _log_to_stderr()
+    shown = f"[{host}]" if ":" in host else host
+    log.info(f"mlx-qwen35: chat page http://{shown}:{port}/ · API http://{shown}:{port}/v1 · model {settings.model_id}")
     try:
         uvicorn.run(create_app(worker, settings), host=host, port=port, log_level="info")
     finally:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from fastapi import Request
 
 from ...errors import Qwen35Error
 from ...runtime.settings import GenerationSettings
-from .protocol import has_images
+from .protocol import has_vision
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,26 @@ class Started:
 
     prompt_tokens: int
     cached_tokens: int
+
+
+LEAST_LOGPROB = -9999.0  # what OpenAI reports for a token that cannot come (JSON has no -inf)
+
+
+@dataclass
+class Logprob:
+    """One token's text, its UTF-8 bytes and its log-probability."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass
+class TokenLogprobs:
+    """The generated token's log-probability and the likeliest alternatives, likeliest first."""
+
+    chosen: Logprob
+    top: list[Logprob]
 
 
 @dataclass
@@ -45,9 +66,10 @@ class Token:
     prompt_tps: float
     generation_tps: float
     peak_memory_gb: float
+    logprobs: TokenLogprobs | None = None
 
     @classmethod
-    def of(cls, response: Any) -> Token:
+    def of(cls, response: Any, logprobs: TokenLogprobs | None = None) -> Token:
         """From an mlx-lm ``GenerationResponse``."""
         return cls(
             response.text,
@@ -57,7 +79,25 @@ class Token:
             response.prompt_tps,
             response.generation_tps,
             response.peak_memory,
+            logprobs,
         )
+
+
+def token_logprobs(response: Any, top: int, token_bytes: Callable[[int], bytes]) -> TokenLogprobs:
+    """The response's token's log-probability and the ``top`` likeliest, as plain values (read on the worker thread)."""
+    import mlx.core as mx
+
+    def entry(token_id: int, value: float) -> Logprob:
+        spelt = token_bytes(token_id)
+        return Logprob(spelt.decode("utf-8", errors="replace"), list(spelt), max(value, LEAST_LOGPROB))
+
+    logprobs = response.logprobs
+    chosen = entry(response.token, logprobs[response.token].item())
+    if top == 0:
+        return TokenLogprobs(chosen, [])
+    ids = mx.argpartition(-logprobs, top - 1)[:top]
+    pairs = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda pair: (-pair[1], pair[0]))
+    return TokenLogprobs(chosen, [entry(token_id, value) for token_id, value in pairs])
 
 
 @dataclass
@@ -81,6 +121,7 @@ class GenerationJob:
     settings: GenerationSettings
     emit: Callable[[Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    top_logprobs: int | None = None  # None: no logprobs; N: the token's and the N likeliest
 
 
 Generate = Callable[..., Iterator[Any]]
@@ -164,7 +205,7 @@ class GenerationWorker:
         from ...runtime.generation import prompt_token_ids
 
         thinking, tools = job.settings.enable_thinking, job.settings.tools
-        if isinstance(job.prompt, list) and has_images(job.prompt):
+        if isinstance(job.prompt, list) and has_vision(job.prompt):
             inputs = self.processor(job.prompt, enable_thinking=thinking, tools=tools)
             return inputs, len(prompt_token_ids(self.processor, inputs))
         ids = prompt_token_ids(self.processor, job.prompt, thinking, tools)
@@ -212,10 +253,19 @@ class GenerationWorker:
             # A client that leaves during a long prefill frees the model at the next prefill chunk.
             generation, cached_tokens = self._start(prompt, job.settings, job.cancelled.is_set)
             job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
+            spelling = None
             for response in generation:
-                token = Token.of(response)
+                logprobs = None
+                if job.top_logprobs is not None:
+                    from ...runtime.text_stream import TextStream
+
+                    spelling = spelling or TextStream(self.processor.tokenizer)
+                    logprobs = token_logprobs(response, job.top_logprobs, spelling.token_bytes)
+                token = Token.of(response, logprobs)
                 job.emit(token)
-                self.last_stats = {k: v for k, v in vars(token).items() if k not in ("text", "finish_reason")}
+                self.last_stats = {
+                    k: v for k, v in vars(token).items() if k not in ("text", "finish_reason", "logprobs")
+                }
                 if job.cancelled.is_set():
                     return
         except PrefillCancelled:
@@ -244,10 +294,16 @@ class JobEvents:
     """The async side of a job: the handler awaits the worker's events; a client that disconnects cancels the job."""
 
     def __init__(
-        self, worker: GenerationWorker, request: Request, prompt: list[dict] | str, settings: GenerationSettings
+        self,
+        worker: GenerationWorker,
+        request: Request,
+        prompt: list[dict] | str,
+        settings: GenerationSettings,
+        top_logprobs: int | None = None,
     ):
         loop = asyncio.get_running_loop()
         self._events: asyncio.Queue = asyncio.Queue()
+        self._record = RequestRecord(f"{request.method} {request.url.path}")
 
         def emit(event: Any) -> None:
             try:
@@ -255,7 +311,7 @@ class JobEvents:
             except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
                 self.job.cancelled.set()
 
-        self.job = GenerationJob(prompt=prompt, settings=settings, emit=emit)
+        self.job = GenerationJob(prompt=prompt, settings=settings, emit=emit, top_logprobs=top_logprobs)
         worker.submit(self.job)
         self._watcher = asyncio.create_task(self._watch_disconnect(request))
 
@@ -268,7 +324,9 @@ class JobEvents:
 
     async def next(self) -> Any:
         """The next event from the worker (``Cancelled`` once the client has gone)."""
-        return await self._events.get()
+        event = await self._events.get()
+        self._record.see(event)
+        return event
 
     def cancel(self) -> None:
         """Stop the generation at its next token (or skip it if it has not started)."""
@@ -280,3 +338,47 @@ class JobEvents:
         """The handler is done: stop watching, and stop the generation if it is still running."""
         self._watcher.cancel()
         self.job.cancelled.set()
+        self._record.log()
+
+
+class RequestRecord:
+    """What the operator's log says about one request: its tokens, time to first token and speed."""
+
+    def __init__(self, route: str):
+        self.route, self.arrived = route, time.perf_counter()
+        self.started: Started | None = None
+        self.first_token_at: float | None = None
+        self.last: Token | None = None
+        self.outcome = "ok"
+        self._logged = False
+
+    def see(self, event: Any) -> None:
+        """Note an event on its way to the handler."""
+        if isinstance(event, Started):
+            self.started = event
+        elif isinstance(event, Token):
+            self.first_token_at = self.first_token_at or time.perf_counter()
+            self.last = event
+            self.outcome = event.finish_reason or self.outcome
+        elif isinstance(event, Cancelled):
+            self.outcome = "cancelled"
+        elif isinstance(event, Failed):
+            self.outcome = f"failed: {event.message}"
+
+    def line(self) -> str:
+        """One line: route, prompt / cached / generated tokens, TTFT, tokens/s and how it ended."""
+        if self.started is None:
+            return f"{self.route}: {self.outcome} before generation"
+        generated = self.last.generation_tokens if self.last else 0
+        ttft = f"{self.first_token_at - self.arrived:.2f} s" if self.first_token_at else "-"
+        speed = f"{self.last.generation_tps:.1f} tok/s" if self.last else "-"
+        return (
+            f"{self.route}: prompt {self.started.prompt_tokens} tokens ({self.started.cached_tokens} cached), "
+            f"generated {generated}, TTFT {ttft}, {speed}, {self.outcome}"
+        )
+
+    def log(self) -> None:
+        """Log the line once."""
+        if not self._logged:
+            self._logged = True
+            log.info(self.line())
