@@ -190,6 +190,12 @@ def test_frequency_penalty_lowers_each_token_by_its_count(loaded):
         ),
         ({"response_format": {"type": "json_schema"}}, "needs a json_schema object"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+            "the JSON schema cannot be enforced",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "'required' is not"),
     ],
 )
 def test_unsupported_options_are_a_400_naming_them(client, body, fragment):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 import mlx.core as mx
@@ -40,13 +41,15 @@ def json_grammar(schema: dict) -> str:
     return f"start: WS? answer\nWS: {LEADING_WHITESPACE}\nanswer: %json {json.dumps(compact)}\n"
 
 
-def check_schema(schema: dict, processor) -> None:
-    """Raise a one-line ``Qwen35Error`` if llguidance cannot compile ``schema``."""
+def check_schema(schema: dict) -> None:
+    """Raise a one-line ``Qwen35Error`` if llguidance cannot compile ``schema`` (no tokenizer needed: cheap)."""
     from llguidance import LLMatcher
 
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(json_grammar(schema), grammar_tokenizer(processor))
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(json_grammar(schema))
     if is_error:
-        raise Qwen35Error(f"the JSON schema cannot be enforced: {messages[0]}")
+        # llguidance's message is the reason, then our grammar with a caret under the spot: keep the reason.
+        reason = re.sub(r"^at \d+\(\d+\): ", "", messages[0].splitlines()[0])
+        raise Qwen35Error(f"the JSON schema cannot be enforced: {reason}")
 
 
 class JsonConstraint:

@@ -350,9 +350,18 @@ def has_vision(messages: list[dict]) -> bool:
     )
 
 
+def requested_logprobs(request: ChatCompletionRequest) -> int | None:
+    """How many alternatives each token's logprobs list (None: no logprobs); top_logprobs alone is refused."""
+    if not request.logprobs:
+        if request.top_logprobs is not None:
+            raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return request.top_logprobs or 0
+
+
 def response_schema(response_format: ResponseFormat | None) -> dict | None:
     """The JSON schema the answer must match (None: free text); json_object is any object."""
-    from ...runtime.structured_output import ANY_OBJECT
+    from ...runtime.structured_output import ANY_OBJECT, check_schema
 
     if response_format is None or response_format.type == "text":
         return None
@@ -362,11 +371,21 @@ def response_schema(response_format: ResponseFormat | None) -> dict | None:
         raise ApiError(
             "response_format json_schema needs a json_schema object: {name, schema}", param="response_format"
         )
-    return response_format.json_schema.schema_ or ANY_OBJECT
+    schema = response_format.json_schema.schema_ or ANY_OBJECT
+    try:
+        check_schema(schema)
+    except Qwen35Error as e:
+        raise ApiError(str(e), param="response_format.json_schema.schema") from None
+    return schema
 
 
 def offered_tools(request: ChatCompletionRequest) -> list[dict] | None:
     """The tools the template shows the model: none for tool_choice "none", only the named one for a named choice."""
+    if request.tool_choice == "required":
+        raise ApiError(
+            "tool_choice 'required' is not supported (the server cannot force a call); use 'auto' or name the tool",
+            param="tool_choice",
+        )
     if not request.tools or request.tool_choice == "none":
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools]

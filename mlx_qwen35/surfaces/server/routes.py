@@ -40,6 +40,7 @@ from .protocol import (
     check_unicode,
     error_body,
     offered_tools,
+    requested_logprobs,
     response_schema,
     template_messages,
     validation_message,
@@ -470,8 +471,7 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         tools = offered_tools(body)
         generation = generation_settings(body, settings, thinking, tools, body.thinking_budget)
         messages = template_messages(body.messages, settings.allow_local_images)
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        events = JobEvents(worker, request, messages, generation, top_logprobs)
+        events = JobEvents(worker, request, messages, generation, requested_logprobs(body))
         try:
             started = await first_event(events)
         except ApiError:
