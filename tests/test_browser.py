@@ -7,11 +7,14 @@ checked: streamed markdown with a highlighted code block, the thinking collapsib
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import httpx
 import pytest
 from test_server import RunningServer, scripted
 
@@ -85,19 +88,39 @@ def leak():
     server.close()
 
 
+# Slow thinking, so the live indicator can be watched; a reply cut at the token limit; a table and maths.
+SLOW_THOUGHT = "Step one of the plan. Step two of the plan. Step three of the plan.\n</think>\n\nDone."
+CUT_REPLY = "ok\n</think>\n\nThis answer runs on and on and"
+RICH_REPLY = (
+    "ok\n</think>\n\n| planet | moons |\n| --- | --- |\n| Mars | 2 |\n\n"
+    "Euler: $e^{i\\pi} + 1 = 0$ and $$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$ costs $5 and $10."
+)
+
+
 def page(leak: LeakServer, **settings) -> RunningServer:
-    """A server whose scripted model answers "hostile" prompts with HOSTILE and everything else with REPLY."""
+    """A server whose scripted model answers by a keyword in the prompt (see ``replies``), else with REPLY."""
     processor = FakeProcessor()
-    hostile, reply = scripted(HOSTILE.format(leak_port=leak.port), delay=0.005), scripted(REPLY, delay=0.01)
+    replies = {
+        "hostile": scripted(HOSTILE.format(leak_port=leak.port), delay=0.005),
+        "slowly": scripted(SLOW_THOUGHT, delay=0.04),
+        "cut": scripted(CUT_REPLY, delay=0.005, finish="length"),
+        "rich": scripted(RICH_REPLY, delay=0.002),
+        "snippet": scripted(REPLY[: REPLY.index("More text.")], delay=0.002),
+        "analogy": scripted("ok\n</think>\n\nA process is a house; threads are the people in it.", delay=0.002),
+    }
+    reply = scripted(REPLY, delay=0.01)
 
     def generate(model, processor, prompt, **options):
+        running.settings.append(options["settings"])
         content = processor.last_messages[-1]["content"]
-        chosen = hostile if isinstance(content, str) and "hostile" in content else reply
+        words = content if isinstance(content, str) else ""
+        chosen = next((script for word, script in replies.items() if word in words), reply)
         return chosen(model, processor, prompt)
 
     worker = GenerationWorker(lambda: (None, processor), generate=generate)
     running = RunningServer(worker, ServerSettings(model_id="scripted", **settings))
     running.processor = processor
+    running.settings = []  # the GenerationSettings of each request, in order
     return running
 
 
@@ -124,12 +147,15 @@ def browser(tmp_path_factory):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1200,800",
+        "--window-size=1280,800",
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):
         options.add_argument(flag)
+    downloads = tmp_path_factory.mktemp("downloads")
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads)})
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are logged there
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.downloads = downloads
     yield driver
     driver.quit()
 
@@ -277,3 +303,211 @@ def test_with_an_api_key_the_browser_signs_in_and_the_page_works(leak, browser):
         assert browser.execute_script("return localStorage.getItem('mlx-qwen35.api-key')") is None
     finally:
         running.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    """Where the page's screenshots go (MLX_QWEN35_ARTEFACTS, else pytest's temporary directory): look at them."""
+    root = os.environ.get("MLX_QWEN35_ARTEFACTS")
+    directory = Path(root) / "page" if root else tmp_path_factory.mktemp("screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {directory}")
+    return directory
+
+
+def open_fresh(browser, url: str, width: int = 1280, height: int = 800) -> None:
+    """The page at ``url`` with no stored conversations, in a window ``width`` wide."""
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(width, height)
+    browser.get(url)
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    wait_for(lambda: browser.find_element(By.ID, "model-name").text == "scripted")
+
+
+def click(browser, css: str) -> None:
+    """Click the last element matching ``css`` through JavaScript (the page re-renders while streaming)."""
+    assert browser.execute_script(
+        f"const all = document.querySelectorAll({css!r}); if (!all.length) return false; all[all.length - 1].click(); return true"
+    ), f"nothing matches {css}"
+
+
+def send(browser, prompt: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "prompt").send_keys(prompt)
+    browser.find_element(By.ID, "send").click()
+
+
+def done(browser) -> bool:
+    return "context" in text(browser, ".message.assistant:last-of-type .meta") and not browser.execute_script(
+        "return document.getElementById('send').disabled"
+    )
+
+
+def test_empty_state_thinking_indicator_and_disabled_send(page_server, browser, screenshots):
+    open_fresh(browser, page_server.url)
+    # Empty: the model's name at the top and in the middle, example prompts that send themselves.
+    assert text(browser, "#empty-model") == "scripted" and find(browser, "#examples button") == 4
+    assert browser.execute_script("return document.querySelector('link[rel=icon]').href").endswith("/favicon.svg")
+    assert httpx.get(f"{page_server.url}/favicon.svg").status_code == 200
+    browser.save_screenshot(str(screenshots / "empty-1280.png"))
+    click(browser, "#examples button:first-child")
+    wait_for(lambda: done(browser))
+    assert stored_roles(browser) == ["user", "assistant"] and not browser.execute_script(
+        "return document.getElementById('empty').offsetParent"
+    )
+
+    # While it thinks: a live indicator with the time and the tokens so far, expandable as it streams.
+    send(browser, "Think slowly")
+    summary = ".message.assistant:last-of-type details.thinking.live summary"
+    wait_for(lambda: " 2 tokens" not in text(browser, summary) and "tokens" in text(browser, summary))
+    live = text(browser, summary)
+    assert live.startswith("Thinking · ") and " s · " in live, live
+    send_button = (
+        "return [document.getElementById('send').disabled, getComputedStyle(document.getElementById('send')).cursor]"
+    )
+    assert browser.execute_script(send_button) == [True, "not-allowed"]  # visibly disabled while streaming
+    click(browser, summary)
+    wait_for(lambda: "Step two" in text(browser, ".message.assistant:last-of-type details.thinking[open] div"))
+    browser.save_screenshot(str(screenshots / "thinking-1280.png"))
+    wait_for(lambda: done(browser))
+    final = text(browser, ".message.assistant:last-of-type details.thinking summary")
+    assert final.startswith("Thought for ") and final.endswith(" tokens"), final
+    assert text(browser, ".message.assistant:last-of-type .answer").strip() == "Done."
+    assert browser.execute_script(send_button)[0] is False
+    assert policy_violations(browser) == []
+
+
+def test_settings_are_kept_with_each_conversation(page_server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_fresh(browser, page_server.url)
+    click(browser, "#toggle-settings")
+    browser.find_element(By.ID, "system-prompt").send_keys("Be terse.")
+    browser.find_element(By.ID, "temperature").send_keys("0.3")
+    browser.find_element(By.ID, "max-tokens").send_keys("50")
+    click(browser, "#thinking")  # off
+    send(browser, "First chat, a snippet")
+    wait_for(lambda: done(browser))
+    sent = page_server.processor.last_messages
+    assert sent[0] == {"role": "system", "content": "Be terse."} and sent[-1]["content"] == "First chat, a snippet"
+    settings = page_server.settings[-1]
+    assert (settings.sampling.temp, settings.max_tokens, settings.enable_thinking) == (0.3, 50, False)
+
+    click(browser, "#new-chat")
+    system = browser.find_element(By.ID, "system-prompt")
+    system.clear()
+    system.send_keys("Be thorough.")
+    browser.find_element(By.ID, "temperature").clear()  # a new chat starts from the last one's settings
+    click(browser, "#thinking")  # on again
+    send(browser, "Second chat, a snippet")
+    wait_for(lambda: done(browser))
+    assert page_server.processor.last_messages[0]["content"] == "Be thorough."
+    assert page_server.settings[-1].enable_thinking is True
+
+    browser.refresh()
+    click(browser, "#conversations li:last-child .title")  # the first chat (newest first)
+    values = "return ['system-prompt', 'temperature', 'max-tokens'].map(id => document.getElementById(id).value).concat(document.getElementById('thinking').checked)"
+    assert browser.execute_script(values) == ["Be terse.", "0.3", "50", False]
+    click(browser, "#conversations li:first-child .title")
+    assert browser.execute_script(values) == ["Be thorough.", "", "50", True]
+
+
+def test_regenerate_edit_copy_and_the_cut_off_notice(page_server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_fresh(browser, page_server.url)
+    send(browser, "A snippet please")
+    wait_for(lambda: done(browser))
+    before = page_server.processor.requests
+    click(browser, ".message.assistant .regenerate")
+    wait_for(lambda: page_server.processor.requests == before + 1 and done(browser))
+    assert stored_roles(browser) == ["user", "assistant"] and find(browser, ".message.assistant") == 1
+
+    click(browser, ".message.assistant pre .copy-code")
+    assert text(browser, ".message.assistant pre .copy-code") == "Copied"
+    click(browser, ".message.assistant .bar .copy")
+    assert text(browser, ".message.assistant .bar .copy") == "Copied"
+
+    click(browser, ".message.user .edit")
+    area = browser.find_element(By.CSS_SELECTOR, ".message.user.editor textarea")
+    area.clear()
+    area.send_keys("Now cut it short")
+    click(browser, ".message.user.editor .resend")
+    wait_for(lambda: done(browser))
+    stored = json.loads(browser.execute_script("return localStorage.getItem('mlx-qwen35.conversations')"))[0]
+    assert [(m["role"], m["content"]) for m in stored["messages"]][0] == ("user", "Now cut it short")
+    assert len(stored["messages"]) == 2 and stored["messages"][1]["finish"] == "length"
+    assert text(browser, ".message.assistant .notice").startswith("Cut off: the reply reached the token limit")
+
+    send(browser, "Show me code again")
+    wait_for(lambda: "More text." in text(browser, ".message.assistant:last-of-type .answer"))
+    click(browser, "#stop")
+    wait_for(
+        lambda: text(browser, ".message.assistant:last-of-type .notice") == "Stopped before the reply was finished."
+    )
+
+
+def test_tables_links_and_maths_render(page_server, browser):
+    open_fresh(browser, page_server.url)
+    send(browser, "Something rich")
+    wait_for(lambda: done(browser))
+    answer = ".message.assistant .answer"
+    assert (
+        browser.execute_script(f"return getComputedStyle(document.querySelector('{answer} td')).borderTopStyle")
+        == "solid"
+    )
+    assert find(browser, f"{answer} math") == 2 and find(browser, f"{answer} math[display=block]") == 1
+    assert find(browser, f"{answer} math mfrac") == 1 and "$5 and $10" in text(browser, answer)
+    assert "annotation" not in browser.execute_script(f"return document.querySelector('{answer}').innerHTML")
+    assert policy_violations(browser) == []
+
+
+def test_rename_export_and_delete_a_conversation(page_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    open_fresh(browser, page_server.url)
+    send(browser, "A snippet please")
+    wait_for(lambda: done(browser))
+    click(browser, "#conversations li .rename")
+    field = browser.switch_to.active_element
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys("Code talk" + Keys.ENTER)
+    assert text(browser, "#conversations li .title") == "Code talk"
+    click(browser, "#conversations li .export")
+    exported = wait_for(lambda: [p for p in browser.downloads.glob("Code talk*.json")])
+    wait_for(lambda: json.loads(exported[0].read_text() or "null"))
+    assert json.loads(exported[0].read_text())["title"] == "Code talk"
+    browser.find_element(By.CSS_SELECTOR, "#conversations li .delete").click()  # natively: confirm() blocks script
+    browser.switch_to.alert.accept()
+    wait_for(lambda: find(browser, "#conversations li") == 0)
+    assert browser.execute_script("return localStorage.getItem('mlx-qwen35.conversations')") == "[]"
+    assert not browser.execute_script("return document.getElementById('empty').hidden")
+
+
+def test_the_page_fits_a_phone_with_a_sliding_sidebar(page_server, browser, screenshots):
+    open_fresh(browser, page_server.url, width=390, height=844)
+    browser.save_screenshot(str(screenshots / "empty-390.png"))
+    send(browser, "Something rich")
+    wait_for(lambda: done(browser))
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    assert browser.execute_script("return document.documentElement.scrollWidth") == width  # no sideways scroll
+    sidebar = "return document.getElementById('sidebar').getBoundingClientRect().right"
+    assert browser.execute_script(sidebar) <= 0  # off-screen until asked for
+    browser.save_screenshot(str(screenshots / "chat-390.png"))
+    click(browser, "#toggle-sidebar")
+    wait_for(
+        lambda: browser.execute_script("return document.getElementById('sidebar').getBoundingClientRect().left") == 0
+    )
+    browser.save_screenshot(str(screenshots / "sidebar-390.png"))
+    click(browser, "#scrim")
+    wait_for(lambda: browser.execute_script(sidebar) <= 0)
+    browser.set_window_size(1280, 800)
+    click(browser, "#toggle-sidebar")  # wide: the sidebar folds away and comes back
+    assert browser.execute_script("return document.getElementById('sidebar').offsetWidth") == 0
+    click(browser, "#toggle-sidebar")
+    assert browser.execute_script("return document.getElementById('sidebar').offsetWidth") == 240
+    browser.save_screenshot(str(screenshots / "chat-1280.png"))

@@ -124,8 +124,8 @@ def server(model_dir):
     running.close()
 
 
-def scripted(text: str, delay: float = 0.0):
-    """A stand-in for ``stream_generate`` that writes ``text`` one character per token."""
+def scripted(text: str, delay: float = 0.0, finish: str = "stop"):
+    """A stand-in for ``stream_generate`` that writes ``text`` one character per token, ending with ``finish``."""
 
     def generate(model, processor, prompt, **options):
         for n, char in enumerate(text, 1):
@@ -140,7 +140,7 @@ def scripted(text: str, delay: float = 0.0):
                 generation_tokens=n,
                 generation_tps=1.0,
                 peak_memory=0.0,
-                finish_reason="stop" if n == len(text) else None,
+                finish_reason=finish if n == len(text) else None,
             )
 
     return generate

@@ -211,7 +211,10 @@ def test_bookkeeping_fields_are_accepted(client):
     assert reply.system_fingerprint.startswith("mlx-qwen35-")
 
 
-def test_the_model_is_found_by_its_served_name(client):
+def test_the_model_is_found_by_its_served_name(client, server, loaded):
+    health = httpx.get(f"{server.url}/health").json()  # the chat page shows these
+    assert health["model"] == SERVED_NAME
+    assert health["context_length"] == loaded[0].config.text.max_position_embeddings
     assert client.models.retrieve(SERVED_NAME).id == SERVED_NAME
     assert [m.id for m in client.models.list()] == [SERVED_NAME]
     with pytest.raises(openai.NotFoundError) as missing:

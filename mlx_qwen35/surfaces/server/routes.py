@@ -441,6 +441,7 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
         return {
             "status": "ok",
             "model": settings.model_id,
+            "context_length": worker.context_length,
             "busy": worker.busy,
             "queued": worker.queued,
             **worker.last_stats,

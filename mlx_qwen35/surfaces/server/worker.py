@@ -178,6 +178,12 @@ class GenerationWorker:
     def queued(self) -> int:
         return self._jobs.qsize()
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (None until it is loaded, or for a stand-in)."""
+        config = getattr(self.model, "config", None)
+        return config.text.max_position_embeddings if config is not None else None
+
     def _run(self) -> None:
         try:
             self.model, self.processor = self._loader()
