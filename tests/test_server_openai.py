@@ -114,6 +114,12 @@ def test_text_completion_logprobs_in_the_legacy_shape(client, loaded):
     assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-5)  # headroom as in the chat test
     assert "".join(logprobs.tokens) == reply.choices[0].text and logprobs.text_offset[0] == 0
     assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    stream = client.completions.create(
+        model=SERVED_NAME, prompt="Once upon", max_tokens=3, temperature=0, logprobs=2, stream=True
+    )
+    chunks = [chunk.choices[0].logprobs for chunk in stream if chunk.choices]
+    assert [c.tokens[0] for c in chunks] == logprobs.tokens
+    assert [c.text_offset[0] for c in chunks] == logprobs.text_offset  # offsets run on across chunks
 
 
 def matches_schema(value) -> bool:

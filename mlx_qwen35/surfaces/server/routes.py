@@ -156,9 +156,10 @@ def _logprob_entry(logprobs: TokenLogprobs) -> dict:
     }
 
 
-def text_logprobs(tokens: list[TokenLogprobs]) -> dict:
-    """A text completion's ``logprobs`` (the legacy shape: parallel lists, alternatives as {token: logprob})."""
-    offsets, offset = [], 0
+def text_logprobs(tokens: list[TokenLogprobs], offset: int = 0) -> dict:
+    """A text completion's ``logprobs`` (the legacy shape: parallel lists, alternatives as {token: logprob});
+    ``offset``: where in the text the first token starts (a streamed chunk's place)."""
+    offsets = []
     for item in tokens:
         offsets.append(offset)
         offset += len(item.chosen.token)
@@ -318,13 +319,16 @@ async def stream_text(
 ) -> AsyncIterator[str]:
     """SSE chunks of a text completion."""
     try:
-        last = None
+        last, offset = None, 0
         while not isinstance(event := await events.next(), (Finished, Cancelled)):
             if isinstance(event, Failed):
                 yield _sse(error_body(event.message, "server_error" if event.internal else "invalid_request_error"))
                 return
             last = event
-            logprobs = text_logprobs([event.logprobs]) if event.logprobs is not None else None
+            logprobs = None
+            if event.logprobs is not None:
+                logprobs = text_logprobs([event.logprobs], offset)
+                offset += len(event.logprobs.chosen.token)
             choice = {"index": 0, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
             extra = dict(usage=_usage(started, last), timings=_timings(last)) if event.finish_reason else {}
             yield _sse(completion.body([choice], **extra))
