@@ -324,7 +324,9 @@ def serve(
         None, "--max-prompt-tokens", help="Longest prompt a request may send (default: the model's context)."
     ),
     served_model_name: str | None = typer.Option(
-        None, "--served-model-name", help="The model id the API reports and accepts (default: the model's name)."
+        None,
+        "--served-model-name",
+        help="The model id the API reports in /v1/models and responses (default: the model directory's name).",
     ),
     reasoning_field: str = typer.Option(
         "both",
