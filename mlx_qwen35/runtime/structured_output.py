@@ -4,7 +4,9 @@
 to -inf, so whatever the sampler draws keeps the answer valid, and once the JSON is complete only an end
 token is left. Thinking is left free: the grammar starts after the ``</think>`` that closes an open block
 (a few newlines may come first, as the model writes them). llguidance was picked by measurement
-(benchmarks/bench_grammar.py): the lowest per-token cost of the three engines tried and no torch.
+(benchmarks/bench_grammar.py, 248k vocabulary): ~0.2 ms per token of its own (xgrammar ~0, outlines-core ~0.9)
+beside the 0.7 ms every engine's mask costs in MLX, a schema compiled in 1.4 ms (xgrammar 34 ms, outlines-core
+2 s), and no dependencies (xgrammar needs torch).
 
 The processor reads the token each step is built on, so a constrained generation gives up the overlap of
 the next step with reading this token back; unconstrained generations are unchanged.
