@@ -24,10 +24,10 @@ def run_demo(cache_home) -> subprocess.CompletedProcess:
 def test_demo_builds_once_and_generates(tmp_path):
     first = run_demo(tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "building the demo checkpoint" in first.stdout and "RANDOM" in first.stdout
+    assert "building the demo checkpoint" in first.stdout and "NOT Qwen's model" in first.stdout
     assert re.search(r"generation: 12 tokens, [\d.]+ tokens/s", first.stdout)
     built = sorted(p.name for p in (tmp_path / "mlx-qwen35" / "demo").iterdir())
-    assert built == ["v1"], built  # no staging directories left behind
+    assert built == ["v2"], built  # no staging directories left behind
 
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stderr
@@ -45,7 +45,7 @@ def test_demo_says_where_its_model_is_and_models_lists_it(tmp_path):
     demo = run_demo(tmp_path / "cache")
     assert demo.returncode == 0, demo.stderr
     [path] = re.findall(r"^The demo model is at (.+)$", demo.stdout, re.MULTILINE)
-    assert path == str(tmp_path / "cache" / "mlx-qwen35" / "demo" / "v1" / "mlx-4bit")
+    assert path == str(tmp_path / "cache" / "mlx-qwen35" / "demo" / "v2" / "mlx-4bit")
     tries = re.findall(r"^  mlx-qwen35 (chat|serve|generate) (\S+)", demo.stdout, re.MULTILINE)
     assert tries == [("chat", path), ("serve", path), ("generate", path)]
 
@@ -59,4 +59,6 @@ def test_demo_says_where_its_model_is_and_models_lists_it(tmp_path):
     assert listed.returncode == 0, listed.stderr
     [row] = [line for line in listed.stdout.splitlines() if line.startswith("demo")]
     size_mb = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 1e6
-    assert re.fullmatch(rf"demo \(random weights\)\s+{size_mb:.1f} MB\s+4bit\s+yes\s+{re.escape(path)}", row), row
+    assert re.fullmatch(
+        rf"demo \(tiny, trained on Python docs\)\s+{size_mb:.1f} MB\s+4bit\s+yes\s+{re.escape(path)}", row
+    ), row

@@ -1,4 +1,4 @@
-"""The package as users get it: a built wheel carries the Metal kernels, and the CLI starts without MLX."""
+"""The package as users get it: a built wheel carries the Metal kernels and the demo model, and the CLI starts without MLX."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def test_wheel_carries_metal_kernels_and_finds_them_installed(tmp_path):
         sorted(n.split("/")[-1] for n in names if n.startswith("mlx_qwen35/metal_kernels/") and n.endswith(".metal"))
         == sources
     )
+    # The demo model's weights, tokenizer and configs travel in the wheel (`demo` converts them from there).
+    shipped = sorted(p.name for p in (REPO / "mlx_qwen35" / "surfaces" / "demo_model").iterdir())
+    assert "model.safetensors.index.json" in shipped
+    prefix = "mlx_qwen35/surfaces/demo_model/"
+    assert sorted(n.removeprefix(prefix) for n in names if n.startswith(prefix)) == shipped
 
     # Installed (not a source checkout): the package must read its kernels from inside itself.
     target = tmp_path / "site"

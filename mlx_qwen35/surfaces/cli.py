@@ -292,7 +292,7 @@ def demo(
     max_tokens: int = typer.Option(48, "--max-tokens", "-m", help="Tokens to generate."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the embedded demo checkpoint."),
 ) -> None:
-    """Build a small random-weight Qwen3.5 checkpoint (no download) and run it through the whole stack."""
+    """Run the tiny Qwen3.5 MoE shipped in the package (trained on Python docs; no download) through the whole stack."""
     from ..runtime.validation import check_numbers
     from .demo import run_demo
 

@@ -1,9 +1,10 @@
 """`mlx-qwen35 demo`: prove an install works end to end, with no download.
 
-Builds (once, into the user cache) a small seeded random-weight Qwen3.5 MoE checkpoint in the
-released Hugging Face layout — fused experts, ``mtp.*``, vision tower, bf16 — with a trained
-tokenizer and the real chat template, converts it to 4-bit with our converter, loads it and streams
-a generation. The weights are random, so the text is gibberish; the point is that every stage runs.
+Converts (once, into the user cache) the tiny Qwen3.5 MoE shipped in ``demo_model/`` — trained by
+tools/train_demo.py on the Python standard library's docstrings, in the released Hugging Face layout
+(fused experts, ``mtp.*``, a random vision tower, bf16) — to 4-bit with our converter, loads it and
+streams its answer to a fixed question. ``demo_config`` (the random-weight shape) also sizes the
+``bench`` presets and the image-memory benchmark.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 from ..weights.layout import padded_vocab_size
 from ..weights.tokenizer_builder import QWEN_ADDED_TOKENS
 
-DEMO_VERSION = 1  # bump when the demo checkpoint's recipe changes, so stale caches are rebuilt
+DEMO_VERSION = 2  # bump when the demo checkpoint changes, so stale caches are rebuilt
 DEMO_SEED = 0
 DEMO_BASE_VOCAB = 1000
-DEMO_PROMPT = "Write a haiku about the sea."
+DEMO_PROMPT = "What does shutil.rmtree do?"  # a chat-shaped training question (tools/demo_corpus.py)
+DEMO_WEIGHTS_DIR = Path(__file__).with_name("demo_model")  # HF layout, written by tools/train_demo.py
 
 
 def demo_cache_dir() -> Path:
@@ -107,10 +109,9 @@ def demo_config() -> dict:
 
 
 def build_demo(target: Path) -> None:
-    """Write the random HF checkpoint and its 4-bit conversion under ``target`` (atomically: staged, then renamed)."""
+    """Write the shipped checkpoint's 4-bit conversion under ``target`` (atomically: staged, then renamed)."""
     from ..weights.convert import convert
     from ..weights.output_dir import OutputDir, is_model_output_dir
-    from ..weights.random_checkpoint import write_random_hf_checkpoint
 
     # Replaces only an earlier demo build (--rebuild), never something else that sits at the cache path.
     output = OutputDir(
@@ -121,12 +122,9 @@ def build_demo(target: Path) -> None:
         replaceable=lambda p: is_model_output_dir(p / "mlx-4bit"),
     )
     with output as staging:
-        print(f"building the demo checkpoint in {target} (once; random weights, no download)…")
-        write_random_hf_checkpoint(
-            staging / "hf", demo_config(), seed=DEMO_SEED, layout="fused", max_shard_bytes=8 * 1024**2
-        )
+        print(f"building the demo checkpoint in {target} (once, from the weights in the package; no download)…")
         convert(
-            hf_path=str(staging / "hf"),
+            hf_path=str(DEMO_WEIGHTS_DIR),
             mlx_path=staging / "mlx-4bit",
             recipe="4bit",
             dtype=None,
@@ -146,12 +144,15 @@ def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
     if rebuild or not model_dir.parent.exists():
         build_demo(model_dir.parent)
     model, processor = load(str(model_dir))
-    print("\nThe weights are RANDOM: the model is real Qwen3.5 architecture (hybrid Gated DeltaNet + attention,")
-    print("sparse MoE, 4-bit) but it was never trained, so the text below is gibberish by design.\n")
+    print(
+        "\nThis is NOT Qwen's model: it is a tiny (a few million parameters) Qwen3.5-architecture model — hybrid Gated"
+    )
+    print("DeltaNet + attention, sparse MoE, 4-bit — trained here on the Python standard library's docstrings.")
+    print("It answers in their style, not always correctly.\n")
     messages = [{"role": "user", "content": DEMO_PROMPT}]
     print(f"user: {DEMO_PROMPT}\nassistant: ", end="", flush=True)
     response = None
-    for response in stream_generate(model, processor, messages, max_tokens=max_tokens):
+    for response in stream_generate(model, processor, messages, max_tokens=max_tokens, enable_thinking=False):
         sys.stdout.write(response.text)
         sys.stdout.flush()
     print()

@@ -41,7 +41,7 @@ def list_models(extra_dirs: list[Path]) -> None:
         )
     for entry in models:
         fits = "yes" if entry.fits else f"no (over {FIT_FRACTION:.0%} of memory)"
-        name = "demo (random weights)" if entry.path == demo_model_dir() else entry.name
+        name = "demo (tiny, trained on Python docs)" if entry.path == demo_model_dir() else entry.name
         table.add_row(name, _size(entry.size_bytes), entry.quantization, fits, str(entry.path))
     console.print(table)
 
