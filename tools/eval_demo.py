@@ -42,8 +42,8 @@ def held_out_windows() -> mx.array:
 
 def log_probs(model, windows: mx.array) -> mx.array:
     """Next-token log-probabilities [N, T-1, V] in float32."""
-    out = [mx.log_softmax(model(w[None])[0, :-1].astype(mx.float32), axis=-1) for w in windows]
-    return mx.stack(out)
+    logits = [model(w[None])[0, :-1].astype(mx.float32) for w in windows]
+    return mx.stack([x - mx.logsumexp(x, axis=-1, keepdims=True) for x in logits])
 
 
 def mtp_accuracy(model, windows: mx.array) -> float:
