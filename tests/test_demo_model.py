@@ -26,11 +26,7 @@ def demo_4bit(tmp_path_factory):
         hf_path=str(DEMO_WEIGHTS_DIR),
         mlx_path=out,
         recipe="4bit",
-        dtype=None,
         shard_size_gb=0.01,
-        revision=None,
-        overwrite=False,
-        dry_run=False,
     )
     return load(str(out))
 

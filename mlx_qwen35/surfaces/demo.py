@@ -127,11 +127,7 @@ def build_demo(target: Path) -> None:
             hf_path=str(DEMO_WEIGHTS_DIR),
             mlx_path=staging / "mlx-4bit",
             recipe="4bit",
-            dtype=None,
             shard_size_gb=0.01,
-            revision=None,
-            overwrite=False,
-            dry_run=False,
         )
 
 
