@@ -35,9 +35,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = feed_forward(cfg)
         # The layer is the compiled graphs' implicit input: each call reads its current weights.
-        self._deltanet_step = mx.compile(self._deltanet_step_eager, inputs=[self])
-        self._attention_in = mx.compile(self._attention_in_eager, inputs=[self])
-        self._attention_out = mx.compile(self._attention_out_eager, inputs=[self])
+        if self.is_linear:
+            self._deltanet_step = mx.compile(self._deltanet_step_eager, inputs=[self])
+        else:
+            self._attention_in = mx.compile(self._attention_in_eager, inputs=[self])
+            self._attention_out = mx.compile(self._attention_out_eager, inputs=[self])
 
     def __call__(self, x: mx.array, cos_sin, cache=None) -> mx.array:
         # A DeltaNet layer's first token (no state yet) runs eagerly: it makes the state the graph takes.

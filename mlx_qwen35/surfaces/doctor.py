@@ -70,11 +70,9 @@ def _wired_memory(model_dir) -> dict:
     """The GPU wired-memory limit now, and what ``model_dir`` needs (``mlx-qwen35 plan``'s number) with the command."""
     need = None
     if model_dir is not None:
-        from ..config import load_config
-        from ..weights.memory_plan import plan, stored_tensors_on_disk
+        from ..weights.memory_plan import plan_model_dir
 
-        tensors = {name: size for name, (_, size) in stored_tensors_on_disk(model_dir).items()}
-        need = plan(load_config(model_dir), tensors, memory_bytes=total_memory_bytes())
+        need = plan_model_dir(model_dir, total_memory_bytes())
     return {
         "limit_mb": _sysctl_wired_limit_mb(),
         "max_recommended_working_set_bytes": mx.device_info().get("max_recommended_working_set_size"),

@@ -18,9 +18,8 @@ from ..weights.memory_plan import (
     predicted_tensor_bytes,
     stored_tensors_on_disk,
 )
-from ..weights.quantize import RECIPES, SAFETENSORS_DTYPE, get_recipe
-
-_DTYPES = {stored: name for name, stored in SAFETENSORS_DTYPE.items()}
+from ..weights.quantize import RECIPES, get_recipe
+from .text_columns import print_columns
 
 
 def _read_json(path: Path) -> dict:
@@ -43,6 +42,7 @@ def _candidates(model: str | None, config_file: str | None, recipe: str | None) 
         raw = _read_json(path) if path.is_file() else read_config_json(path, "--config")
         sources = [(str(path), raw, raw.get("dtype", "bfloat16"))]
     elif model:
+        from ..weights.convert import checkpoint_dtype
         from ..weights.hub import resolve_checkpoint
         from ..weights.peer_formats import detect_format
 
@@ -51,10 +51,10 @@ def _candidates(model: str | None, config_file: str | None, recipe: str | None) 
         raw = read_config_json(directory, "--model")
         if on_disk and detect_format(on_disk) != "hf":  # converted (ours or a peer's): as it is
             cfg = parse_config(raw, f"{model} config.json")
-            return [(model, cfg, "as converted", {k: size for k, (_, size) in on_disk.items()})]
-        # A source checkpoint: what each recipe makes of it, in the dtype the converter keeps by default.
-        embed = on_disk.get("model.language_model.embed_tokens.weight")
-        sources = [(model, raw, _DTYPES.get(embed[0], "bfloat16") if embed else raw.get("dtype", "bfloat16"))]
+            return [(model, cfg, "as converted", {k: t.nbytes for k, t in on_disk.items()})]
+        # A source checkpoint: what each recipe makes of it, in the dtype the converter keeps by default (only
+        # config.json fetched from the Hub: the dtype it names).
+        sources = [(model, raw, checkpoint_dtype(on_disk) if on_disk else raw.get("dtype", "bfloat16"))]
     else:
         sources = [(name, raw, "bfloat16") for name, raw in RELEASED_CONFIGS.items()]
     rows = []
@@ -127,9 +127,7 @@ def run_plan(
         sizes = [_size(b) for b in (p.weights, p.kv_cache, p.recurrent_state, p.prefill_workspace, p.total)]
         speeds = [f"{p.roofline_tokens_per_s(bw):.0f}" for bw in CHIP_BANDWIDTH_GBS.values()]
         table.append([name, p.recipe, *sizes, fits, str(p.wired_limit_mb), *speeds])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for row in table:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print_columns(table)
     print(
         "weights: what the converter writes; KV + state: one conversation's cache; prefill: an estimate of one "
         "prefill step's workspace; wired_limit_mb: 'sudo sysctl iogpu.wired_limit_mb=N' wires the total with 5% "

@@ -15,7 +15,7 @@ import math
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from .layout import (
     shard_filename,
     write_index,
 )
+from .memory_plan import StoredTensor
 from .output_dir import OutputDir
 from .quantize import (
     DTYPE_BYTES,
@@ -416,7 +417,7 @@ def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def checkpoint_dtype(sources: dict[str, SourceTensor]) -> str:
+def checkpoint_dtype(sources: Mapping[str, SourceTensor | StoredTensor]) -> str:
     """The checkpoint's own floating dtype: that of the embedding table (never FP8 in any release)."""
     embed = sources.get("model.language_model.embed_tokens.weight")
     return _DTYPE_NAMES.get(embed.dtype, "bfloat16") if embed else "bfloat16"

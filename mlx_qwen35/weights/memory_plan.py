@@ -12,8 +12,9 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from ..config import ModelConfig, parse_config
+from ..config import ModelConfig, load_config, parse_config
 from .layout import expected_tensors, read_safetensors_header
 from .quantize import RECIPES, Recipe, nbytes, stored_tensors
 
@@ -63,28 +64,33 @@ _LARGE_VIT = {
 }
 
 
-def _layer_types(layers: int) -> list[str]:
-    return (["linear_attention"] * 3 + ["full_attention"]) * (layers // 4)  # full_attention_interval 4
+def _member(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, value_heads: int, **ffn) -> dict:
+    """config.json of a released member: the family's shared text fields, its own sizes, the large ViT."""
+    text = _SHARED_TEXT | dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4),  # full_attention_interval 4
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        linear_num_value_heads=value_heads,
+        **ffn,
+    )
+    return {"model_type": model_type, "text_config": text, "vision_config": _LARGE_VIT | {"out_hidden_size": hidden}}
 
 
 RELEASED_MOE_CONFIGS = {
-    name: {
-        "model_type": "qwen3_5_moe",
-        "text_config": _SHARED_TEXT
-        | dict(
-            hidden_size=h,
-            num_hidden_layers=layers,
-            layer_types=_layer_types(layers),
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            linear_num_value_heads=hv,
-            num_experts=experts,
-            num_experts_per_tok=top_k,
-            moe_intermediate_size=inter,
-            shared_expert_intermediate_size=inter,
-        ),
-        "vision_config": _LARGE_VIT | {"out_hidden_size": h},
-    }
+    name: _member(
+        "qwen3_5_moe",
+        h,
+        layers,
+        heads,
+        2,
+        hv,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter,
+    )
     for name, (h, layers, heads, hv, experts, top_k, inter) in {
         "Qwen3.5-397B-A17B": (4096, 60, 32, 64, 512, 10, 1024),
         "Qwen3.5-122B-A10B": (3072, 48, 32, 64, 256, 8, 1024),
@@ -93,20 +99,7 @@ RELEASED_MOE_CONFIGS = {
 }
 # The dense members whose configs are confirmed (4B and 2B are not: docs/architecture.md §1.3).
 RELEASED_DENSE_CONFIGS = {
-    name: {
-        "model_type": "qwen3_5",
-        "text_config": _SHARED_TEXT
-        | dict(
-            hidden_size=h,
-            num_hidden_layers=layers,
-            layer_types=_layer_types(layers),
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            linear_num_value_heads=hv,
-            intermediate_size=inter,
-        ),
-        "vision_config": _LARGE_VIT | {"out_hidden_size": h},
-    }
+    name: _member("qwen3_5", h, layers, heads, kv, hv, intermediate_size=inter)
     for name, (h, layers, heads, kv, hv, inter) in {
         "Qwen3.5-27B": (5120, 64, 24, 4, 48, 17408),
         "Qwen3.5-9B": (4096, 32, 16, 4, 32, 12288),
@@ -172,16 +165,29 @@ def predicted_tensor_bytes(cfg: ModelConfig, recipe: Recipe, dtype: str = "bfloa
     }
 
 
-def stored_tensors_on_disk(model_dir: Path) -> dict[str, tuple[str, int]]:
-    """(safetensors dtype, bytes) of every tensor in ``model_dir``'s shards, from their headers (no data is read)."""
+class StoredTensor(NamedTuple):
+    """One tensor of a safetensors shard, as its header describes it."""
+
+    dtype: str  # the safetensors name: BF16, F32, U32, …
+    nbytes: int
+
+
+def stored_tensors_on_disk(model_dir: Path) -> dict[str, StoredTensor]:
+    """Every tensor in ``model_dir``'s shards, from their headers (no data is read)."""
     tensors = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         header, _ = read_safetensors_header(path)
         for key, info in header.items():
             if key != "__metadata__":
                 begin, end = info["data_offsets"]
-                tensors[key] = (info["dtype"], end - begin)
+                tensors[key] = StoredTensor(info["dtype"], end - begin)
     return tensors
+
+
+def plan_model_dir(model_dir: Path, memory_bytes: int, context: int = FIT_CONTEXT_TOKENS) -> MemoryPlan:
+    """The plan of a converted checkpoint (ours or a peer's) as it lies on disk."""
+    weights = {name: t.nbytes for name, t in stored_tensors_on_disk(model_dir).items()}
+    return plan(load_config(model_dir), weights, memory_bytes, context=context)
 
 
 def decode_read_bytes(cfg: ModelConfig, tensor_bytes: dict[str, int], context: int, kv_bits: int | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ...errors import Qwen35Error
+from ..text_columns import print_columns
 from .measure import Run, Summary, launches, measure_run
 from .runtimes import LOADERS, OURS, require_peer
 
@@ -67,15 +68,11 @@ def _peer_dir(peer: str, model_dir: Path, peer_model: str | None, source: str | 
 
 def _check_fits(dirs: dict[str, Path], context: int) -> None:
     """All the runtimes' weights (resident together) plus one run's cache and workspace fit this machine; else one line."""
-    from ...config import load_config
     from ...weights.local_models import total_memory_bytes
-    from ...weights.memory_plan import GIB, OS_RESERVE_GIB, plan, stored_tensors_on_disk
+    from ...weights.memory_plan import GIB, OS_RESERVE_GIB, plan_model_dir
 
     memory = total_memory_bytes()
-    plans = [
-        plan(load_config(d), {k: size for k, (_, size) in stored_tensors_on_disk(d).items()}, memory, context=context)
-        for d in dirs.values()
-    ]
+    plans = [plan_model_dir(d, memory, context=context) for d in dirs.values()]
     need = sum(p.weights for p in plans) + max(p.total - p.weights for p in plans)
     if need > memory - OS_RESERVE_GIB * GIB:
         raise Qwen35Error(
@@ -224,9 +221,7 @@ def _print_table(report: dict, prompt_lengths: list[int]) -> None:
                     f"{r['peak_memory_bytes']:.2f}×",
                 ]
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print_columns(rows)
     launches_line = ", ".join(f"{name} {r['decode_step_launches']}" for name, r in report["runtimes"].items())
     ratios = ", ".join(f"{r['decode_step_launches']:.2f}× {peer}'s" for peer, r in report["ratios"].items())
     print(
