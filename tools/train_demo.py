@@ -1,6 +1,7 @@
 """Train the demo model: a tiny Qwen3.5 MoE (with its MTP head) on the standard library's docstrings.
 
     PYTHONPATH=. .venv/bin/python tools/train_demo.py [--steps N] [--out mlx_qwen35/surfaces/demo_model]
+        [--metrics tools/demo_metrics.json]
 
 Not part of the installed package: it needs torch and transformers (the test extras). Seeded and
 deterministic on one machine (fixed step count, 2 threads). Writes the released Hugging Face layout
@@ -50,13 +51,26 @@ CHAT_EVERY = 2  # every 2nd training document is a chat turn (question → docst
 
 
 def trained_demo_config() -> dict:
-    """demo_config() cut to fit ~13 MB of bf16: 4 layers (3 DeltaNet : 1 gated attention), 16 experts of 64, top-4."""
+    """demo_config() reshaped to the flagship's proportions in ~16 MB of bf16.
+
+    4 layers (3 DeltaNet : 1 gated attention); DeltaNet QK:V heads 1:4 (2 : 8 of 64); attention head dim 256
+    with a quarter rotary (64 dims, M-RoPE sections 11/11/10 as released); 32 experts of 32, top-4, plus the
+    shared expert; Qwen's own router balancing weight (0.001), so routing keeps the skew an expert cache meets.
+    """
     config = demo_config()
     text = config["text_config"]
     text["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
     text["num_hidden_layers"] = 4
-    text["moe_intermediate_size"] = 64
-    text["router_aux_loss_coef"] = 0.01
+    text["linear_num_key_heads"] = 2
+    text["linear_num_value_heads"] = 8
+    text["num_attention_heads"] = 2
+    text["num_key_value_heads"] = 1
+    text["head_dim"] = 256
+    text["rope_parameters"]["mrope_section"] = [11, 11, 10]
+    text["num_experts"] = 32
+    text["num_experts_per_tok"] = 4
+    text["moe_intermediate_size"] = 32
+    text["router_aux_loss_coef"] = 0.001
     return config
 
 
@@ -172,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=450)
     parser.add_argument("--out", type=Path, default=Path("mlx_qwen35/surfaces/demo_model"))
+    parser.add_argument("--metrics", type=Path, default=Path(__file__).with_name("demo_metrics.json"))
     args = parser.parse_args()
     torch.manual_seed(DEMO_SEED)
     torch.set_num_threads(2)
@@ -230,7 +245,7 @@ def main() -> None:
     }
     print(json.dumps(metrics, indent=2), flush=True)
     write_checkpoint(args.out, config, hf_state(model, mtp))
-    (Path(__file__).parent / "demo_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 if __name__ == "__main__":
