@@ -5,20 +5,34 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 
-def run_demo(cache_home) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+from mlx_qwen35.surfaces.demo import DEMO_SERVED_NAME, DEMO_VERSION
+
+
+def run_demo(cache_home, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "XDG_STATE_HOME": str(Path(cache_home) / "state")}
     return subprocess.run(
-        [sys.executable, "-m", "mlx_qwen35", "demo", "--max-tokens", "12"],
+        [sys.executable, "-m", "mlx_qwen35", "demo", "--max-tokens", "12", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
     )
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One user cache for the tests that need the demo built, not how it is built."""
+    return tmp_path_factory.mktemp("demo-cache")
 
 
 def test_demo_builds_once_and_generates(tmp_path):
@@ -27,7 +41,7 @@ def test_demo_builds_once_and_generates(tmp_path):
     assert "building the demo checkpoint" in first.stdout and "NOT Qwen's model" in first.stdout
     assert re.search(r"generation: 12 tokens, [\d.]+ tokens/s", first.stdout)
     built = sorted(p.name for p in (tmp_path / "mlx-qwen35" / "demo").iterdir())
-    assert built == ["v2"], built  # no staging directories left behind
+    assert built == [f"v{DEMO_VERSION}"], built  # no staging directories left behind
 
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stderr
@@ -45,7 +59,7 @@ def test_demo_says_where_its_model_is_and_models_lists_it(tmp_path):
     demo = run_demo(tmp_path / "cache")
     assert demo.returncode == 0, demo.stderr
     [path] = re.findall(r"^The demo model is at (.+)$", demo.stdout, re.MULTILINE)
-    assert path == str(tmp_path / "cache" / "mlx-qwen35" / "demo" / "v2" / "mlx-4bit")
+    assert path == str(tmp_path / "cache" / "mlx-qwen35" / "demo" / f"v{DEMO_VERSION}" / "mlx-4bit")
     tries = re.findall(r"^  mlx-qwen35 (chat|serve|generate) (\S+)", demo.stdout, re.MULTILINE)
     assert tries == [("chat", path), ("serve", path), ("generate", path)]
 
@@ -62,3 +76,45 @@ def test_demo_says_where_its_model_is_and_models_lists_it(tmp_path):
     assert re.fullmatch(
         rf"demo \(tiny, trained on Python docs\)\s+{size_mb:.1f} MB\s+4bit\s+yes\s+{re.escape(path)}", row
     ), row
+
+
+def test_demo_chat_answers_the_fixed_question_then_each_typed_one(shared_cache):
+    """``demo --chat``: the fixed answer, then the REPL on the same model (stdin piped: its plain reader)."""
+    result = run_demo(shared_cache, "--chat", stdin="What does os.getcwd do?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    fixed, chat = result.stdout.split("Now ask it", 1)
+    assert "assistant: " in fixed and "The demo model is at" not in result.stdout
+    assert re.search(r"\d+ tokens, [\d.]+ tok/s", chat), chat  # the REPL answered the typed question
+
+
+def test_serve_without_a_model_serves_the_demo(shared_cache):
+    """The zero-config server (and so the chat page): no MODEL builds and serves the demo, said on stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XDG_CACHE_HOME": str(shared_cache)}
+    log = shared_cache / f"serve-{port}.log"
+    command = [sys.executable, "-m", "mlx_qwen35", "serve", "--port", str(port), "--max-tokens", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300  # it may build the demo first
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [DEMO_SERVED_NAME]
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "What does shutil.rmtree do?"}], "temperature": 0},
+            timeout=60,
+        )
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"], reply.text
+        assert "serving the demo model" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -291,13 +291,14 @@ def chat(
 def demo(
     max_tokens: int = typer.Option(48, "--max-tokens", "-m", help="Tokens to generate."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the embedded demo checkpoint."),
+    chat: bool = typer.Option(False, "--chat", help="Then chat with the demo model in the terminal."),
 ) -> None:
     """Run the tiny Qwen3.5 MoE shipped in the package (trained on Python docs; no download) through the whole stack."""
     from ..runtime.validation import check_numbers
     from .demo import run_demo
 
     check_numbers(max_tokens=max_tokens)
-    run_demo(max_tokens=max_tokens, rebuild=rebuild)
+    run_demo(max_tokens=max_tokens, rebuild=rebuild, chat=chat)
 
 
 @app.command()
@@ -339,14 +340,20 @@ def serve(
         help="Web origins that may call the API from a browser (CORS), e.g. http://localhost:3000; repeat or comma-separate. Default: none.",
     ),
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at /."""
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at / (no MODEL: the demo)."""
     from ..runtime.validation import check_numbers
     from .server.routes import serve as run_server
 
     check_numbers(port=port, max_tokens=max_tokens)
     _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
+    if model or model_option:
+        model_path = resolve_model(model, model_option, "serve")
+    else:
+        from .demo import DEMO_SERVED_NAME, serve_default_model
+
+        model_path, served_model_name = serve_default_model(), served_model_name or DEMO_SERVED_NAME
     run_server(
-        resolve_model(model, model_option, "serve"),
+        model_path,
         host=host,
         port=port,
         api_key=api_key,

@@ -3,7 +3,8 @@
 Converts (once, into the user cache) the tiny Qwen3.5 MoE shipped in ``demo_model/`` — trained by
 tools/train_demo.py on the Python standard library's docstrings, in the released Hugging Face layout
 (fused experts, ``mtp.*``, a random vision tower, bf16) — to 4-bit with our converter, loads it and
-streams its answer to a fixed question. ``demo_config`` (the random-weight shape) also sizes the
+streams its answer to a fixed question; ``demo --chat`` then opens the REPL on it, and ``serve`` without
+a model serves it (the chat page's zero-config default). ``demo_config`` (the random-weight shape) also sizes the
 ``bench`` presets and the image-memory benchmark.
 """
 
@@ -16,10 +17,12 @@ from pathlib import Path
 from ..weights.layout import padded_vocab_size
 from ..weights.tokenizer_builder import QWEN_ADDED_TOKENS
 
-DEMO_VERSION = 2  # bump when the demo checkpoint changes, so stale caches are rebuilt
+DEMO_VERSION = 3  # bump when the demo checkpoint changes, so stale caches are rebuilt
 DEMO_SEED = 0
 DEMO_BASE_VOCAB = 1000
 DEMO_PROMPT = "What does shutil.rmtree do?"  # a chat-shaped training question (tools/demo_corpus.py)
+DEMO_SERVED_NAME = "mlx-qwen35-demo"  # the model id /v1/models reports for it
+DEMO_CHAT_MAX_TOKENS = 256  # a reply of the corpus's kind is one docstring paragraph
 DEMO_WEIGHTS_DIR = Path(__file__).with_name("demo_model")  # HF layout, written by tools/train_demo.py
 
 
@@ -131,14 +134,31 @@ def build_demo(target: Path) -> None:
         )
 
 
-def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
-    """Build the demo checkpoint if needed, then stream a generation from it through the whole stack."""
-    from ..runtime.generation import stream_generate
-    from ..weights.loading import load
-
+def ensure_demo_model(rebuild: bool = False) -> Path:
+    """The demo's converted checkpoint, built first from the package's weights if missing (or ``rebuild``)."""
     model_dir = demo_model_dir()
     if rebuild or not model_dir.parent.exists():
         build_demo(model_dir.parent)
+    return model_dir
+
+
+def serve_default_model() -> str:
+    """What ``serve`` runs when given no model: the demo checkpoint, said plainly on stderr."""
+    model_dir = ensure_demo_model()
+    print(
+        "no model given: serving the demo model (tiny, trained here on the Python docs; not Qwen's weights). "
+        "Give MODEL to serve a real one.",
+        file=sys.stderr,
+    )
+    return str(model_dir)
+
+
+def run_demo(max_tokens: int = 48, rebuild: bool = False, chat: bool = False) -> None:
+    """Build the demo checkpoint if needed, stream a generation from it through the whole stack; then the REPL if ``chat``."""
+    from ..runtime.generation import stream_generate
+    from ..weights.loading import load
+
+    model_dir = ensure_demo_model(rebuild)
     model, processor = load(str(model_dir))
     print(
         "\nThis is NOT Qwen's model: it is a tiny (a few million parameters) Qwen3.5-architecture model — hybrid Gated"
@@ -158,7 +178,26 @@ def run_demo(max_tokens: int = 48, rebuild: bool = False) -> None:
             f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
             f"peak memory {response.peak_memory:.2f} GB"
         )
-    print(next_steps(model_dir))
+    if not chat:
+        print(next_steps(model_dir))
+        return
+    from .repl import run_chat
+
+    print("\nNow ask it about the standard library (e.g. 'What does os.getcwd do?'); /help lists the commands.\n")
+    # Trained on answers with an empty thinking block: thinking off is the form it knows.
+    run_chat(
+        model=str(model_dir),
+        system=None,
+        enable_thinking=False,
+        thinking_budget=None,
+        hide_thinking=False,
+        max_tokens=DEMO_CHAT_MAX_TOKENS,
+        sampling_overrides={},
+        seed=None,
+        max_kv_size=None,
+        kv_bits=None,
+        sessions_dir=None,
+    )
 
 
 def next_steps(model_dir: Path) -> str:

@@ -29,7 +29,7 @@ def list_models(extra_dirs: list[Path]) -> None:
         console.print(f"no Qwen3.5 checkpoint found (looked in {looked})", markup=False)
         console.print(
             "get one: 'mlx-qwen35 generate mlx-community/Qwen3.5-0.8B-4bit -p hi' downloads it; "
-            "'mlx-qwen35 demo' builds a tiny random one",
+            "'mlx-qwen35 demo' builds a tiny one trained on the Python docs",
             markup=False,
         )
         return
