@@ -43,7 +43,15 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, cos_sin, cache=None) -> mx.array:
         # A DeltaNet layer's first token (no state yet) runs eagerly: it makes the state the graph takes.
-        if x.shape[1] == 1 and cache is not None and compiles_decode() and (not self.is_linear or cache[1] is not None):
+        # Streamed experts read the routing on the host between layers, which a compiled graph cannot (§6.1).
+        streams = getattr(self.mlp, "streams_experts", False)
+        if (
+            x.shape[1] == 1
+            and cache is not None
+            and not streams
+            and compiles_decode()
+            and (not self.is_linear or cache[1] is not None)
+        ):
             return self._decode(x, cos_sin, cache)
         if self.is_linear:
             h = x + self.linear_attn(self.input_layernorm(x), cache)

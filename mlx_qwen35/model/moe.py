@@ -38,6 +38,14 @@ class SparseMoE(nn.Module):
         self.experts = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        # Set by the loader for a checkpoint with an expert store: the routed experts stream through it (§6.1).
+        self.expert_cache = None
+        self.layer_index = -1
+
+    @property
+    def streams_experts(self) -> bool:
+        """Whether the routed experts come from an expert store (the layer then reads its routing on the host)."""
+        return self.expert_cache is not None
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Expert indices [..., k] and their renormalised weights [..., k] (selection in fp32)."""
@@ -48,7 +56,10 @@ class SparseMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         indices, weights = self.route(x)
-        routed = routed_experts(x, indices, weights, self.experts)  # [B, T, H]
+        if self.expert_cache is not None:
+            routed = self.expert_cache.routed(self.layer_index, x, indices, weights, self.experts)
+        else:
+            routed = routed_experts(x, indices, weights, self.experts)  # [B, T, H]
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared
 

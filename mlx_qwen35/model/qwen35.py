@@ -23,6 +23,7 @@ class Qwen35Model(nn.Module):
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config.text)
+        self.expert_cache = None  # an ExpertCache when the routed experts stream from a store (§6.1)
         if config.text.mtp_num_hidden_layers:
             self.mtp = MTP(config.text, self.language_model.rope)
         if config.vision is not None:

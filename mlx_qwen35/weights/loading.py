@@ -20,6 +20,14 @@ from ..errors import Qwen35Error
 from ..kernels.self_check import check_kernels
 from ..model.qwen35 import Qwen35Model
 from ..processing.processor import Processor
+from .expert_store import (
+    EXPERT_TENSOR,
+    ExpertStore,
+    attach_expert_store,
+    check_store_matches,
+    has_expert_store,
+    parse_expert_memory,
+)
 from .hub import resolve_checkpoint
 from .memory_plan import plan
 from .peer_formats import detect_format, translate_peer_checkpoint
@@ -95,9 +103,22 @@ def _set_wired_limit(model: Qwen35Model) -> None:
     mx.set_wired_limit(limit)
 
 
-def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Model:
-    """Build the model for ``model_dir`` and assign its weights (lazily)."""
+def load_model(
+    model_dir: Path, config: ModelConfig | None = None, expert_memory: str | float | None = None
+) -> Qwen35Model:
+    """Build the model for ``model_dir`` and assign its weights (lazily).
+
+    With an expert store (``experts/``) the routed experts stream from it through a cache of ``expert_memory``
+    (GB, or a share of the experts such as ``"25%"``; default all of them), docs/architecture.md §6.1.
+    """
     config = config or load_config(model_dir)
+    budget = parse_expert_memory(expert_memory)
+    store = ExpertStore(model_dir) if has_expert_store(model_dir) else None
+    if budget is not None and store is None:
+        raise Qwen35Error(
+            f"--expert-memory-gb: {model_dir} has no expert store; make one with "
+            f"mlx-qwen35 expert-store --model {model_dir} --out <dir>, then load that"
+        )
     weights = read_weights(model_dir)
     fmt = detect_format(weights)
     if fmt == "hf":
@@ -112,7 +133,8 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
     if config.quantization:
         _quantize_from_map(model, config.quantization, weights)
     expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(k for k in expected if k not in weights and not k.startswith("mtp."))
+    streamed = (lambda k: EXPERT_TENSOR.match(k) is not None) if store is not None else (lambda k: False)
+    missing = sorted(k for k in expected if k not in weights and not k.startswith("mtp.") and not streamed(k))
     if missing:
         raise Qwen35Error(
             f"{model_dir}: checkpoint is missing {len(missing)} tensors (first: {missing[0]}); re-convert it"
@@ -129,6 +151,11 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
                 f"{tuple(expected[key].shape)}; config.json and the weights disagree"
             )
     model.load_weights([(k, v) for k, v in weights.items() if k in expected], strict=False)
+    if store is not None:
+        check_store_matches(store, model, config)
+        model.expert_cache = attach_expert_store(
+            model, store, (budget or (lambda total: total))(store.total_bytes), compute_fp32=not mx.metal.is_available()
+        )
     if not mx.metal.is_available():
         _compute_on_cpu_in_fp32(model)
         model.language_model.compute_dtype = mx.float32
@@ -141,9 +168,14 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
     return model
 
 
-def load(path_or_repo: str, revision: str | None = None) -> tuple[Qwen35Model, Processor]:
-    """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor)."""
+def load(
+    path_or_repo: str, revision: str | None = None, expert_memory: str | float | None = None
+) -> tuple[Qwen35Model, Processor]:
+    """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor).
+
+    ``expert_memory``: the budget of a checkpoint with an expert store (GB or ``"25%"``; ``load_model``).
+    """
     model_dir = resolve_checkpoint(str(path_or_repo), revision, argument="--model")
     config = load_config(model_dir)
     processor = Processor.from_dir(model_dir, config)  # first: a broken tokenizer is found before the weights load
-    return load_model(model_dir, config), processor
+    return load_model(model_dir, config, expert_memory), processor

@@ -1,0 +1,265 @@
+"""Streamed experts: the routed experts resident within a byte budget, the rest read from an expert store (docs/architecture.md §6.1).
+
+The sparse MoE of each layer asks ``ExpertCache.routed`` for its routed output. The layer's routing is read
+back to the host (the one sync per layer streaming needs), hits come from memory, misses are read by the
+store's thread pool (``pread``), and the layer runs the same SwitchGLU gather matmuls over a stack of just the
+experts it uses, with the token–expert pairs renumbered into that stack: the same numbers as fully resident.
+
+Eviction keeps what is used often *and* lately: each expert's score is its routing count, decayed by
+``DECAY`` per step (so old use fades) and seeded from a calibration run's shares (``priors``); the victim is
+the resident expert of lowest score that the current step does not use. The budget covers every expert in
+memory, the step's own and the prefetched ones included; a prefill chunk whose experts do not fit runs them
+in groups that do, each evaluated before the next is read. Prefetch applies the next layer's router to this
+layer's input (the residual stream changes little from one layer to the next) and reads its likely experts
+while this layer computes, when they score above what they would displace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import Qwen35Error
+from ..kernels.expert_dispatch import routed_experts
+
+DECAY = 0.99  # per step: an expert's count halves in ~70 steps without use
+PRIOR_WEIGHT = 32.0  # a calibration share of 1.0 counts as this many uses
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertStats:
+    """Counters since the cache was made: hits, misses, bytes read, and where the time went."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0  # reads issued ahead of the layer that needs them
+    prefetch_used: int = 0  # of those, read by the layer they were for
+    evictions: int = 0
+    bytes_read: int = 0
+    read_wait_seconds: float = 0.0  # the forward waiting for reads it needs
+    sync_seconds: float = 0.0  # the forward waiting for the graph up to a layer's routing (compute)
+    peak_resident_bytes: int = 0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self, budget_bytes: int, resident_bytes: int) -> dict:
+        """The counters and the derived rates, for ``--json`` and ``/stats``."""
+        lookups = self.hits + self.misses
+        return {
+            "budget_bytes": budget_bytes,
+            "resident_bytes": resident_bytes,
+            "peak_resident_bytes": self.peak_resident_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / lookups if lookups else None,
+            "prefetched": self.prefetched,
+            "prefetch_used": self.prefetch_used,
+            "evictions": self.evictions,
+            "bytes_read": self.bytes_read,
+            "read_wait_seconds": self.read_wait_seconds,
+            "sync_seconds": self.sync_seconds,
+        }
+
+
+class ExpertCache:
+    """The routed experts of every MoE layer within ``budget_bytes``, read from ``store`` (``weights.expert_store.ExpertStore``)."""
+
+    def __init__(
+        self,
+        store,
+        budget_bytes: int,
+        top_k: int,
+        priors: dict[int, list[float]] | None = None,
+        prefetch: bool = True,
+        decay: float = DECAY,
+    ):
+        self.store = store
+        self.layers = sorted(store.layers)
+        self._row = {layer: i for i, layer in enumerate(self.layers)}
+        num_experts = max(store.layers[layer]["num_experts"] for layer in self.layers)
+        self.expert_bytes = np.array([store.expert_bytes(layer) for layer in self.layers], dtype=np.int64)
+        self.minimum_bytes = int(top_k * self.expert_bytes.max())
+        if budget_bytes < self.minimum_bytes:
+            raise Qwen35Error(
+                f"--expert-memory-gb {budget_bytes / 1e9:.6g}: below one layer's top-{top_k} experts; "
+                f"give at least {self.minimum_bytes / 1e9:.6g} GB ({self.minimum_bytes} bytes)"
+            )
+        self.budget_bytes = int(budget_bytes)
+        self.prefetch = prefetch
+        self.decay = decay
+        shape = (len(self.layers), num_experts)
+        self.score = np.zeros(shape)
+        if priors:
+            for layer, shares in priors.items():
+                if layer in self._row:
+                    self.score[self._row[layer], : len(shares)] = PRIOR_WEIGHT * np.asarray(shares)
+        self.counts = np.zeros(shape, dtype=np.int64)  # raw routing counts: what a calibration run saves
+        self.resident: dict[tuple[int, int], dict[str, mx.array]] = {}
+        self.pending: dict[tuple[int, int], object] = {}  # prefetch futures, their bytes already reserved
+        self.in_memory = np.zeros(shape, dtype=bool)  # resident or pending
+        self.resident_bytes = 0
+        self.stats = ExpertStats()
+        self.next_router: dict[int, Callable[[mx.array], mx.array]] = {}  # layer → the next MoE layer's route
+
+    # ------------------------------------------------------------------------------------------ budget
+
+    def _admit(self, layer: int, expert: int, pinned: np.ndarray, score: float | None = None) -> bool:
+        """Make room for one expert by evicting the lowest-scoring unpinned ones; False if nothing may go."""
+        need = int(self.expert_bytes[self._row[layer]])
+        while self.resident_bytes + need > self.budget_bytes:
+            candidates = self.in_memory & ~pinned
+            for key in self.pending:  # a read in flight cannot be dropped mid-way
+                candidates[self._row[key[0]], key[1]] = False
+            if not candidates.any():
+                return False
+            keyed = np.where(candidates, self.score, np.inf)
+            row, victim = np.unravel_index(np.argmin(keyed), keyed.shape)
+            if score is not None and keyed[row, victim] >= score:
+                return False
+            self._evict(self.layers[row], int(victim))
+        self.resident_bytes += need
+        self.in_memory[self._row[layer], expert] = True
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.resident_bytes)
+        return True
+
+    def _evict(self, layer: int, expert: int) -> None:
+        del self.resident[(layer, expert)]
+        self.in_memory[self._row[layer], expert] = False
+        self.resident_bytes -= int(self.expert_bytes[self._row[layer]])
+        self.stats.evictions += 1
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    def _fetch(self, layer: int, experts: list[int], pinned: np.ndarray) -> dict[int, dict[str, mx.array]]:
+        """The tensors of ``experts`` of ``layer``, all resident afterwards (room made by eviction)."""
+        row = self._row[layer]
+        start = time.perf_counter()
+        prefetched = {e for (lay, e) in self.pending if lay == layer}
+        self._settle(layer)
+        got, futures = {}, {}
+        for e in experts:
+            key = (layer, e)
+            if key in self.resident:
+                if e in prefetched:
+                    self.stats.misses += 1
+                    self.stats.prefetch_used += 1
+                else:
+                    self.stats.hits += 1
+                got[e] = self.resident[key]
+                continue
+            self.stats.misses += 1
+            if not self._admit(layer, e, pinned):
+                self._settle(None)  # reads in flight for the next layer: resident now, so evictable
+                if not self._admit(layer, e, pinned):
+                    raise AssertionError("the budget check keeps one layer's experts admissible")
+            futures[e] = self.store.submit(layer, e)
+        for e, future in futures.items():
+            got[e] = self.resident[(layer, e)] = self.store.tensors(layer, future.result())
+        self.stats.read_wait_seconds += time.perf_counter() - start
+        self.stats.bytes_read = self.store.counters.bytes
+        self.counts[row, experts] += 1
+        return got
+
+    def _prefetch(self, layer: int, guess: np.ndarray, pinned: np.ndarray) -> None:
+        row = self._row[layer]
+        for e in (int(e) for e in np.unique(guess)):
+            if self.in_memory[row, e]:
+                continue
+            if not self._admit(layer, e, pinned, score=self.score[row, e] + 1):
+                continue
+            self.pending[(layer, e)] = self.store.submit(layer, e)
+            self.stats.prefetched += 1
+
+    def _settle(self, layer: int | None) -> None:
+        """Prefetches in flight (for ``layer``, or all) into the resident set; their bytes were reserved when issued."""
+        for key in [key for key in self.pending if layer is None or key[0] == layer]:
+            self.resident[key] = self.store.tensors(key[0], self.pending.pop(key).result())
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def routed(self, layer: int, x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
+        """Σ_j weights[..., j] · expert_{indices[..., j]}(x) with the experts streamed; ``experts`` is the layer's SwitchGLU shell."""
+        row = self._row[layer]
+        guess = None
+        one_token = x.size == x.shape[-1]  # decode: prefetch pays; a prefill chunk reads what it routes to anyway
+        following = self.next_router.get(layer) if self.prefetch and one_token else None
+        start = time.perf_counter()
+        if following is not None:
+            guess = following(x)
+            mx.eval(indices, guess)
+        else:
+            mx.eval(indices)
+        self.stats.sync_seconds += time.perf_counter() - start
+        if layer == self.layers[0]:
+            self.score *= self.decay
+            self.stats.steps += 1
+        idx = np.array(indices)  # [..., k]
+        used = np.unique(idx)
+        self.score[row, used] += np.bincount(idx.reshape(-1), minlength=self.score.shape[1])[used]
+        pinned = np.zeros_like(self.in_memory)
+        fit = int(self.budget_bytes // self.expert_bytes[row])
+        if len(used) <= fit:
+            pinned[row, used] = True
+            got = self._fetch(layer, [int(e) for e in used], pinned)
+            if guess is not None:
+                self._prefetch(self.layers[row + 1], np.array(guess), pinned)
+            local = mx.array(np.searchsorted(used, idx), dtype=mx.uint32)
+            out = routed_experts(x, local, weights, _stacked(experts, [got[int(e)] for e in used]))
+        else:
+            out = self._routed_in_groups(layer, x, idx, used, weights, experts, fit)
+        empty_experts(experts)  # the graph holds the stacks until it runs; the shell must not keep them after
+        return out
+
+    def _routed_in_groups(
+        self, layer: int, x: mx.array, idx: np.ndarray, used: np.ndarray, weights: mx.array, experts, fit: int
+    ) -> mx.array:
+        """A prefill chunk whose experts exceed the budget: groups that fit, each evaluated before the next is read."""
+        self._settle(None)
+        H, k = x.shape[-1], idx.shape[-1]
+        flat_x, flat_idx = x.reshape(-1, H), idx.reshape(-1, k)
+        y = mx.zeros((flat_idx.shape[0], k, H), dtype=x.dtype)  # each pair's expert output, as SwitchGLU gives
+        for start in range(0, len(used), fit):
+            group = used[start : start + fit]
+            pinned = np.zeros_like(self.in_memory)
+            pinned[self._row[layer], group] = True
+            got = self._fetch(layer, [int(e) for e in group], pinned)
+            tok, slot = np.nonzero(np.isin(flat_idx, group))
+            local = mx.array(np.searchsorted(group, flat_idx[tok, slot])[:, None], dtype=mx.uint32)
+            shell = _stacked(experts, [got[int(e)] for e in group])
+            part = shell(flat_x[mx.array(tok)], local)[:, 0]  # [pairs, H]
+            y = y.at[mx.array(tok), mx.array(slot)].add(part)
+            mx.eval(y)  # the group's weights may be evicted by the next one
+        return (y.reshape(*x.shape[:-1], k, H) * weights[..., None]).sum(axis=-2)
+
+    def as_dict(self) -> dict:
+        """The counters and rates so far (``ExpertStats.as_dict``)."""
+        return self.stats.as_dict(self.budget_bytes, self.resident_bytes)
+
+
+def _stacked(experts: nn.Module, chosen: list[dict[str, mx.array]]) -> nn.Module:
+    """The layer's SwitchGLU shell holding just ``chosen``'s tensors, stacked [len(chosen), ...] in its own dtypes."""
+    for (projection, name), empty in experts._stream_empty.items():
+        tensor = f"{projection}.{name}"
+        getattr(experts, projection)[name] = mx.stack([c[tensor] for c in chosen]).astype(empty.dtype)
+    return experts
+
+
+def empty_experts(experts: nn.Module, dtypes: dict[str, mx.Dtype] | None = None) -> None:
+    """Hold empty tensors in a SwitchGLU between calls (the store has the experts); ``dtypes``: what the stacks compute in."""
+    if dtypes is not None:
+        empty = {}
+        for projection in PROJECTIONS:
+            module = getattr(experts, projection)
+            for name in ("weight", "scales", "biases"):
+                if module.get(name) is not None:
+                    shape = module[name].shape[1:]
+                    empty[(projection, name)] = mx.zeros((0, *shape), dtype=dtypes[f"{projection}.{name}"])
+        object.__setattr__(experts, "_stream_empty", empty)
+    for (projection, name), a in experts._stream_empty.items():
+        getattr(experts, projection)[name] = a
