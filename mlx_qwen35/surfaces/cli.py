@@ -84,6 +84,9 @@ def convert(
     revision: str | None = typer.Option(None, "--revision", help="Hub revision when --hf-path is a repo id."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --mlx-path."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the predicted size of each recipe."),
+    expert_store: bool = typer.Option(
+        False, "--expert-store", help="Write the routed experts one by one (experts/) to stream them from the SSD."
+    ),
 ) -> None:
     """Convert a Hugging Face Qwen3.5 checkpoint (bf16, fused or per-expert, or block-FP8) to MLX."""
     from ..runtime.validation import check_numbers
@@ -99,6 +102,7 @@ def convert(
         revision=revision,
         overwrite=overwrite,
         dry_run=dry_run,
+        expert_store=expert_store,
     )
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import ModelConfig, parse_config, read_config_json
 from ..errors import Qwen35Error
+from .expert_store import STORE_DIR, write_store_dir
 from .hub import resolve_checkpoint
 from .layout import (
     FP8_BLOCK,
@@ -583,8 +584,12 @@ def convert(
     revision: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    expert_store: bool = False,
 ) -> Path | None:
-    """Convert an HF Qwen3.5 checkpoint (dir or Hub id) to an MLX dir with ``recipe``; returns the dir (None on dry run)."""
+    """Convert an HF Qwen3.5 checkpoint (dir or Hub id) to an MLX dir with ``recipe``; returns the dir (None on dry run).
+
+    ``expert_store``: the routed experts go to a per-expert store (``experts/``, docs/architecture.md §6.1).
+    """
     the_recipe = _check_arguments(recipe, dtype, shard_size_gb)
     if dry_run:
         predict_recipes(hf_path, dtype, shard_size_gb, revision)
@@ -607,7 +612,13 @@ def convert(
         f"{hf_path} → {output.where}: recipe {recipe}, unquantised tensors in {dtype}; predicted {_describe(predicted, predicted_bytes)} in {len(shards)} shard(s)"
     )
 
-    with output as staging:
+    if expert_store and not cfg.is_moe:
+        raise Qwen35Error(f"--expert-store: {hf_path} is a dense model, it has no routed experts to store")
+    with output as converted:
+        # With a store, the whole conversion lands in a scratch dir inside the staging dir first, then is
+        # split (resident shards + experts/): twice the experts' size on disk for a while, never in memory.
+        staging = converted / ".full" if expert_store else converted
+        staging.mkdir(exist_ok=True)
         try:
             weight_map = {}
             for i, shard in enumerate(shards):
@@ -621,6 +632,9 @@ def convert(
             # config.json last: a directory without it is never mistaken for a finished checkpoint.
             config = _output_config(raw, the_recipe, outputs, has_mtp, hf_path)
             (staging / "config.json").write_text(json.dumps(config, indent=2))
+            if expert_store:
+                write_store_dir(staging, converted, shard_size_gb, source=hf_path)
+                shutil.rmtree(staging)
         except OSError as e:
             if e.filename and not str(e.filename).startswith(str(staging)):
                 raise Qwen35Error(
@@ -630,5 +644,6 @@ def convert(
                 f"--mlx-path {target}: writing failed ({e.strerror or e}); free disk space or choose another --mlx-path"
             ) from None
     written = sum(p.stat().st_size for p in output.path.glob("*.safetensors"))
+    written += sum(p.stat().st_size for p in output.path.glob(f"{STORE_DIR}/*.bin"))
     print(f"wrote {target}: {_human(written)} ({written / predicted_bytes - 1:+.2%} vs predicted)")
     return target

@@ -153,7 +153,7 @@ def repack(source: str | Path, target: str | Path, overwrite: bool = False, shar
     return Path(target).expanduser()
 
 
-def write_store_dir(src: Path, staging: Path, shard_size_gb: float = 5.0) -> None:
+def write_store_dir(src: Path, staging: Path, shard_size_gb: float = 5.0, source: str | None = None) -> None:
     """Fill ``staging`` from the MLX dir ``src``: resident shards, ``experts/``, config (our names) and the other files."""
     from ..config import load_config
     from .layout import pack_shards, shard_filename, write_index
@@ -188,7 +188,8 @@ def write_store_dir(src: Path, staging: Path, shard_size_gb: float = 5.0) -> Non
     if config.quantization:
         raw["quantization"] = config.quantization  # in our module names, like the tensors
         raw.pop("quantization_config", None)
-    raw.setdefault("mlx_qwen35", {})["expert_store"] = {"source": str(src), "source_format": fmt}
+        raw.get("text_config", {}).pop("quantization", None)
+    raw.setdefault("mlx_qwen35", {})["expert_store"] = {"source": source or str(src), "source_format": fmt}
     (staging / "config.json").write_text(json.dumps(raw, indent=2))  # last: marks the dir complete
 
 
@@ -222,7 +223,7 @@ class ExpertStore:
         self._fds: dict[int, int] = {}
         for layer, entry in sorted(self.layers.items()):
             path = self.directory / entry["file"]
-            need = (entry["num_experts"] - 1) * entry["stride"] + entry["expert_bytes"]
+            need = entry["num_experts"] * entry["stride"]  # the writer pads the last expert too
             try:
                 size = path.stat().st_size
             except OSError:
@@ -252,6 +253,14 @@ class ExpertStore:
     def tensor_shapes(self, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         """{``gate_proj.weight`` …: (dtype, per-expert shape)} of ``layer``, for checking against the model."""
         return {t.name: (t.dtype, t.shape) for t in self.layers[layer]["tensors"]}
+
+    def tensor_names(self) -> set[str]:
+        """Our names of the stacked tensors the store holds (``language_model.layers.0.mlp.experts.gate_proj.weight`` …)."""
+        return {
+            f"language_model.layers.{layer}.mlp.experts.{t.name}"
+            for layer, entry in self.layers.items()
+            for t in entry["tensors"]
+        }
 
     def read(self, layer: int, expert: int) -> bytes:
         """Expert ``expert`` of ``layer``: one ``pread`` of its blob (any thread; ``tensors`` makes the arrays)."""

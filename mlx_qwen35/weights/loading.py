@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import logging
+from collections.abc import Container
 from pathlib import Path
 
 import mlx.core as mx
@@ -49,7 +50,7 @@ def read_weights(model_dir: Path) -> dict[str, mx.array]:
     return weights
 
 
-def _quantize_from_map(model: nn.Module, quantization: dict, weights: dict) -> None:
+def _quantize_from_map(model: nn.Module, quantization: dict, weights: Container[str]) -> None:
     """Swap in quantised modules where the config map (or the presence of ``.scales``) says so."""
 
     def predicate(path: str, module: nn.Module):
@@ -131,7 +132,8 @@ def load_model(
 
     model = Qwen35Model(config)
     if config.quantization:
-        _quantize_from_map(model, config.quantization, weights)
+        stored = store.tensor_names() if store is not None else set()
+        _quantize_from_map(model, config.quantization, weights.keys() | stored)
     expected = dict(tree_flatten(model.parameters()))
     streamed = (lambda k: EXPERT_TENSOR.match(k) is not None) if store is not None else (lambda k: False)
     missing = sorted(k for k in expected if k not in weights and not k.startswith("mtp.") and not streamed(k))
