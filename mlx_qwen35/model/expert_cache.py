@@ -239,7 +239,28 @@ class ExpertCache:
 
     def as_dict(self) -> dict:
         """The counters and rates so far (``ExpertStats.as_dict``)."""
-        return self.stats.as_dict(self.budget_bytes, self.resident_bytes)
+        return self.stats.as_dict(self.budget_bytes, self.resident_bytes) | {
+            "read_seconds": self.store.counters.seconds,  # inside pread, summed over the pool's threads
+        }
+
+    def snapshot(self) -> dict:
+        """The counters now, to measure a stretch (decode) against: ``report(snapshot, tokens)``."""
+        return self.as_dict()
+
+    def report(self, start: dict | None = None, tokens: int | None = None) -> dict:
+        """Totals since loading; with ``start`` and ``tokens``, also the figures per token since ``start``."""
+        now = self.as_dict()
+        if start is None or not tokens:
+            return now
+        delta = {k: now[k] - start[k] for k in ("hits", "misses", "bytes_read", "read_wait_seconds", "sync_seconds")}
+        lookups = delta["hits"] + delta["misses"]
+        return now | {
+            "decode_tokens": tokens,
+            "decode_hit_rate": delta["hits"] / lookups if lookups else None,
+            "bytes_read_per_token": delta["bytes_read"] / tokens,
+            "read_wait_ms_per_token": 1e3 * delta["read_wait_seconds"] / tokens,
+            "compute_ms_per_token": 1e3 * delta["sync_seconds"] / tokens,
+        }
 
 
 def _stacked(experts: nn.Module, chosen: list[dict[str, mx.array]]) -> nn.Module:

@@ -14,6 +14,7 @@ from ..errors import Qwen35Error
 from ..runtime.settings import DEFAULT_MAX_TOKENS, KV_GROUP_SIZE, PREFILL_STEP_SIZE
 from .options import (
     ChatTemplateConfig,
+    ExpertMemory,
     ExtraEosToken,
     HideThinking,
     IgnoreChatTemplate,
@@ -38,6 +39,7 @@ from .options import (
     TopK,
     TopP,
     Verbose,
+    check_expert_memory,
     check_quantized_kv_start,
     peer_argv,
     plain_help,
@@ -103,6 +105,40 @@ def convert(
         overwrite=overwrite,
         dry_run=dry_run,
         expert_store=expert_store,
+    )
+
+
+@app.command(name="expert-store")
+def expert_store(
+    model: ModelArgument = None,
+    model_option: ModelFlag = None,
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory: the checkpoint with its routed experts in experts/."
+    ),
+    calibration: Path | None = typer.Option(
+        None,
+        "--calibration",
+        help="Text like your prompts: each expert's share of its routing seeds the cache (default: none).",
+        show_default=False,
+    ),
+    calibration_tokens: int = typer.Option(4096, "--calibration-tokens", help="Tokens of --calibration to run."),
+    shard_size_gb: float = typer.Option(5.0, "--shard-size-gb", help="Largest output shard, in GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+) -> None:
+    """Repack an MLX MoE checkpoint (ours, mlx-lm's or mlx-vlm's) so its experts stream from the SSD (--expert-memory-gb)."""
+    from ..runtime.validation import check_numbers
+    from .expert_store import run_expert_store
+
+    check_numbers(shard_size_gb=shard_size_gb)
+    if calibration_tokens < 1:
+        raise Qwen35Error(f"--calibration-tokens {calibration_tokens}: give at least 1")
+    run_expert_store(
+        resolve_model(model, model_option, "expert-store"),
+        out,
+        overwrite,
+        calibration,
+        calibration_tokens,
+        shard_size_gb,
     )
 
 
@@ -175,12 +211,14 @@ def generate(
     quantized_kv_start: QuantizedKVStart = 0,
     max_kv_size: MaxKVSize = None,
     prefill_step_size: PrefillStepSize = PREFILL_STEP_SIZE,
+    expert_memory_gb: ExpertMemory = None,
 ) -> None:
     """Generate a reply to one prompt (optionally about images or videos), streaming it to the terminal."""
     from .generate import MediaOptions, resize_shape_option, run_generate
 
     check_quantized_kv_start(quantized_kv_start)
     run_generate(
+        expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "generate"),
         prompt=prompt,
         max_tokens=max_tokens,
@@ -259,12 +297,14 @@ def chat(
         "--context-policy",
         help="When the conversation fills the context: refuse (say what to do) or drop-oldest (drop the oldest turns).",
     ),
+    expert_memory_gb: ExpertMemory = None,
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
 
     check_quantized_kv_start(quantized_kv_start)
     run_chat(
+        expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "chat"),
         system=system,
         enable_thinking=template_thinking(chat_template_config, think),
@@ -343,12 +383,14 @@ def serve(
         "--allowed-origins",
         help="Web origins that may call the API from a browser (CORS), e.g. http://localhost:3000; repeat or comma-separate. Default: none.",
     ),
+    expert_memory_gb: ExpertMemory = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at / (no MODEL: the demo)."""
     from ..runtime.validation import check_numbers
     from .server.routes import serve as run_server
 
     check_numbers(port=port, max_tokens=max_tokens)
+    expert_memory = check_expert_memory(expert_memory_gb)
     _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
     if model or model_option:
         model_path = resolve_model(model, model_option, "serve")
@@ -358,6 +400,7 @@ def serve(
         model_path, served_model_name = serve_default_model(), served_model_name or DEMO_SERVED_NAME
     run_server(
         model_path,
+        expert_memory=expert_memory,
         host=host,
         port=port,
         api_key=api_key,

@@ -154,6 +154,7 @@ def run_generate(
     max_kv_size: int | None,
     prefill_step_size: int,
     extra_eos_tokens: list[str],
+    expert_memory: str | None = None,
 ) -> None:
     """Load ``model`` and stream its reply to ``prompt`` (with ``media``), or print it as JSON."""
     import mlx.core as mx
@@ -226,7 +227,8 @@ def run_generate(
             kv_cache=KVCacheSettings(bits=kv_bits, group_size=kv_group_size),
         )
     items = media.items()  # images opened (to fit --resize-shape) before the model loads
-    model_obj, processor = load(model)
+    model_obj, processor = load(model, expert_memory=expert_memory)
+    experts = model_obj.expert_cache
     vision_tokens, vision_seconds = 0, 0.0
     if raw:
         request = prompt
@@ -278,12 +280,13 @@ def run_generate(
         )
         events = reply_events(responses, OutputParser(enable_thinking and not raw, tool_schemas))
     printer = None if as_json else ReplyPrinter(show_reasoning=not hide_thinking)
-    text, pieces, last, first_token_at = [], [], None, None
+    text, pieces, last, first_token_at, decode_start = [], [], None, None, None
     for event in events:
         response = event.response
         if first_token_at is None:
             first_token_at = time.perf_counter()
             status.close()
+            decode_start = experts.snapshot() if experts else None
         if response is not last:
             text.append(response.text)
         if event.text or event.tool_call:
@@ -316,6 +319,8 @@ def run_generate(
             vision_tokens=vision_tokens,
             vision_seconds=round(vision_seconds, 3),
         )
+        if experts:
+            stats["experts"] = experts.report(decode_start, last.generation_tokens - 1)
         if conversation:
             stats |= dict(
                 reused_tokens=conversation.last_stats.reused_tokens,

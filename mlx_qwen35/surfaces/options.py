@@ -254,3 +254,24 @@ def plain_help(command):
         if param.param_type_name == "option" and param.metavar is None:
             param.metavar = "" if param.is_flag else _value_name(param)
     return command
+
+
+# ---------------------------------------------------------------------------------------------- streamed experts
+
+ExpertMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--expert-memory-gb",
+        help="With an expert store (convert --expert-store, mlx-qwen35 expert-store): GB of routed experts kept "
+        "in memory, or a share of them such as 25%; the rest is read from the SSD (default: all of them).",
+        show_default=False,
+    ),
+]
+
+
+def check_expert_memory(spec: str | None) -> str | None:
+    """``--expert-memory-gb`` checked before the model loads (one line naming the option); returned as given."""
+    from ..weights.expert_store import parse_expert_memory
+
+    parse_expert_memory(spec)
+    return spec

@@ -689,6 +689,7 @@ def run_chat(
     prefill_step_size: int = PREFILL_STEP_SIZE,
     no_history: bool = False,
     context_policy: str = "refuse",
+    expert_memory: str | None = None,
 ) -> None:
     """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
     import sys
@@ -716,7 +717,7 @@ def run_chat(
         raise Qwen35Error(f"--context-policy {context_policy}: use {' or '.join(CONTEXT_POLICIES)}")
     console = Console(highlight=False)
     with console.status(f"loading {model}"):
-        model_obj, processor = load(model)
+        model_obj, processor = load(model, expert_memory=expert_memory)
     context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
     conversation = Conversation(model_obj, processor, settings, seed=seed)
     console.print(Text(banner(model, processor.model_dir, context_max, enable_thinking), style="bold"), soft_wrap=True)

@@ -451,6 +451,12 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
             **worker.last_stats,
         }
 
+    @app.get("/stats", responses=error_responses)
+    def stats() -> dict:
+        """The last request's speed and memory, and the streamed experts' counters since the model loaded (§6.1)."""
+        cache = getattr(worker.model, "expert_cache", None)
+        return {**worker.last_stats, "experts": cache.report() if cache else None}
+
     @app.get("/v1/models", responses=error_responses)
     def models() -> dict:
         """The one model this server holds."""
@@ -563,8 +569,9 @@ def serve(
     served_model_name: str | None = None,
     reasoning_field: str = "both",
     allowed_origins: tuple[str, ...] = (),
+    expert_memory: str | None = None,
 ) -> None:
-    """Load ``model`` and serve the API and the chat page until interrupted."""
+    """Load ``model`` and serve the API and the chat page until interrupted; ``expert_memory``: ``load``'s budget."""
     web_root()  # fail before loading a large model if the page is missing, or on a bad option
     if not (math.isfinite(max_body_mb) and max_body_mb > 0):
         raise Qwen35Error(f"--max-body-mb must be a positive number of megabytes, got {max_body_mb}")
@@ -586,7 +593,7 @@ def serve(
 
     from ...weights.loading import load
 
-    worker = GenerationWorker(lambda: load(model), max_prompt_tokens=max_prompt_tokens)
+    worker = GenerationWorker(lambda: load(model, expert_memory=expert_memory), max_prompt_tokens=max_prompt_tokens)
     worker.start()
     _log_to_stderr()
     shown = f"[{host}]" if ":" in host else host
