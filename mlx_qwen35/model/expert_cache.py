@@ -99,7 +99,7 @@ class ExpertCache:
             for layer, shares in priors.items():
                 if layer in self._row:
                     self.score[self._row[layer], : len(shares)] = PRIOR_WEIGHT * np.asarray(shares)
-        self.counts = np.zeros(shape, dtype=np.int64)  # raw routing counts: what a calibration run saves
+        self.counts = np.zeros(shape, dtype=np.int64)  # tokens routed to each expert: what a calibration saves
         self.resident: dict[tuple[int, int], dict[str, mx.array]] = {}
         self.pending: dict[tuple[int, int], object] = {}  # prefetch futures, their bytes already reserved
         self.in_memory = np.zeros(shape, dtype=bool)  # resident or pending
@@ -118,15 +118,20 @@ class ExpertCache:
                 candidates[self._row[key[0]], key[1]] = False
             if not candidates.any():
                 return False
-            keyed = np.where(candidates, self.score, np.inf)
+            keyed = np.where(candidates, self.score / self._steps_to_next_use(layer)[:, None], np.inf)
             row, victim = np.unravel_index(np.argmin(keyed), keyed.shape)
-            if score is not None and keyed[row, victim] >= score:
+            if score is not None and keyed[row, victim] >= score / self._steps_to_next_use(layer)[self._row[layer]]:
                 return False
             self._evict(self.layers[row], int(victim))
         self.resident_bytes += need
         self.in_memory[self._row[layer], expert] = True
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.resident_bytes)
         return True
+
+    def _steps_to_next_use(self, layer: int) -> np.ndarray:
+        """Per layer, the MoE calls until it runs next, seen from ``layer`` running now (itself: a whole step away)."""
+        n = len(self.layers)
+        return (np.arange(n) - self._row[layer] - 1) % n + 1.0
 
     def _evict(self, layer: int, expert: int) -> None:
         del self.resident[(layer, expert)]
@@ -163,7 +168,6 @@ class ExpertCache:
             got[e] = self.resident[(layer, e)] = self.store.tensors(layer, future.result())
         self.stats.read_wait_seconds += time.perf_counter() - start
         self.stats.bytes_read = self.store.counters.bytes
-        self.counts[row, experts] += 1
         return got
 
     def _prefetch(self, layer: int, guess: np.ndarray, pinned: np.ndarray) -> None:
@@ -201,7 +205,9 @@ class ExpertCache:
             self.stats.steps += 1
         idx = np.array(indices)  # [..., k]
         used = np.unique(idx)
-        self.score[row, used] += np.bincount(idx.reshape(-1), minlength=self.score.shape[1])[used]
+        routed_tokens = np.bincount(idx.reshape(-1), minlength=self.score.shape[1])
+        self.score[row] += routed_tokens
+        self.counts[row] += routed_tokens
         pinned = np.zeros_like(self.in_memory)
         fit = int(self.budget_bytes // self.expert_bytes[row])
         if len(used) <= fit:
