@@ -157,8 +157,10 @@ def main() -> None:
         dirs = prepare(name, sources[name], args.workdir, calibration)
         config = json.loads((dirs["ours"] / "config.json").read_text())["text_config"]
         print(f"\n{name}: {config['num_experts']} experts, top-{config['num_experts_per_tok']}, mx {mx.__version__}")
-        print(f"{'budget':>7} {'ours B/tok':>11} {'vlm B/tok':>10} {'ratio':>6} {'ours tok/s':>10} {'vlm tok/s':>9} "
-              f"{'ratio':>6} {'ours hit':>8} {'vlm hit':>8} same")
+        print(
+            f"{'budget':>7} {'ours B/tok':>11} {'vlm B/tok':>10} {'ratio':>6} {'ours tok/s':>10} {'vlm tok/s':>9} "
+            f"{'ratio':>6} {'ours hit':>8} {'vlm hit':>8} same"
+        )
         from mlx_qwen35.weights.expert_store import ExpertStore
 
         total = ExpertStore(dirs["ours"]).total_bytes

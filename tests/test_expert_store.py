@@ -300,3 +300,83 @@ def test_calibration_priors_keep_a_hot_expert_through_its_first_gap(one_layer_st
     primed = ExpertCache(store, 2 * store.expert_bytes(0), top_k=1, priors={0: [0.7, 0.1, 0.1, 0.1]}, prefetch=False)
     _run(primed, _shell(), [0, 1, 2, 0], tensors)
     assert (plain.stats.hits, primed.stats.hits) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- calibration, surfaces
+
+
+def test_calibration_saves_each_experts_share_of_the_tokens_routed_to_it(
+    dirs, tiny_moe_checkpoint, tmp_path, monkeypatch
+):
+    from mlx_qwen35.model.moe import SparseMoE
+    from mlx_qwen35.surfaces.expert_store import calibrate
+
+    store_dir = tmp_path / "calibrated"
+    shutil.copytree(dirs["converted"], store_dir)
+    reference, processor = load(str(dirs["resident"]))
+    text = processor.decode(tiny_moe_checkpoint.prompt_ids(64))
+    tokens = processor.encode(text)
+    routed: dict[int, np.ndarray] = {}
+    original = SparseMoE.route
+
+    def counting(self, x):
+        indices, weights = original(self, x)
+        layer = next(i for i, lay in enumerate(reference.language_model.layers) if lay.mlp is self)
+        routed[layer] = routed.get(layer, 0) + np.bincount(np.array(indices).reshape(-1), minlength=8)
+        return indices, weights
+
+    monkeypatch.setattr(SparseMoE, "route", counting)
+    reference(mx.array(tokens)[None])
+    monkeypatch.setattr(SparseMoE, "route", original)
+    assert calibrate(store_dir, text) == len(tokens)
+    shares = json.loads((store_dir / STORE_DIR / "priors.json").read_text())["shares"]
+    for layer, counts in routed.items():
+        np.testing.assert_allclose(shares[str(layer)], counts / counts.sum(), rtol=1e-12)
+        assert counts.max() > counts.min()  # not uniform: a count per call would be
+    cache = load(str(store_dir))[0].expert_cache
+    assert cache.score.max() > cache.score.min() > 0  # the priors seed the scores
+
+
+def test_cli_expert_store_then_generate_json_reports_the_experts(dirs, monkeypatch, capsys, tmp_path):
+    from cli_runner import run_cli
+
+    out = tmp_path / "cli-store"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "expert-store", str(dirs["resident"]), "--out", str(out))
+    assert code == 0, stderr
+    assert (out / STORE_DIR / INDEX_FILE).is_file()
+    args = ["generate", str(out), "-p", "Hello", "-m", "6", "--temp", "0", "--json", "--expert-memory-gb", "25%"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, stderr
+    experts = json.loads(stdout.splitlines()[0])["experts"]
+    assert experts["budget_bytes"] == ExpertStore(out).total_bytes // 4
+    assert experts["decode_tokens"] == 5 and experts["bytes_read_per_token"] > 0
+    assert experts["peak_resident_bytes"] <= experts["budget_bytes"]
+    assert {"decode_hit_rate", "read_wait_ms_per_token", "compute_ms_per_token"} <= experts.keys()
+
+
+@pytest.mark.parametrize("spec", ["12x", "0%"])
+def test_cli_bad_expert_memory_is_one_line_before_loading(monkeypatch, capsys, tmp_path, spec):
+    from cli_runner import run_cli
+
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "generate", str(tmp_path / "nowhere"), "-p", "x", "--expert-memory-gb", spec
+    )
+    assert code != 0 and stderr.count("\n") == 1 and "--expert-memory-gb" in stderr
+
+
+def test_server_stats_reports_the_experts(dirs):
+    import httpx
+    from test_server import RunningServer, chat
+
+    from mlx_qwen35.surfaces.server.routes import ServerSettings
+    from mlx_qwen35.surfaces.server.worker import GenerationWorker
+
+    worker = GenerationWorker(lambda: load(str(dirs["converted"]), expert_memory="25%"))
+    running = RunningServer(worker, ServerSettings(model_id="store"))
+    try:
+        assert chat(running.url, max_tokens=4, temperature=0).status_code == 200
+        experts = httpx.get(f"{running.url}/stats", timeout=10).json()["experts"]
+    finally:
+        running.close()
+    assert experts["misses"] > 0 and experts["bytes_read"] > 0
+    assert experts["peak_resident_bytes"] <= experts["budget_bytes"] == ExpertStore(dirs["converted"]).total_bytes // 4

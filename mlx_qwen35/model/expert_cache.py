@@ -143,7 +143,6 @@ class ExpertCache:
 
     def _fetch(self, layer: int, experts: list[int], pinned: np.ndarray) -> dict[int, dict[str, mx.array]]:
         """The tensors of ``experts`` of ``layer``, all resident afterwards (room made by eviction)."""
-        row = self._row[layer]
         start = time.perf_counter()
         prefetched = {e for (lay, e) in self.pending if lay == layer}
         self._settle(layer)
