@@ -59,7 +59,7 @@ def prepare(name: str, hf: Path, work: Path, calibration: str) -> dict[str, Path
     from mlx_vlm.moe_offload import repack as vlm_repack
 
     from mlx_qwen35.surfaces.expert_store import calibrate
-    from mlx_qwen35.weights.expert_store import repack
+    from mlx_qwen35.weights.expert_repack import repack
 
     root = work / name
     dirs = {"vlm": root / "mlx-vlm-4bit", "vlm_offload": root / "mlx-vlm-offload", "ours": root / "ours-store"}

@@ -23,13 +23,13 @@ from mlx_qwen35.model.cache import make_cache
 from mlx_qwen35.model.expert_cache import ExpertCache, empty_experts
 from mlx_qwen35.model.inputs import ModelInputs
 from mlx_qwen35.runtime.generation import generate_tokens
+from mlx_qwen35.weights.expert_repack import repack
 from mlx_qwen35.weights.expert_store import (
     ALIGNMENT,
     INDEX_FILE,
     STORE_DIR,
     ExpertStore,
     parse_expert_memory,
-    repack,
     write_store,
 )
 from mlx_qwen35.weights.layout import INDEX_FILE as SHARD_INDEX
@@ -380,3 +380,32 @@ def test_server_stats_reports_the_experts(dirs):
         running.close()
     assert experts["misses"] > 0 and experts["bytes_read"] > 0
     assert experts["peak_resident_bytes"] <= experts["budget_bytes"] == ExpertStore(dirs["converted"]).total_bytes // 4
+
+
+def test_plan_projects_the_flagship_on_a_128_gb_mac_with_an_expert_store(monkeypatch, capsys):
+    from cli_runner import run_cli
+
+    from mlx_qwen35.config import parse_config
+    from mlx_qwen35.weights.memory_plan import CHIP_BANDWIDTH_GBS, GIB, RELEASED_CONFIGS, predicted_tensor_bytes
+    from mlx_qwen35.weights.quantize import get_recipe
+
+    args = ["plan", "--memory-gb", "128", "--recipe", "4bit", "--expert-store", "--hit-rate", "0.6", "--json"]
+    code, text, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    rows = {row["model"]: row for row in json.loads(text)}
+    flagship = rows["Qwen3.5-397B-A17B"]
+    stream = flagship["expert_store"]
+    cfg = parse_config(RELEASED_CONFIGS["Qwen3.5-397B-A17B"], "397B")
+    tensors = predicted_tensor_bytes(cfg, get_recipe("4bit"))
+    experts = sum(n for k, n in tensors.items() if k.startswith("language_model.") and ".mlp.experts." in k)
+    others = flagship["total_bytes"] - experts
+    assert stream["resident_expert_bytes"] == 120 * GIB - others  # all the memory left beside the rest and macOS
+    assert 0.3 < stream["resident_share"] < 0.7 and not flagship["fits"]
+    per_token = experts * cfg.text.num_experts_per_tok // cfg.text.num_experts
+    assert stream["ssd_read_bytes_per_token"] == int(0.4 * per_token)
+    for chip, ssd in stream["ssd_read_gbs"].items():
+        seconds = flagship["decode_read_bytes"] / (CHIP_BANDWIDTH_GBS[chip] * 1e9) + 0.4 * per_token / (ssd * 1e9)
+        assert stream["projected_tokens_per_s"][chip] == pytest.approx(1 / seconds, abs=0.05)
+    assert rows["Qwen3.5-35B-A3B"]["expert_store"]["resident_share"] == 1.0  # it fits: nothing streamed
+    code, _, err = run_cli(monkeypatch, capsys, "plan", "--expert-store", "--hit-rate", "2")
+    assert code != 0 and err.count("\n") == 1 and "--hit-rate" in err

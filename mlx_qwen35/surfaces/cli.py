@@ -460,11 +460,17 @@ def plan(
     recipe: str | None = typer.Option(None, "--recipe", help="Only this conversion recipe (default: all)."),
     kv_bits: KVBits = None,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
+    expert_store: bool = typer.Option(
+        False, "--expert-store", help="Also project streaming the experts that do not fit from the SSD."
+    ),
+    hit_rate: float | None = typer.Option(
+        None, "--hit-rate", help="The expert cache's hit rate to project with (default: measured on the demo model)."
+    ),
 ) -> None:
     """Memory each model and recipe needs (weights, KV cache, state, prefill), what fits, and decode ceilings."""
     from .plan import run_plan
 
-    run_plan(model, config, memory_gb, context, recipe, kv_bits, as_json)
+    run_plan(model, config, memory_gb, context, recipe, kv_bits, as_json, expert_store, hit_rate)
 
 
 @app.command()

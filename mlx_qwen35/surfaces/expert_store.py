@@ -38,7 +38,7 @@ def run_expert_store(
 ) -> None:
     """Repack ``model`` into ``out`` with an expert store, then calibrate it on ``calibration`` if given."""
     from ..errors import Qwen35Error
-    from ..weights.expert_store import repack
+    from ..weights.expert_repack import repack
     from ..weights.hub import resolve_checkpoint
 
     text = None

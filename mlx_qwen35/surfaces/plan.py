@@ -13,7 +13,10 @@ from ..weights.memory_plan import (
     FIT_CONTEXT_TOKENS,
     GIB,
     RELEASED_CONFIGS,
+    SSD_READ_GBS,
+    SSD_READ_SOURCE,
     MemoryPlan,
+    expert_stream_plan,
     plan,
     predicted_tensor_bytes,
     stored_tensors_on_disk,
@@ -97,8 +100,12 @@ def run_plan(
     recipe: str | None,
     kv_bits: int | None,
     as_json: bool,
+    expert_store: bool = False,
+    hit_rate: float | None = None,
 ) -> None:
-    """Print the memory plan of each requested model and recipe."""
+    """Print the memory plan of each requested model and recipe (with ``expert_store``: streamed experts' projection)."""
+    if hit_rate is not None and not 0 <= hit_rate <= 1:
+        raise Qwen35Error(f"--hit-rate {hit_rate}: give the expert cache's hit rate, from 0 to 1 (generate --json)")
     if memory_gb is not None and memory_gb <= 0:
         raise Qwen35Error(f"--memory-gb {memory_gb}: give the Mac's unified memory in GB, e.g. 192")
     if context is not None and context < 1:
@@ -110,19 +117,20 @@ def run_plan(
         if context is not None and context > longest:
             raise Qwen35Error(f"--context {context}: {name} supports at most {longest} tokens; give less")
         tokens = context or min(FIT_CONTEXT_TOKENS, longest)
-        plans.append((name, plan(cfg, tensors, memory, context=tokens, kv_bits=kv_bits, recipe=recipe_name)))
+        p = plan(cfg, tensors, memory, context=tokens, kv_bits=kv_bits, recipe=recipe_name)
+        plans.append((name, p, expert_stream_plan(p, cfg, tensors, hit_rate) if expert_store and cfg.is_moe else None))
     if as_json:
-        print(json.dumps([_as_json(n, p) for n, p in plans], indent=2))
+        print(json.dumps([_as_json(n, p) | _stream_json(s) for n, p, s in plans], indent=2))
         return
     chips = list(CHIP_BANDWIDTH_GBS)
     print(
         f"memory {memory / GIB:.0f} GiB ({'--memory-gb' if memory_gb else 'this machine'}), context "
-        f"{', '.join(sorted({f'{p.context:,}' for _, p in plans}))} tokens"
+        f"{', '.join(sorted({f'{p.context:,}' for _, p, _ in plans}))} tokens"
         f"{f', KV cache at {kv_bits} bits' if kv_bits else ''}; decode ceilings in tokens/s"
     )
     head = ["model", "recipe", "weights", "KV", "state", "prefill", "total", "fits", "wired_limit_mb", *chips]
     table = [head]
-    for name, p in plans:
+    for name, p, _ in plans:
         fits = f"yes, {p.spare / GIB:.0f} GiB spare" if p.fits else f"no, {-p.spare / GIB:.0f} GiB short"
         sizes = [_size(b) for b in (p.weights, p.kv_cache, p.recurrent_state, p.prefill_workspace, p.total)]
         speeds = [f"{p.roofline_tokens_per_s(bw):.0f}" for bw in CHIP_BANDWIDTH_GBS.values()]
@@ -132,4 +140,46 @@ def run_plan(
         "weights: what the converter writes; KV + state: one conversation's cache; prefill: an estimate of one "
         "prefill step's workspace; wired_limit_mb: 'sudo sysctl iogpu.wired_limit_mb=N' wires the total with 5% "
         f"to spare; decode ceilings: bandwidth / bytes read per token ({', '.join(f'{c} {b} GB/s' for c, b in CHIP_BANDWIDTH_GBS.items())})"
+    )
+    print_stream_plans(plans)
+
+
+def _stream_json(s) -> dict:
+    if s is None:
+        return {}
+    return {
+        "expert_store": {
+            "resident_expert_bytes": s.budget,
+            "resident_share": round(s.share, 4),
+            "hit_rate": round(s.hit_rate, 4),
+            "hit_rate_source": s.hit_rate_source,
+            "ssd_read_bytes_per_token": s.ssd_read,
+            "memory_read_bytes_per_token": s.memory_read,
+            "ssd_read_gbs": SSD_READ_GBS,
+            "ssd_read_source": SSD_READ_SOURCE,
+            "projected_tokens_per_s": {
+                chip: round(s.tokens_per_s(CHIP_BANDWIDTH_GBS[chip], ssd), 1) for chip, ssd in SSD_READ_GBS.items()
+            },
+        }
+    }
+
+
+def print_stream_plans(plans: list) -> None:
+    """The expert-store projection of each plan that has one (``mlx-qwen35 plan --expert-store``)."""
+    table = [["model", "recipe", "experts resident", "share", "hit rate", "SSD/token", *SSD_READ_GBS]]
+    for name, p, s in plans:
+        if s is None:
+            continue
+        speeds = [f"{s.tokens_per_s(CHIP_BANDWIDTH_GBS[c], ssd):.1f}" for c, ssd in SSD_READ_GBS.items()]
+        table.append(
+            [name, p.recipe, _size(s.budget), f"{s.share:.0%}", f"{s.hit_rate:.2f}", _size(s.ssd_read), *speeds]
+        )
+    if len(table) == 1:
+        return
+    print("\nwith an expert store (--expert-memory-gb: the experts that fit beside the rest stay resident):")
+    print_columns(table)
+    print(
+        f"projected decode tokens/s: memory reads at the chip's bandwidth, then the missed experts from the SSD "
+        f"({', '.join(f'{c} {b} GB/s' for c, b in SSD_READ_GBS.items())}: {SSD_READ_SOURCE}), not overlapped; "
+        "hit rate: --hit-rate, else the one measured on the trained demo model at that share"
     )

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..config import ModelConfig, parse_config, read_config_json
 from ..errors import Qwen35Error
-from .expert_store import STORE_DIR, write_store_dir
+from .expert_repack import write_store_dir
+from .expert_store import STORE_DIR
 from .hub import resolve_checkpoint
 from .layout import (
     FP8_BLOCK,

@@ -32,6 +32,14 @@ ROOFLINE_CONTEXT_TOKENS = 4096  # the README's decode ceilings: a short conversa
 MAC_MEMORY_GIB = (192, 256)
 # Apple's published unified-memory bandwidths (GB/s) of the chips the 397B runs on.
 CHIP_BANDWIDTH_GBS = {"M2 Ultra": 800, "M3 Ultra": 819, "M4 Max": 546, "M5 Max": 614}
+# Sustained SSD reads (GB/s), for experts streamed from an expert store (docs/architecture.md §6.1). The Verge
+# measured 13.6 GB/s on a 16" M5 Max with a 4 TB SSD, "86% faster reads than its M4 counterparts" (hence 7.3 for
+# the M4 Max); no comparable figure was found for the Ultras, so they get no projection.
+SSD_READ_GBS = {"M4 Max": 7.3, "M5 Max": 13.6}
+SSD_READ_SOURCE = 'The Verge, 16" M5 Max review: 13.6 GB/s sustained read, 86% above the M4 Max (→ 7.3)'
+# The expert cache's decode hit rate at a share of the experts resident, measured on the trained demo model
+# (32 experts, top-4) by benchmarks/bench_expert_offload.py; projections interpolate it unless given one.
+MEASURED_HIT_RATE = {0.0: 0.0, 0.1: 0.0, 0.25: 0.0, 0.5: 0.0, 1.0: 1.0}
 # Prompt tokens per forward pass while prefilling: what bounds the prefill workspace at any length.
 PREFILL_STEP_SIZE = 2048
 # Activations and caches on a Mac are bf16; the DeltaNet recurrent state is fp32 (docs/architecture.md §4.9).
@@ -294,3 +302,61 @@ def size_table(dtype: str = "bfloat16") -> str:
 
 if __name__ == "__main__":
     print(size_table())
+
+
+@dataclass(frozen=True)
+class ExpertStreamPlan:
+    """A plan whose routed experts do not all fit: the share kept resident, the rest read from the SSD per token."""
+
+    budget: int  # bytes of routed experts kept in memory
+    experts: int  # bytes of all routed experts
+    hit_rate: float
+    hit_rate_source: str
+    expert_read: int  # routed-expert bytes one token uses
+    memory_read: int  # bytes one token reads from memory (the plan's decode_read)
+
+    @property
+    def share(self) -> float:
+        return self.budget / self.experts if self.experts else 1.0
+
+    @property
+    def ssd_read(self) -> int:
+        """Bytes one token reads from the SSD: the routed experts it uses that are not resident."""
+        return int((1 - self.hit_rate) * self.expert_read)
+
+    def tokens_per_s(self, memory_gbs: float, ssd_gbs: float) -> float:
+        """Decode tokens/s with memory and SSD reads one after the other (prefetch overlap would add to it)."""
+        return 1 / (self.memory_read / (memory_gbs * 1e9) + self.ssd_read / (ssd_gbs * 1e9))
+
+
+def expert_stream_plan(p: MemoryPlan, cfg: ModelConfig, tensor_bytes: dict[str, int], hit_rate: float | None = None):
+    """The expert store's share of ``p``'s machine: what is left beside the other weights and caches holds experts."""
+    experts = sum(n for name, n in tensor_bytes.items() if _EXPERTS.search(name) and not _UNREAD.search(name))
+    others = p.total - experts
+    budget = max(0, min(experts, p.memory - OS_RESERVE_GIB * GIB - others))
+    share = budget / experts if experts else 1.0
+    if hit_rate is None:
+        hit_rate = _interpolate(MEASURED_HIT_RATE, share)
+        source = "measured on the trained demo model at that share"
+    else:
+        source = "given"
+    t = cfg.text
+    return ExpertStreamPlan(
+        budget=budget,
+        experts=experts,
+        hit_rate=hit_rate,
+        hit_rate_source=source,
+        expert_read=experts * t.num_experts_per_tok // max(t.num_experts, 1),
+        memory_read=p.decode_read,
+    )
+
+
+def _interpolate(points: dict[float, float], x: float) -> float:
+    """Piecewise-linear through ``points`` (x → y), clamped at the ends."""
+    xs = sorted(points)
+    if x <= xs[0]:
+        return points[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if x <= b:
+            return points[a] + (points[b] - points[a]) * (x - a) / (b - a)
+    return points[xs[-1]]
