@@ -4,7 +4,8 @@ For the trained demo model (skewed routing) and a random model of its shape: mlx
 checkpoint to 4 bits (``mlx_vlm.convert``); ``mlx_vlm.moe_offload.repack`` makes its offload dir and our
 ``expert-store`` repacks the *same* mlx-vlm dir (calibrated on the demo corpus's training split). Then, for
 each budget (a share of the routed experts' bytes, passed to mlx-vlm as ``expert_cache_gb``), each runtime
-loads once and answers the held-out questions greedily in turn (one session: the cache carries over).
+loads once and answers the held-out questions greedily in turn (one session: the cache carries over), the two
+runtimes interleaved prompt by prompt so that other load on the machine slows both alike.
 
 Measured per runtime, over the decode steps (after each prompt's first token):
 * bytes read per token: the process's ``rchar`` (/proc/self/io: every byte through read/pread, whoever
@@ -73,56 +74,70 @@ def prepare(name: str, hf: Path, work: Path, calibration: str) -> dict[str, Path
     return dirs
 
 
-def run_ours(model_dir: Path, budget: str, prompts: list[list[dict]], tokens: int) -> dict:
+def ours_runtime(model_dir: Path, budget: str | None, tokens: int, prefetch: bool = True) -> tuple:
+    """(generate(messages) → token ids, the expert files, the cache's counters) for our store at ``budget``."""
     from mlx_qwen35.runtime.generation import stream_generate
     from mlx_qwen35.weights.loading import load
 
     model, processor = load(str(model_dir), expert_memory=budget)
+    if model.expert_cache is not None:
+        model.expert_cache.prefetch = prefetch
+
+    def generate(messages):
+        return (r.token for r in stream_generate(model, processor, messages, max_tokens=tokens, enable_thinking=False))
+
     files = sorted(glob.glob(str(model_dir / "experts" / "*.bin")))
-    return _session(
-        lambda p: (r.token for r in stream_generate(model, processor, p, max_tokens=tokens, enable_thinking=False)),
-        prompts,
-        files,
-        lambda: model.expert_cache.as_dict(),
-    )
+    cache = model.expert_cache
+    return generate, files, cache.as_dict if cache else (lambda: {"hit_rate": None, "peak_resident_bytes": 0})
 
 
-def run_vlm(model_dir: Path, budget_bytes: int, prompts: list[list[dict]], tokens: int) -> dict:
+def vlm_runtime(model_dir: Path, budget_bytes: int | None, tokens: int) -> tuple:
+    """The same for mlx-vlm's offload dir with ``expert_cache_gb`` = the same bytes (or its plain dir: None)."""
     from mlx_vlm import load, stream_generate
 
-    model, processor = load(str(model_dir), expert_cache_gb=budget_bytes / 1e9)
-    files = sorted(glob.glob(str(model_dir / "experts" / "*.safetensors")))
+    options = {} if budget_bytes is None else {"expert_cache_gb": budget_bytes / 1e9}
+    model, processor = load(str(model_dir), **options)
     template = processor.tokenizer
 
     def generate(messages):
         text = template.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
         return (r.token for r in stream_generate(model, processor, text, max_tokens=tokens, temperature=0.0))
 
+    files = sorted(glob.glob(str(model_dir / "experts" / "*.safetensors")))
     store = getattr(model, "moe_offload_store", None)
-    return _session(generate, prompts, files, lambda: store.stats() if store else {"hit_rate": None})
+    return generate, files, (lambda: store.stats()) if store else (lambda: {"hit_rate": None})
 
 
-def _session(generate, prompts, files, stats) -> dict:
-    """Each prompt in turn: decode bytes (rchar), decode seconds and tokens, from each prompt's first token on."""
-    decode_bytes = decode_seconds = decode_tokens = 0
-    replies = []
+def sessions(runtimes: dict[str, tuple], prompts: list[list[dict]]) -> dict[str, dict]:
+    """Each prompt through each runtime in turn (interleaved, so load on the machine hits both alike).
+
+    Per runtime: decode bytes (rchar) and seconds, from each prompt's first token on; page cache dropped before.
+    """
+    totals = {name: {"bytes": 0, "request_bytes": 0, "seconds": 0.0, "tokens": 0, "replies": []} for name in runtimes}
     for messages in prompts:
-        drop_cached_pages(files)
-        reply = []
-        for token in generate(messages):
-            if not reply:
-                start_bytes, start = rchar(), time.perf_counter()
-            reply.append(int(token))
-        decode_seconds += time.perf_counter() - start
-        decode_bytes += rchar() - start_bytes
-        decode_tokens += len(reply) - 1
-        replies.append(reply)
+        for name, (generate, files, _) in runtimes.items():
+            drop_cached_pages(files)
+            reply, request_start = [], rchar()
+            for token in generate(messages):
+                if not reply:
+                    start_bytes, start = rchar(), time.perf_counter()
+                reply.append(int(token))
+            t = totals[name]
+            t["seconds"] += time.perf_counter() - start
+            t["bytes"] += rchar() - start_bytes
+            t["request_bytes"] += rchar() - request_start
+            t["tokens"] += len(reply) - 1
+            t["replies"].append(reply)
     return {
-        "bytes_per_token": decode_bytes / max(decode_tokens, 1),
-        "tok_s": decode_tokens / decode_seconds,
-        "tokens": decode_tokens,
-        "replies": replies,
-        "stats": stats(),
+        name: {
+            "bytes_per_token": t["bytes"] / max(t["tokens"], 1),
+            "request_bytes_per_token": t["request_bytes"] / max(t["tokens"], 1),
+            "tok_s": t["tokens"] / t["seconds"],
+            "tokens": t["tokens"],
+            "replies": t["replies"],
+            "stats": runtimes[name][2](),
+        }
+        for name, t in totals.items()
     }
 
 
@@ -157,40 +172,52 @@ def main() -> None:
         dirs = prepare(name, sources[name], args.workdir, calibration)
         config = json.loads((dirs["ours"] / "config.json").read_text())["text_config"]
         print(f"\n{name}: {config['num_experts']} experts, top-{config['num_experts_per_tok']}, mx {mx.__version__}")
-        print(
-            f"{'budget':>7} {'ours B/tok':>11} {'vlm B/tok':>10} {'ratio':>6} {'ours tok/s':>10} {'vlm tok/s':>9} "
-            f"{'ratio':>6} {'ours hit':>8} {'vlm hit':>8} same"
-        )
         from mlx_qwen35.weights.expert_store import ExpertStore
 
         total = ExpertStore(dirs["ours"]).total_bytes
+        resident = sessions(
+            {"ours": ours_runtime(dirs["vlm"], None, args.tokens), "vlm": vlm_runtime(dirs["vlm"], None, args.tokens)},
+            prompts,
+        )
+        print(
+            f"fully resident (no store): ours {resident['ours']['tok_s']:.1f} tok/s, mlx-vlm "
+            f"{resident['vlm']['tok_s']:.1f} tok/s (ratio {resident['ours']['tok_s'] / resident['vlm']['tok_s']:.2f})"
+        )
+        head = ["budget", "runtime", "decode B/tok", "request B/tok", "tok/s", "hit rate", "bytes ×vlm", "tok/s ×vlm"]
+        print(("{:>7} {:>17} " + "{:>13} " * (len(head) - 2)).format(*head))
         for budget in args.budgets:
-            ours = run_ours(dirs["ours"], f"{budget}%", prompts, args.tokens)
-            vlm = run_vlm(dirs["vlm_offload"], budget * total // 100, prompts, args.tokens)
-            same = sum(a == b for a, b in zip(ours["replies"], vlm["replies"]))
-            row = {
-                "model": name,
-                "budget_pct": budget,
-                "ours_bytes_per_token": ours["bytes_per_token"],
-                "vlm_bytes_per_token": vlm["bytes_per_token"],
-                "bytes_ratio": ours["bytes_per_token"] / max(vlm["bytes_per_token"], 1e-9),
-                "ours_tok_s": ours["tok_s"],
-                "vlm_tok_s": vlm["tok_s"],
-                "tok_s_ratio": ours["tok_s"] / vlm["tok_s"],
-                "ours_hit_rate": ours["stats"]["hit_rate"],
-                "vlm_hit_rate": vlm["stats"]["hit_rate"],
-                "identical_replies": f"{same}/{len(prompts)}",
-                "ours_peak_resident_bytes": ours["stats"]["peak_resident_bytes"],
-                "budget_bytes": budget * total // 100,
+            runtimes = {
+                "ours": ours_runtime(dirs["ours"], f"{budget}%", args.tokens),
+                "ours, no prefetch": ours_runtime(dirs["ours"], f"{budget}%", args.tokens, prefetch=False),
+                "mlx-vlm": vlm_runtime(dirs["vlm_offload"], budget * total // 100, args.tokens),
             }
-            rows.append(row)
-            print(
-                f"{budget:>6}% {row['ours_bytes_per_token']:>11,.0f} {row['vlm_bytes_per_token']:>10,.0f} "
-                f"{row['bytes_ratio']:>6.2f} {row['ours_tok_s']:>10.1f} {row['vlm_tok_s']:>9.1f} "
-                f"{row['tok_s_ratio']:>6.2f} {row['ours_hit_rate']:>8.3f} {row['vlm_hit_rate'] or 0:>8.3f} "
-                f"{row['identical_replies']}",
-                flush=True,
-            )
+            measured = sessions(runtimes, prompts)
+            vlm = measured["mlx-vlm"]
+            for runtime, r in measured.items():
+                same = sum(a == b for a, b in zip(r["replies"], measured["ours"]["replies"]))
+                row = {
+                    "model": name,
+                    "budget_pct": budget,
+                    "budget_bytes": budget * total // 100,
+                    "runtime": runtime,
+                    "decode_bytes_per_token": r["bytes_per_token"],
+                    "request_bytes_per_token": r["request_bytes_per_token"],
+                    "tok_s": r["tok_s"],
+                    "hit_rate": r["stats"].get("hit_rate"),
+                    "bytes_vs_vlm": r["bytes_per_token"] / max(vlm["bytes_per_token"], 1e-9),
+                    "request_bytes_vs_vlm": r["request_bytes_per_token"] / max(vlm["request_bytes_per_token"], 1e-9),
+                    "tok_s_vs_vlm": r["tok_s"] / vlm["tok_s"],
+                    "replies_as_ours": f"{same}/{len(prompts)}",
+                    "peak_resident_bytes": r["stats"].get("peak_resident_bytes"),
+                    "resident_tok_s": resident["vlm" if runtime == "mlx-vlm" else "ours"]["tok_s"],
+                }
+                rows.append(row)
+                print(
+                    f"{budget:>6}% {runtime:>17} {row['decode_bytes_per_token']:>13,.0f} "
+                    f"{row['request_bytes_per_token']:>13,.0f} {row['tok_s']:>13.1f} {row['hit_rate'] or 0:>13.3f} "
+                    f"{row['bytes_vs_vlm']:>13.2f} {row['tok_s_vs_vlm']:>13.2f}",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

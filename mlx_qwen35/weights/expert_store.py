@@ -335,5 +335,5 @@ def attach_expert_store(model, store: ExpertStore, budget_bytes: int, *, compute
         moe.expert_cache, moe.layer_index = cache, i
         if i + 1 in store.layers:
             following = layers[i + 1].mlp
-            cache.next_router[i] = lambda x, moe=following: moe.route(x)[0]
+            cache.next_router[i] = lambda x, moe=following: mx.softmax(moe.gate(x).astype(mx.float32), axis=-1)
     return cache
