@@ -409,3 +409,21 @@ def test_plan_projects_the_flagship_on_a_128_gb_mac_with_an_expert_store(monkeyp
     assert rows["Qwen3.5-35B-A3B"]["expert_store"]["resident_share"] == 1.0  # it fits: nothing streamed
     code, _, err = run_cli(monkeypatch, capsys, "plan", "--expert-store", "--hit-rate", "2")
     assert code != 0 and err.count("\n") == 1 and "--hit-rate" in err
+
+
+def test_the_experts_of_the_layer_about_to_run_are_kept_where_lru_evicts_them(tmp_path):
+    """Two layers, room for three experts, top-1. Step 2's layer 1 must evict: LRU drops layer 0's expert 0, which
+    step 3's layer 0 needs first; we drop layer 1's expert 0, whose layer runs last (score ÷ calls until it runs)."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"{p}.weight": mx.array(rng.standard_normal(shape).astype(np.float32))
+        for p, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I)))
+    }
+    write_store(tmp_path, {0: tensors, 1: tensors})
+    store = ExpertStore(tmp_path)
+    cache = ExpertCache(store, 3 * store.expert_bytes(0), top_k=1, prefetch=False)
+    shells = {0: _shell(), 1: _shell()}
+    x = mx.zeros((1, 1, H))
+    for layer, expert in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0)]:
+        cache.routed(layer, x, mx.array([[[expert]]]), mx.ones((1, 1, 1)), shells[layer])
+    assert cache.stats.hits == 1 and (0, 0) in cache.resident and (1, 0) not in cache.resident
