@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,8 +48,7 @@ class ExpertStats:
     read_wait_seconds: float = 0.0  # the forward waiting for reads it needs
     sync_seconds: float = 0.0  # the forward waiting for the graph up to a layer's routing (compute)
     peak_resident_bytes: int = 0
-    steps: int = 0
-    extra: dict = field(default_factory=dict)
+    steps: int = 0  # forward passes (decode tokens and prefill chunks)
 
     def as_dict(self, budget_bytes: int, resident_bytes: int) -> dict:
         """The counters and the derived rates, for ``--json`` and ``/stats``."""
@@ -67,6 +66,7 @@ class ExpertStats:
             "bytes_read": self.bytes_read,
             "read_wait_seconds": self.read_wait_seconds,
             "sync_seconds": self.sync_seconds,
+            "steps": self.steps,
         }
 
 
