@@ -68,7 +68,8 @@ def prepare(name: str, hf: Path, work: Path, calibration: str) -> dict[str, Path
     root = work / name
     dirs = {"vlm": root / "mlx-vlm-4bit", "vlm_offload": root / "mlx-vlm-offload", "ours": root / "ours-store"}
     if not dirs["vlm"].exists():
-        vlm_convert(str(hf), mlx_path=str(dirs["vlm"]), quantize=True, q_bits=4, q_group_size=64)
+        # float32: mlx-vlm's chunked DeltaNet prefill calls gather_mm, which MLX's CPU runs in float32 only
+        vlm_convert(str(hf), mlx_path=str(dirs["vlm"]), quantize=True, q_bits=4, q_group_size=64, dtype="float32")
     if not dirs["vlm_offload"].exists():
         vlm_repack(str(dirs["vlm"]), str(dirs["vlm_offload"]))
     if not dirs["ours"].exists():
