@@ -199,6 +199,8 @@ class ExpertCache:
         guess = None
         one_token = x.size == x.shape[-1]  # decode: prefetch pays; a prefill chunk reads what it routes to anyway
         following = self.next_router.get(layer) if self.prefetch and one_token else None
+        if following is not None and self.in_memory[row + 1].all():
+            following = None  # nothing of the next layer left to read ahead (a budget that holds it all)
         start = time.perf_counter()
         if following is not None:
             guess = following(x)
