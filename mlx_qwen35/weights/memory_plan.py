@@ -37,9 +37,10 @@ CHIP_BANDWIDTH_GBS = {"M2 Ultra": 800, "M3 Ultra": 819, "M4 Max": 546, "M5 Max":
 # the M4 Max); no comparable figure was found for the Ultras, so they get no projection.
 SSD_READ_GBS = {"M4 Max": 7.3, "M5 Max": 13.6}
 SSD_READ_SOURCE = 'The Verge, 16" M5 Max review: 13.6 GB/s sustained read, 86% above the M4 Max (→ 7.3)'
-# The expert cache's decode hit rate at a share of the experts resident, measured on the trained demo model
-# (32 experts, top-4) by benchmarks/bench_expert_offload.py; projections interpolate it unless given one.
-MEASURED_HIT_RATE = {0.0: 0.0, 0.1: 0.0, 0.25: 0.0, 0.5: 0.0, 1.0: 1.0}
+# The expert cache's decode hit rate at a share of the experts resident (1 − bytes read per token ÷ the routed
+# experts' bytes per token, prefetches counted as reads), measured on the trained demo model (32 experts, top-4)
+# by benchmarks/bench_expert_offload.py; projections interpolate it unless given one.
+MEASURED_HIT_RATE = {0.0: 0.0, 0.1: 0.23, 0.25: 0.46, 0.5: 0.72, 1.0: 1.0}
 # Prompt tokens per forward pass while prefilling: what bounds the prefill workspace at any length.
 PREFILL_STEP_SIZE = 2048
 # Activations and caches on a Mac are bf16; the DeltaNet recurrent state is fp32 (docs/architecture.md §4.9).
