@@ -238,7 +238,11 @@ def preloaded(model_dir):
     pair = loading.load(str(model_dir))
     real = loading.load
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loading, "load", lambda path, revision=None: pair if path == str(model_dir) else real(path))
+        patch.setattr(
+            loading,
+            "load",
+            lambda path, revision=None, expert_memory=None: pair if path == str(model_dir) else real(path),
+        )
         yield
 
 
