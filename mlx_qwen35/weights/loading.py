@@ -18,6 +18,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from ..config import ModelConfig, load_config
 from ..errors import Qwen35Error
 from ..kernels.self_check import check_kernels
+from ..model.parallel import RankShare
 from ..model.qwen35 import Qwen35Model
 from ..processing.processor import Processor
 from .hub import resolve_checkpoint
@@ -95,8 +96,8 @@ def _set_wired_limit(model: Qwen35Model) -> None:
     mx.set_wired_limit(limit)
 
 
-def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Model:
-    """Build the model for ``model_dir`` and assign its weights (lazily)."""
+def load_model(model_dir: Path, config: ModelConfig | None = None, share: RankShare | None = None) -> Qwen35Model:
+    """Build the model for ``model_dir`` and assign its weights (lazily); ``share``: only one rank's part (§20)."""
     config = config or load_config(model_dir)
     weights = read_weights(model_dir)
     fmt = detect_format(weights)
@@ -108,9 +109,14 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
     if fmt != "ours":
         weights, config = translate_peer_checkpoint(weights, config, fmt)
 
-    model = Qwen35Model(config)
-    if config.quantization:
-        _quantize_from_map(model, config.quantization, weights)
+    quantization = config.quantization
+    if share is not None:
+        from .sharding import rank_quantization, rank_weights
+
+        weights, quantization = rank_weights(weights, share), rank_quantization(quantization, share)
+    model = Qwen35Model(config, share)
+    if quantization:
+        _quantize_from_map(model, quantization, weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(k for k in expected if k not in weights and not k.startswith("mtp."))
     if missing:
@@ -137,13 +143,17 @@ def load_model(model_dir: Path, config: ModelConfig | None = None) -> Qwen35Mode
         _set_wired_limit(model)
     model.eval()
     experts = next((m for _, m in model.named_modules() if isinstance(m, SwitchGLU)), None)
-    check_kernels(config.text, model.language_model.compute_dtype, experts)  # docs/architecture.md §17.1
+    check_kernels(
+        model.language_model.config, model.language_model.compute_dtype, experts
+    )  # docs/architecture.md §17.1
     return model
 
 
-def load(path_or_repo: str, revision: str | None = None) -> tuple[Qwen35Model, Processor]:
-    """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor)."""
+def load(
+    path_or_repo: str, revision: str | None = None, share: RankShare | None = None
+) -> tuple[Qwen35Model, Processor]:
+    """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor); ``share``: one rank's part."""
     model_dir = resolve_checkpoint(str(path_or_repo), revision, argument="--model")
     config = load_config(model_dir)
     processor = Processor.from_dir(model_dir, config)  # first: a broken tokenizer is found before the weights load
-    return load_model(model_dir, config), processor
+    return load_model(model_dir, config, share), processor

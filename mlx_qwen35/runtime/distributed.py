@@ -1,0 +1,201 @@
+"""Several Macs as one model: joining the ranks, rank 0 leading and the others following (docs/architecture.md §20).
+
+Every rank runs the same program (``mlx.launch … -- mlx-qwen35 generate …``) and the same generation loop;
+rank 0 samples and ``shared_sampler`` gives its token to all, so every rank takes the same steps, stops at the
+same token and undoes the same look-ahead step. Only rank 0 reads input (``broadcast_text``) and prints.
+
+Faults end the run within a bound instead of hanging: ``RankWatchdog`` exits a rank that cannot reach its
+peers at start, or that sees no forward pass for ``timeout`` seconds while generating; a peer that dies
+closes its sockets, the ring backend raises at once, and ``rank_errors`` turns that into our one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import load_config
+from ..errors import Qwen35Error
+from ..model.parallel import MODES, RankShare, check_expert_split
+
+CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other under mlx.launch
+PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
+EXIT_PEER_LOST = 3
+# What the rest of a rank's process (the OS, the activations, the caches) needs beside its weights.
+HEADROOM_BYTES = 2 * 2**30
+_watchdog: RankWatchdog | None = None  # one rank per process
+
+
+def _environment_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise Qwen35Error(f"{name}={os.environ[name]}: give a number of seconds") from None
+
+
+def rank_hosts(size: int) -> list[str]:
+    """Each rank's address as the hostfile mlx.launch wrote names it (``rank N`` when there is none)."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    try:
+        entries = json.loads(Path(hostfile).read_text()) if hostfile else []
+    except (OSError, ValueError):
+        entries = []
+    hosts = [",".join(e) if isinstance(e, list) else str(e) for e in entries]
+    return hosts if len(hosts) == size else [f"rank {r}" for r in range(size)]
+
+
+class RankWatchdog:
+    """Exits this rank with a one-line error when a deadline passes: connecting, or the next forward pass."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._deadline: float | None = None
+        self._message = ""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, daemon=True, name="rank-watchdog").start()
+
+    def arm(self, seconds: float, message: str) -> None:
+        """Exit with ``message`` unless ``arm``/``disarm`` is called again within ``seconds``."""
+        with self._lock:
+            self._deadline, self._message = time.monotonic() + seconds, message
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.2)
+            with self._lock:
+                expired = self._deadline is not None and time.monotonic() > self._deadline
+                message = self._message
+            if expired:
+                # The main thread is blocked inside a collective that will never complete: no unwinding.
+                sys.stderr.write(f"error: rank {self.rank}: {message}\n")
+                sys.stderr.flush()
+                os._exit(EXIT_PEER_LOST)
+
+
+def free_memory_bytes() -> int:
+    """Memory this host can give the model: Metal's recommended working set on a Mac, else MemAvailable."""
+    limit = mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+    if limit:
+        return int(limit)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int | None = None) -> RankShare:
+    """Connect to the other ranks (mlx.launch's environment) and decide what this rank holds.
+
+    Pipeline: ``split`` ("40,20", layers per rank) or each rank's ``free_bytes`` (default: measured) shares
+    out the layers; a rank whose share does not fit stops every rank with an error naming it and the numbers.
+    """
+    from ..weights.sharding import (
+        check_fits,
+        check_stages,
+        layer_and_end_bytes,
+        parse_split,
+        proportional_split,
+        stages,
+    )
+
+    if mode not in MODES:
+        raise Qwen35Error(f"--parallel {mode}: unknown; choose {' or '.join(MODES)}")
+    config = load_config(model_dir)
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    global _watchdog
+    watchdog = _watchdog = _watchdog or RankWatchdog(rank)
+    connect = _environment_seconds("MLX_QWEN35_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S)
+    hosts_named = os.environ.get("MLX_HOSTFILE", "no hostfile")
+    watchdog.arm(connect, f"could not connect to the other ranks within {connect:.0f} s ({hosts_named}); check "
+                 "that every host in the hostfile is reachable and runs the same command")  # fmt: skip
+    group = mx.distributed.init(strict=True)
+    watchdog.disarm()
+    size, hosts = group.size(), rank_hosts(group.size())
+    free = free_bytes if free_bytes is not None else free_memory_bytes()
+    frees = [int(f) for f in mx.distributed.all_gather(mx.array([float(free)]), group=group).tolist()]
+    num_layers = config.text.num_hidden_layers
+    if mode == "expert":
+        check_expert_split(config.text, size, (config.quantization or {}).get("group_size"))
+        share = RankShare("expert", rank, size, range(num_layers), group)
+    else:
+        layer_bytes, end_bytes = layer_and_end_bytes(model_dir, num_layers)
+        counts = parse_split(split, num_layers, size) if split else proportional_split(layer_bytes, end_bytes, frees)
+        runs = stages(counts)
+        check_stages(config, runs, hosts)
+        need = [sum(layer_bytes[i] for i in run) + HEADROOM_BYTES for run in runs]
+        need[0] += end_bytes
+        check_fits(need, frees, hosts, runs)
+        share = RankShare("pipeline", rank, size, runs[rank], group)
+    progress = _environment_seconds("MLX_QWEN35_RANK_TIMEOUT", PROGRESS_TIMEOUT_S)
+    neighbours = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
+    stalled = (
+        f"no forward pass finished for {progress:.0f} s; a peer ("
+        + ", ".join(f"rank {r} at {hosts[r]}" for r in neighbours)
+        + ") stopped responding"
+    )
+    return RankShare(share.mode, rank, size, share.layers, group, on_forward=lambda: watchdog.arm(progress, stalled))
+
+
+def shared_sampler(sampler: Callable[[mx.array], mx.array], share: RankShare) -> Callable[[mx.array], mx.array]:
+    """Rank 0's sampled token on every rank (one all_sum of a token per step), so all ranks decode the same text.
+
+    A pipeline follower's logits are placeholders; its own draw only keeps its messages in the graph.
+    """
+
+    def sample(logprobs: mx.array) -> mx.array:
+        token = sampler(logprobs)
+        mine = token if share.leads else token * 0
+        return mx.distributed.all_sum(mine, group=share.group)
+
+    return sample
+
+
+def broadcast_bytes(data: bytes | None, share: RankShare) -> bytes:
+    """Rank 0's ``data`` on every rank (the others pass None): two all_sums, its length then its bytes."""
+    length = int(mx.distributed.all_sum(mx.array([len(data) if share.leads else 0]), group=share.group).item())
+    if length == 0:
+        return b""
+    mine = np.frombuffer(data, dtype=np.uint8) if share.leads else np.zeros(length, dtype=np.uint8)
+    return bytes(np.array(mx.distributed.all_sum(mx.array(mine), group=share.group)))
+
+
+def broadcast_text(text: str | None, share: RankShare) -> str:
+    """Rank 0's text (read from its standard input, say) on every rank."""
+    data = text.encode("utf-8", errors="surrogateescape") if share.leads else None
+    return broadcast_bytes(data, share).decode("utf-8", errors="surrogateescape")
+
+
+@contextmanager
+def rank_errors(share: RankShare | None) -> Iterator[None]:
+    """A lost peer (the ring backend's RuntimeError) as our one-line error naming this rank and its neighbours."""
+    try:
+        yield
+    except RuntimeError as e:
+        if share is None or "[ring]" not in str(e):
+            raise
+        hosts = rank_hosts(share.size)
+        neighbours = sorted({(share.rank - 1) % share.size, (share.rank + 1) % share.size} - {share.rank})
+        raise Qwen35Error(
+            f"rank {share.rank} ({hosts[share.rank]}) lost the connection to "
+            + " / ".join(f"rank {r} ({hosts[r]})" for r in neighbours)
+            + f" mid-generation ({e}); that rank died or its host left the network: check its log, restart every rank"
+        ) from None
+    finally:
+        if _watchdog is not None:  # between generations a rank may wait for input as long as it likes
+            _watchdog.disarm()
