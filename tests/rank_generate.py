@@ -2,7 +2,8 @@
 
 ``python rank_generate.py MODEL MODE OUT_DIR [IMAGE]``; MODE is ``single`` (one process, no mx.distributed),
 ``pipeline`` or ``expert`` (this process is rank $MLX_RANK of the ring in $MLX_HOSTFILE). Writes
-``OUT_DIR/rank<N>.json``: the tokens of each turn, the bytes of the arrays this rank holds, MLX's active memory.
+``OUT_DIR/rank<N>.json``: the tokens of each turn, the bytes of the arrays this rank holds, MLX's active memory
+and its layers. $RANK_TEST_SPLIT is the --split; $RANK_TEST_DIE=N makes rank N die after the first turn.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ TOKENS_PER_TURN = 8
 
 
 def main(model_dir: str, mode: str, out_dir: str, image: str | None = None) -> None:
-    share = None if mode == "single" else join(mode, Path(model_dir))
+    share = None if mode == "single" else join(mode, Path(model_dir), split=os.environ.get("RANK_TEST_SPLIT"))
     model, processor = load(model_dir, share=share)
     mx.eval(model.parameters())
     gc.collect()
@@ -52,7 +53,8 @@ def main(model_dir: str, mode: str, out_dir: str, image: str | None = None) -> N
             [r.token for r in stream_text(model, processor, follow_up, settings, cache=cache, cached_tokens=context)]
         )
     rank = share.rank if share else 0
-    result = {"turns": turns, "held_bytes": held, "active_bytes": active}
+    layers = [share.layers.start, share.layers.stop] if share else None
+    result = {"turns": turns, "held_bytes": held, "active_bytes": active, "layers": layers}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -11,11 +11,11 @@ closes its sockets, the ring backend raises at once, and ``rank_errors`` turns t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +30,6 @@ from ..model.parallel import MODES, RankShare, check_expert_split
 CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other under mlx.launch
 PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
 EXIT_PEER_LOST = 3
-# What the rest of a rank's process (the OS, the activations, the caches) needs beside its weights.
-HEADROOM_BYTES = 2 * 2**30
 _watchdog: RankWatchdog | None = None  # one rank per process
 
 
@@ -42,47 +40,43 @@ def _environment_seconds(name: str, default: float) -> float:
         raise Qwen35Error(f"{name}={os.environ[name]}: give a number of seconds") from None
 
 
-def rank_hosts(size: int) -> list[str]:
-    """Each rank's address as the hostfile mlx.launch wrote names it (``rank N`` when there is none)."""
+def _hostfile_entries() -> list[str]:
+    """Each rank's addresses in the ring hostfile mlx.launch writes ($MLX_HOSTFILE), if there is one."""
     hostfile = os.environ.get("MLX_HOSTFILE")
     try:
         entries = json.loads(Path(hostfile).read_text()) if hostfile else []
     except (OSError, ValueError):
-        entries = []
-    hosts = [",".join(e) if isinstance(e, list) else str(e) for e in entries]
+        return []
+    return [",".join(e) if isinstance(e, list) else str(e) for e in entries]
+
+
+def rank_hosts(size: int) -> list[str]:
+    """Each rank's address as the hostfile names it (``rank N`` when there is none)."""
+    hosts = _hostfile_entries()
     return hosts if len(hosts) == size else [f"rank {r}" for r in range(size)]
 
 
 class RankWatchdog:
-    """Exits this rank with a one-line error when a deadline passes: connecting, or the next forward pass."""
+    """Kills this rank with a one-line error when a deadline passes: connecting, or the next forward pass.
+
+    The watching runs in a small process of its own (``rank_watchdog``): a rank blocked in a collective
+    holds the GIL inside MLX, so a thread of its own could not act.
+    """
 
     def __init__(self, rank: int):
-        self.rank = rank
-        self._deadline: float | None = None
-        self._message = ""
-        self._lock = threading.Lock()
-        threading.Thread(target=self._watch, daemon=True, name="rank-watchdog").start()
+        command = [sys.executable, "-m", "mlx_qwen35.runtime.rank_watchdog", str(os.getpid()), str(rank)]
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE)
 
     def arm(self, seconds: float, message: str) -> None:
-        """Exit with ``message`` unless ``arm``/``disarm`` is called again within ``seconds``."""
-        with self._lock:
-            self._deadline, self._message = time.monotonic() + seconds, message
+        """Kill this rank with ``message`` unless ``arm``/``disarm`` is called again within ``seconds``."""
+        self._send(f"arm {seconds} {' '.join(message.split())}")
 
     def disarm(self) -> None:
-        with self._lock:
-            self._deadline = None
+        self._send("disarm")
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(0.2)
-            with self._lock:
-                expired = self._deadline is not None and time.monotonic() > self._deadline
-                message = self._message
-            if expired:
-                # The main thread is blocked inside a collective that will never complete: no unwinding.
-                sys.stderr.write(f"error: rank {self.rank}: {message}\n")
-                sys.stderr.flush()
-                os._exit(EXIT_PEER_LOST)
+    def _send(self, line: str) -> None:
+        self._process.stdin.write(line.encode() + b"\n")
+        self._process.stdin.flush()
 
 
 def free_memory_bytes() -> int:
@@ -112,6 +106,7 @@ def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int |
         parse_split,
         proportional_split,
         stages,
+        stored_bytes,
     )
 
     if mode not in MODES:
@@ -121,27 +116,25 @@ def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int |
     global _watchdog
     watchdog = _watchdog = _watchdog or RankWatchdog(rank)
     connect = _environment_seconds("MLX_QWEN35_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S)
-    hosts_named = os.environ.get("MLX_HOSTFILE", "no hostfile")
-    watchdog.arm(connect, f"could not connect to the other ranks within {connect:.0f} s ({hosts_named}); check "
-                 "that every host in the hostfile is reachable and runs the same command")  # fmt: skip
+    peers = ", ".join(h for r, h in enumerate(_hostfile_entries()) if r != rank) or "none in MLX_HOSTFILE"
+    watchdog.arm(connect, f"could not connect to the other ranks ({peers}) within {connect:.0f} s; check that "
+                 "every host in the hostfile is reachable and runs the same command")  # fmt: skip
     group = mx.distributed.init(strict=True)
     watchdog.disarm()
     size, hosts = group.size(), rank_hosts(group.size())
     free = free_bytes if free_bytes is not None else free_memory_bytes()
     frees = [int(f) for f in mx.distributed.all_gather(mx.array([float(free)]), group=group).tolist()]
-    num_layers = config.text.num_hidden_layers
+    num_layers, stored = config.text.num_hidden_layers, stored_bytes(model_dir)
     if mode == "expert":
         check_expert_split(config.text, size, (config.quantization or {}).get("group_size"))
-        share = RankShare("expert", rank, size, range(num_layers), group)
+        shares = [RankShare("expert", r, size, range(num_layers), group) for r in range(size)]
     else:
-        layer_bytes, end_bytes = layer_and_end_bytes(model_dir, num_layers)
+        layer_bytes, end_bytes = layer_and_end_bytes(stored, num_layers)
         counts = parse_split(split, num_layers, size) if split else proportional_split(layer_bytes, end_bytes, frees)
         runs = stages(counts)
         check_stages(config, runs, hosts)
-        need = [sum(layer_bytes[i] for i in run) + HEADROOM_BYTES for run in runs]
-        need[0] += end_bytes
-        check_fits(need, frees, hosts, runs)
-        share = RankShare("pipeline", rank, size, runs[rank], group)
+        shares = [RankShare("pipeline", r, size, runs[r], group) for r in range(size)]
+    check_fits(shares, stored, frees, hosts)
     progress = _environment_seconds("MLX_QWEN35_RANK_TIMEOUT", PROGRESS_TIMEOUT_S)
     neighbours = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
     stalled = (
@@ -149,7 +142,7 @@ def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int |
         + ", ".join(f"rank {r} at {hosts[r]}" for r in neighbours)
         + ") stopped responding"
     )
-    return RankShare(share.mode, rank, size, share.layers, group, on_forward=lambda: watchdog.arm(progress, stalled))
+    return dataclasses.replace(shares[rank], on_forward=lambda: watchdog.arm(progress, stalled))
 
 
 def shared_sampler(sampler: Callable[[mx.array], mx.array], share: RankShare) -> Callable[[mx.array], mx.array]:

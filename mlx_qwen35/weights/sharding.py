@@ -23,19 +23,26 @@ _LAYER = re.compile(r"^language_model\.layers\.(\d+)\.(.*)$")
 _SLICED_ROWS = re.compile(r"\.mlp\.(experts|shared_expert)\.(gate_proj|up_proj)\.(weight|scales|biases)$")
 _SLICED_COLUMNS = re.compile(r"\.mlp\.(experts|shared_expert)\.down_proj\.(weight|scales|biases)$")
 _DROPPED = re.compile(r"^mtp\.")  # the MTP head runs only in one-process runs
+# What a rank's process needs beside its weights: activations, its caches at a long context, the OS's share.
+HEADROOM_BYTES = 2 * GIB
 
 
-def layer_and_end_bytes(model_dir: Path, num_layers: int) -> tuple[list[int], int]:
+def stored_bytes(model_dir: Path) -> dict[str, int]:
+    """Every tensor's stored bytes, by checkpoint name (from the shard headers; no data read)."""
+    return {name: tensor.nbytes for name, tensor in stored_tensors_on_disk(model_dir).items()}
+
+
+def layer_and_end_bytes(stored: dict[str, int], num_layers: int) -> tuple[list[int], int]:
     """Stored bytes of each decoder layer, and of the rest rank 0 holds (embedding, norm, LM head, vision tower)."""
     layers, ends = [0] * num_layers, 0
-    for name, tensor in stored_tensors_on_disk(model_dir).items():
+    for name, size in stored.items():
         if _DROPPED.search(name):
             continue
         match = _LAYER.match(name)
         if match:
-            layers[int(match.group(1))] += tensor.nbytes
+            layers[int(match.group(1))] += size
         else:
-            ends += tensor.nbytes
+            ends += size
     return layers, ends
 
 
@@ -89,14 +96,35 @@ def check_stages(config: ModelConfig, runs: list[range], hosts: list[str]) -> No
             )
 
 
-def check_fits(need_bytes: list[int], free_bytes: list[int], hosts: list[str], runs: list[range]) -> None:
-    """A rank whose share exceeds its free memory stops the run before anything loads, naming it and the numbers."""
-    for rank, (need, free) in enumerate(zip(need_bytes, free_bytes)):
+def held_bytes(stored: dict[str, int], share: RankShare) -> int:
+    """Stored bytes of the tensors ``share`` holds (``stored``: every tensor's bytes, by checkpoint name)."""
+    total = 0
+    for name, size in stored.items():
+        if _DROPPED.search(name):
+            continue
+        if share.mode == "pipeline":
+            match = _LAYER.match(name)
+            total += size if (share.holds_ends if match is None else int(match.group(1)) in share.layers) else 0
+        else:
+            total += size // share.size if _SLICED_ROWS.search(name) or _SLICED_COLUMNS.search(name) else size
+    return total
+
+
+def check_fits(shares: list[RankShare], stored: dict[str, int], free_bytes: list[int], hosts: list[str]) -> None:
+    """A rank whose share (plus ``HEADROOM_BYTES``) exceeds its free memory stops the run before anything loads."""
+    for share, free in zip(shares, free_bytes):
+        need = held_bytes(stored, share) + HEADROOM_BYTES
         if need > free:
+            what = (
+                f"layers {share.layers.start}-{share.layers.stop - 1}"
+                if share.mode == "pipeline"
+                else f"its 1/{share.size} of the experts and all other weights"
+            )
+            fix = "move layers to another rank with --split" if share.mode == "pipeline" else "add ranks"
             raise Qwen35Error(
-                f"rank {rank} ({hosts[rank]}): layers {runs[rank].start}-{runs[rank].stop - 1} need "
-                f"{need / GIB:.2f} GiB but it has {free / GIB:.2f} GiB free; move layers to another rank with "
-                "--split, or use a smaller quantisation"
+                f"rank {share.rank} ({hosts[share.rank]}): {what} need {need / GIB:.2f} GiB with "
+                f"{HEADROOM_BYTES / GIB:.0f} GiB headroom but it has {free / GIB:.2f} GiB free; {fix}, "
+                "or use a smaller quantisation"
             )
 
 
