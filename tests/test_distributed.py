@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rank_generate
 from PIL import Image
 
-import rank_generate
 from mlx_qwen35.model.parallel import RankShare
 from mlx_qwen35.weights.sharding import held_bytes, stored_bytes
 
