@@ -145,6 +145,30 @@ def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int |
     return dataclasses.replace(shares[rank], on_forward=lambda: watchdog.arm(progress, stalled))
 
 
+def launched() -> bool:
+    """Whether this process is one rank of several started by mlx.launch (or mpirun)."""
+    return "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def join_launched(parallel: str | None, split: str | None, model: str) -> RankShare | None:
+    """The surfaces' entry: this rank's share under mlx.launch (pipeline by default), None in a one-process run."""
+    if not launched():
+        if parallel is not None or split is not None:
+            raise Qwen35Error(
+                "--parallel / --split need several ranks: mlx.launch --hostfile hosts.json -- mlx-qwen35 "
+                "generate ... --parallel pipeline (README, 'Several Macs')"
+            )
+        return None
+    from ..weights.hub import resolve_checkpoint
+
+    share = join(parallel or "pipeline", resolve_checkpoint(model, None, argument="--model"), split)
+    if not share.leads:  # only rank 0 prints; the others' errors still reach their standard error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return share
+
+
 def shared_sampler(sampler: Callable[[mx.array], mx.array], share: RankShare) -> Callable[[mx.array], mx.array]:
     """Rank 0's sampled token on every rank (one all_sum of a token per step), so all ranks decode the same text.
 

@@ -25,12 +25,14 @@ from .options import (
     MinP,
     ModelArgument,
     ModelFlag,
+    Parallel,
     PrefillStepSize,
     PresencePenalty,
     Prompt,
     QuantizedKVStart,
     RepetitionPenalty,
     Seed,
+    Split,
     SystemPrompt,
     Temp,
     Thinking,
@@ -171,6 +173,8 @@ def generate(
     quantized_kv_start: QuantizedKVStart = 0,
     max_kv_size: MaxKVSize = None,
     prefill_step_size: PrefillStepSize = PREFILL_STEP_SIZE,
+    parallel: Parallel = None,
+    split: Split = None,
 ) -> None:
     """Generate a reply to one prompt (optionally about images or videos), streaming it to the terminal."""
     from .generate import MediaOptions, resize_shape_option, run_generate
@@ -214,6 +218,8 @@ def generate(
         max_kv_size=max_kv_size,
         prefill_step_size=prefill_step_size,
         extra_eos_tokens=list(extra_eos_token or ()),
+        parallel=parallel,
+        split=split,
     )
 
 
