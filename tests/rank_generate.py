@@ -3,7 +3,8 @@
 ``python rank_generate.py MODEL MODE OUT_DIR [IMAGE]``; MODE is ``single`` (one process, no mx.distributed),
 ``pipeline`` or ``expert`` (this process is rank $MLX_RANK of the ring in $MLX_HOSTFILE). Writes
 ``OUT_DIR/rank<N>.json``: the tokens of each turn, the bytes of the arrays this rank holds, MLX's active memory
-and its layers. $RANK_TEST_SPLIT is the --split; $RANK_TEST_DIE=N makes rank N die after the first turn.
+and its layers. $RANK_TEST_SPLIT is the --split; $RANK_TEST_DIE=N makes rank N die after the
+first turn, $RANK_TEST_STALL=N stop there (SIGSTOP to its process group).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +48,8 @@ def main(model_dir: str, mode: str, out_dir: str, image: str | None = None) -> N
         turns.append(tokens)
         if os.environ.get("RANK_TEST_DIE") == str(share.rank if share else 0):
             os._exit(9)  # the fault test: this rank dies between two generations of its peers
+        if os.environ.get("RANK_TEST_STALL") == str(share.rank if share else 0):
+            os.killpg(0, signal.SIGSTOP)  # the host freezes (this rank and its watchdog): sockets stay open
         # The second turn continues the same cache: the multi-turn prompt cache path.
         follow_up = processor.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
         context = list(first.input_ids) + tokens

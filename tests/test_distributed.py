@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,16 +69,24 @@ def launch(n: int, mode: str, model_dir: Path, out: Path, *args: str, ranks=None
     base = os.environ | {"MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join(sys.path)} | env
     command = [sys.executable, str(RANK_SCRIPT), str(model_dir), mode, str(out), *args]
     procs = [
-        subprocess.Popen(command, env=base | {"MLX_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            command, env=base | {"MLX_RANK": str(r)}, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         for r in (range(n) if ranks is None else ranks)
     ]
     try:
-        for p in procs:
-            p.stderr_text = p.communicate(timeout=RANK_TIMEOUT_S)[1]
+        procs[0].stderr_text = procs[0].communicate(timeout=RANK_TIMEOUT_S)[1]
+        for p in procs[1:]:
+            # Once rank 0 is done the others end too (or, stopped by a fault test, are ended here).
+            p.stderr_text = p.communicate(timeout=30 if env.get("RANK_TEST_STALL") is None else 1)[1]
+    except subprocess.TimeoutExpired:
+        if env.get("RANK_TEST_STALL") is None:
+            raise
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)  # the rank and its watchdog process
+                p.wait()
     return procs
 
 
@@ -146,9 +155,49 @@ def test_a_rank_dying_mid_generation_ends_rank_0_with_an_error_naming_it(model_d
     assert "rank 0 (127.0.0.1:" in last and "lost the connection to rank 1 (127.0.0.1:" in last, last
 
 
+def test_a_stuck_rank_ends_rank_0_after_the_progress_timeout(model_dir, tmp_path):
+    """A peer host that freezes without closing its sockets: rank 0's watchdog process ends it with one line."""
+    procs = launch(2, "pipeline", model_dir, tmp_path, ranks=None, RANK_TEST_STALL="1", MLX_QWEN35_RANK_TIMEOUT="3")
+    assert procs[0].returncode == -9  # killed by its watchdog: it was blocked inside a receive
+    last = procs[0].stderr_text.strip().splitlines()[-1]
+    assert last == "error: rank 0: no forward pass finished for 3 s; a peer (rank 1 at " + last.split(" at ", 1)[1]
+    assert last.endswith(") stopped responding"), last
+
+
 def test_an_unreachable_peer_ends_the_rank_within_the_connect_timeout(model_dir, tmp_path):
     (proc,) = launch(2, "pipeline", model_dir, tmp_path, ranks=[0], MLX_QWEN35_CONNECT_TIMEOUT="2")
     assert proc.returncode != 0
     last = proc.stderr_text.strip().splitlines()[-1]
     assert last.startswith("error: rank 0: could not connect to the other ranks (127.0.0.1:"), last
     assert "within 2 s" in last
+
+
+def test_mlx_launch_runs_the_generate_command_with_only_rank_0_printing(model_dir, tmp_path):
+    """The surface itself under mlx.launch (2 local ranks, ring): the reply of one process, printed once."""
+    argv = ["generate", "--model", str(model_dir), "-p", "Hello there", "-m", "6", "--temp", "0", "--no-think"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    one = subprocess.run(
+        [sys.executable, "-m", "mlx_qwen35", *argv, "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    port = _free_ports(1)[0]
+    ranks = subprocess.run(
+        [str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--env",
+         f"PYTHONPATH={env['PYTHONPATH']}", "--", sys.executable, "-m", "mlx_qwen35", *argv, "--json",
+         "--parallel", "pipeline"],
+        env=env, capture_output=True, text=True, timeout=RANK_TIMEOUT_S,
+    )  # fmt: skip
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    printed = [line for line in ranks.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # rank 1 printed nothing
+    assert json.loads(printed[0])["text"] == json.loads(one.stdout)["text"]
+    assert json.loads(printed[0])["generation_tokens"] == 6
+
+
+def test_parallel_without_mlx_launch_says_how_to_launch(model_dir):
+    from mlx_qwen35.errors import Qwen35Error
+    from mlx_qwen35.runtime.distributed import join_launched
+
+    with pytest.raises(Qwen35Error, match="mlx.launch --hostfile hosts.json -- mlx-qwen35"):
+        join_launched("pipeline", None, str(model_dir))
+    assert join_launched(None, None, str(model_dir)) is None  # one process, as before
