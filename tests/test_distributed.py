@@ -13,6 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +204,56 @@ def test_parallel_without_mlx_launch_says_how_to_launch(model_dir):
     with pytest.raises(Qwen35Error, match="mlx.launch --hostfile hosts.json -- mlx-qwen35"):
         join_launched("pipeline", None, str(model_dir))
     assert join_launched(None, None, str(model_dir)) is None  # one process, as before
+
+
+def _chat(port: int, text: str, history: tuple = ()) -> dict:
+    messages = [*history, {"role": "user", "content": text}]
+    body = json.dumps({"messages": messages, "max_tokens": 6, "temperature": 0}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+
+def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(model_dir, tmp_path):
+    """Rank 0 serves; two requests at once run one after the other on both ranks, and a repeat (from the
+    prompt cache) gives the same reply: neither interleaved with the other across the ranks."""
+    port, ring = _free_ports(2)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    server = subprocess.Popen(
+        [str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(ring), "--env",
+         f"PYTHONPATH={env['PYTHONPATH']}", "--", sys.executable, "-m", "mlx_qwen35", "serve", "--model",
+         str(model_dir), "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        replies = {}
+        threads = [
+            threading.Thread(target=lambda t=text: replies.__setitem__(t, _chat(port, t)))
+            for text in ("Hello there", "Tell me a story")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=RANK_TIMEOUT_S)
+        assert len(replies) == 2, (tmp_path / "server.log").read_text()[-2000:]
+        messages = [r["choices"][0]["message"] for r in replies.values()]
+        assert messages[0] != messages[1]
+        again = _chat(port, "Hello there")
+        assert again["choices"][0]["message"] == replies["Hello there"]["choices"][0]["message"]
+        # The next turn of that chat: every rank restores the same prefix from its own prompt cache.
+        history = ({"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"})
+        follow_up = _chat(port, "And then?", history)
+        assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert follow_up["usage"]["completion_tokens"] == 6
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,7 +26,9 @@ import numpy as np
 
 from ..config import load_config
 from ..errors import Qwen35Error
+from ..model.inputs import ModelInputs
 from ..model.parallel import MODES, RankShare, check_expert_split
+from .settings import GenerationSettings
 
 CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other under mlx.launch
 PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
@@ -198,21 +201,80 @@ def broadcast_text(text: str | None, share: RankShare) -> str:
     return broadcast_bytes(data, share).decode("utf-8", errors="surrogateescape")
 
 
+def send_job(share: RankShare, inputs: ModelInputs, settings: GenerationSettings) -> None:
+    """Rank 0: give the followers the next prompt and its settings (``follow_jobs`` runs it on each of them)."""
+    arrays = {k: None if v is None else np.array(v) for k, v in vars(inputs).items() if k != "input_ids"}
+    # pickle between the ranks of one run: the same program on hosts the user started it on (mlx.launch).
+    broadcast_bytes(pickle.dumps((list(inputs.input_ids), arrays, settings)), share)
+
+
+def end_jobs(share: RankShare) -> None:
+    """Rank 0: no more prompts; every follower's ``follow_jobs`` returns."""
+    broadcast_bytes(b"", share)
+
+
+def _receive_job(share: RankShare) -> tuple[ModelInputs, GenerationSettings] | None:
+    data = broadcast_bytes(None, share)
+    if not data:
+        return None
+    ids, arrays, settings = pickle.loads(data)
+    return ModelInputs(ids, **{k: None if v is None else mx.array(v) for k, v in arrays.items()}), settings
+
+
+def follow_jobs(model, processor, share: RankShare) -> None:
+    """A follower's life in a serving run: each prompt rank 0 sends, through the same prompt cache, to the end.
+
+    Rank 0's ``ConversationCache`` sees the same prompts in the same order, so both restore the same prefixes;
+    rank 0 runs every generation to its end too (a client that leaves cannot stop only one rank).
+    """
+    from .conversation import ConversationCache
+
+    cache = ConversationCache(model, processor)
+    while True:
+        with rank_errors(share):
+            job = _receive_job(share)
+            if job is None:
+                return
+            for _ in cache.stream(*job):
+                pass
+
+
+def peer_lost(share: RankShare, error: BaseException) -> Qwen35Error | None:
+    """The ring backend's lost-peer RuntimeError as our one-line error naming this rank and its neighbours."""
+    if not isinstance(error, RuntimeError) or "[ring]" not in str(error):
+        return None
+    hosts = rank_hosts(share.size)
+    neighbours = sorted({(share.rank - 1) % share.size, (share.rank + 1) % share.size} - {share.rank})
+    return Qwen35Error(
+        f"rank {share.rank} ({hosts[share.rank]}) lost the connection to "
+        + " / ".join(f"rank {r} ({hosts[r]})" for r in neighbours)
+        + f" mid-generation ({error}); that rank died or its host left the network: check its log, restart every rank"
+    )
+
+
+def exit_on_lost_peer(share: RankShare, error: BaseException) -> None:
+    """A serving rank whose peer is gone cannot serve again: print the one-line error and end the process."""
+    if (lost := peer_lost(share, error)) is not None:
+        sys.stderr.write(f"error: {lost}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_LOST)
+
+
 @contextmanager
 def rank_errors(share: RankShare | None) -> Iterator[None]:
-    """A lost peer (the ring backend's RuntimeError) as our one-line error naming this rank and its neighbours."""
+    """A lost peer as our one-line error (``peer_lost``); other errors pass through unchanged."""
     try:
         yield
     except RuntimeError as e:
-        if share is None or "[ring]" not in str(e):
+        lost = peer_lost(share, e) if share is not None else None
+        if lost is None:
             raise
-        hosts = rank_hosts(share.size)
-        neighbours = sorted({(share.rank - 1) % share.size, (share.rank + 1) % share.size} - {share.rank})
-        raise Qwen35Error(
-            f"rank {share.rank} ({hosts[share.rank]}) lost the connection to "
-            + " / ".join(f"rank {r} ({hosts[r]})" for r in neighbours)
-            + f" mid-generation ({e}); that rank died or its host left the network: check its log, restart every rank"
-        ) from None
+        raise lost from None
     finally:
-        if _watchdog is not None:  # between generations a rank may wait for input as long as it likes
-            _watchdog.disarm()
+        idle()
+
+
+def idle() -> None:
+    """Between generations a rank may wait for input as long as it likes: the progress deadline is off."""
+    if _watchdog is not None:
+        _watchdog.disarm()

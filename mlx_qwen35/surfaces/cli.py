@@ -265,6 +265,8 @@ def chat(
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
 
+    refuse_ranks("chat", "serve (its chat page) or generate")
+
     check_quantized_kv_start(quantized_kv_start)
     run_chat(
         model=resolve_model(model, model_option, "chat"),
@@ -345,6 +347,8 @@ def serve(
         "--allowed-origins",
         help="Web origins that may call the API from a browser (CORS), e.g. http://localhost:3000; repeat or comma-separate. Default: none.",
     ),
+    parallel: Parallel = None,
+    split: Split = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at / (no MODEL: the demo)."""
     from ..runtime.validation import check_numbers
@@ -370,7 +374,17 @@ def serve(
         served_model_name=served_model_name,
         reasoning_field=reasoning_field,
         allowed_origins=tuple(o.strip() for option in allowed_origins for o in option.split(",") if o.strip()),
+        parallel=parallel,
+        split=split,
     )
+
+
+def refuse_ranks(command: str, instead: str) -> None:
+    """A command that runs in one process only stops at once under mlx.launch instead of hanging its ranks."""
+    from ..runtime.distributed import launched
+
+    if launched():
+        raise Qwen35Error(f"{command} runs in one process, not under mlx.launch; use {instead} on several ranks")
 
 
 @app.command()
