@@ -2,7 +2,8 @@
 
 Every rank runs the same program (``mlx.launch … -- mlx-qwen35 generate …``) and the same generation loop;
 rank 0 samples and ``shared_sampler`` gives its token to all, so every rank takes the same steps, stops at the
-same token and undoes the same look-ahead step. Only rank 0 reads input (``broadcast_text``) and prints.
+same token and undoes the same look-ahead step. Only rank 0 reads input (``broadcast_text``) and prints;
+a serving rank 0 hands each request to the others (``rank_jobs``).
 
 Faults end the run within a bound instead of hanging: ``RankWatchdog`` exits a rank that cannot reach its
 peers at start, or that sees no forward pass for ``timeout`` seconds while generating; a peer that dies
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,9 +26,7 @@ import numpy as np
 
 from ..config import load_config
 from ..errors import Qwen35Error
-from ..model.inputs import ModelInputs
 from ..model.parallel import MODES, RankShare, check_expert_split
-from .settings import GenerationSettings
 
 CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other under mlx.launch
 PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
@@ -199,44 +197,6 @@ def broadcast_text(text: str | None, share: RankShare) -> str:
     """Rank 0's text (read from its standard input, say) on every rank."""
     data = text.encode("utf-8", errors="surrogateescape") if share.leads else None
     return broadcast_bytes(data, share).decode("utf-8", errors="surrogateescape")
-
-
-def send_job(share: RankShare, inputs: ModelInputs, settings: GenerationSettings) -> None:
-    """Rank 0: give the followers the next prompt and its settings (``follow_jobs`` runs it on each of them)."""
-    arrays = {k: None if v is None else np.array(v) for k, v in vars(inputs).items() if k != "input_ids"}
-    # pickle between the ranks of one run: the same program on hosts the user started it on (mlx.launch).
-    broadcast_bytes(pickle.dumps((list(inputs.input_ids), arrays, settings)), share)
-
-
-def end_jobs(share: RankShare) -> None:
-    """Rank 0: no more prompts; every follower's ``follow_jobs`` returns."""
-    broadcast_bytes(b"", share)
-
-
-def _receive_job(share: RankShare) -> tuple[ModelInputs, GenerationSettings] | None:
-    data = broadcast_bytes(None, share)
-    if not data:
-        return None
-    ids, arrays, settings = pickle.loads(data)
-    return ModelInputs(ids, **{k: None if v is None else mx.array(v) for k, v in arrays.items()}), settings
-
-
-def follow_jobs(model, processor, share: RankShare) -> None:
-    """A follower's life in a serving run: each prompt rank 0 sends, through the same prompt cache, to the end.
-
-    Rank 0's ``ConversationCache`` sees the same prompts in the same order, so both restore the same prefixes;
-    rank 0 runs every generation to its end too (a client that leaves cannot stop only one rank).
-    """
-    from .conversation import ConversationCache
-
-    cache = ConversationCache(model, processor)
-    while True:
-        with rank_errors(share):
-            job = _receive_job(share)
-            if job is None:
-                return
-            for _ in cache.stream(*job):
-                pass
 
 
 def peer_lost(share: RankShare, error: BaseException) -> Qwen35Error | None:

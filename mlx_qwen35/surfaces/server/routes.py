@@ -589,7 +589,8 @@ def serve(
         print(warning, file=sys.stderr)
     import uvicorn
 
-    from ...runtime.distributed import follow_jobs, join_launched
+    from ...runtime.distributed import join_launched
+    from ...runtime.rank_jobs import follow_jobs
     from ...weights.loading import load
 
     share = join_launched(parallel, split, model)

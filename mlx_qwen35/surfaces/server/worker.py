@@ -209,7 +209,7 @@ class GenerationWorker:
                 self.busy = False
                 job.emit(Finished())
         if self._share is not None:
-            from ...runtime.distributed import end_jobs
+            from ...runtime.rank_jobs import end_jobs
 
             end_jobs(self._share)
 
@@ -243,7 +243,7 @@ class GenerationWorker:
 
         inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(prompt)
         if self._share is not None:
-            from ...runtime.distributed import send_job
+            from ...runtime.rank_jobs import send_job
 
             send_job(self._share, inputs, settings)
             should_stop = None  # every rank prefills the whole prompt: one rank cannot stop alone
