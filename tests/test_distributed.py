@@ -177,11 +177,17 @@ def test_an_unreachable_peer_ends_the_rank_within_the_connect_timeout(model_dir,
 
 def test_mlx_launch_runs_the_generate_command_with_only_rank_0_printing(model_dir, tmp_path):
     """The surface itself under mlx.launch (2 local ranks, ring): the reply of one process, printed once."""
+    from mlx_qwen35.runtime.generation import stream_text
+    from mlx_qwen35.runtime.settings import GenerationSettings, recommended_sampling
+    from mlx_qwen35.weights.loading import load
+
     argv = ["generate", "--model", str(model_dir), "-p", "Hello there", "-m", "6", "--temp", "0", "--no-think"]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    one = subprocess.run(
-        [sys.executable, "-m", "mlx_qwen35", *argv, "--json"], env=env, capture_output=True, text=True, timeout=120
+    settings = GenerationSettings(
+        sampling=recommended_sampling(False, {"temp": 0.0}), max_tokens=6, enable_thinking=False
     )
+    messages = [{"role": "user", "content": "Hello there"}]
+    one = "".join(r.text for r in stream_text(*load(str(model_dir)), messages, settings))
     launcher = Path(sys.executable).with_name("mlx.launch")
     port = _free_ports(1)[0]
     ranks = subprocess.run(
@@ -193,7 +199,7 @@ def test_mlx_launch_runs_the_generate_command_with_only_rank_0_printing(model_di
     assert ranks.returncode == 0, ranks.stderr[-2000:]
     printed = [line for line in ranks.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 1 printed nothing
-    assert json.loads(printed[0])["text"] == json.loads(one.stdout)["text"]
+    assert json.loads(printed[0])["text"] == one
     assert json.loads(printed[0])["generation_tokens"] == 6
 
 
@@ -216,8 +222,8 @@ def _chat(port: int, text: str, history: tuple = ()) -> dict:
 
 
 def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(model_dir, tmp_path):
-    """Rank 0 serves; two requests at once run one after the other on both ranks, and a repeat (from the
-    prompt cache) gives the same reply: neither interleaved with the other across the ranks."""
+    """Rank 0 serves; two requests at once run one after the other on both ranks (interleaved, the ranks'
+    messages would mismatch and hang or garble them), and a next turn comes from every rank's prompt cache."""
     port, ring = _free_ports(2)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     launcher = Path(sys.executable).with_name("mlx.launch")
@@ -246,10 +252,10 @@ def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(mo
             thread.join(timeout=RANK_TIMEOUT_S)
         assert len(replies) == 2, (tmp_path / "server.log").read_text()[-2000:]
         messages = [r["choices"][0]["message"] for r in replies.values()]
-        assert messages[0] != messages[1]
-        again = _chat(port, "Hello there")
+        assert messages[0] != messages[1] and all(r["usage"]["completion_tokens"] == 6 for r in replies.values())
+        again = _chat(port, "Hello there")  # alone now: the same reply as beside the other request
         assert again["choices"][0]["message"] == replies["Hello there"]["choices"][0]["message"]
-        # The next turn of that chat: every rank restores the same prefix from its own prompt cache.
+        # The next turn of that chat (the cache's latest): every rank restores the same prefix from its own cache.
         history = ({"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"})
         follow_up = _chat(port, "And then?", history)
         assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
