@@ -175,32 +175,45 @@ def test_an_unreachable_peer_ends_the_rank_within_the_connect_timeout(model_dir,
     assert "within 2 s" in last
 
 
-def test_mlx_launch_runs_the_generate_command_with_only_rank_0_printing(model_dir, tmp_path):
-    """The surface itself under mlx.launch (2 local ranks, ring): the reply of one process, printed once."""
+def test_generate_on_two_ranks_prints_the_one_process_reply_once_and_only_rank_0_reads_the_image(
+    model_dir, image, tmp_path
+):
+    """``mlx-qwen35 generate --parallel pipeline`` as mlx.launch starts it on each rank (the serve test below goes
+    through mlx.launch itself). Rank 1 is given an image path that does not exist: rank 0 reads the input and
+    shares the prompt it makes, and only rank 0 prints."""
     from mlx_qwen35.runtime.generation import stream_text
     from mlx_qwen35.runtime.settings import GenerationSettings, recommended_sampling
     from mlx_qwen35.weights.loading import load
 
-    argv = ["generate", "--model", str(model_dir), "-p", "Hello there", "-m", "6", "--temp", "0", "--no-think"]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     settings = GenerationSettings(
         sampling=recommended_sampling(False, {"temp": 0.0}), max_tokens=6, enable_thinking=False
     )
-    messages = [{"role": "user", "content": "Hello there"}]
-    one = "".join(r.text for r in stream_text(*load(str(model_dir)), messages, settings))
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    port = _free_ports(1)[0]
-    ranks = subprocess.run(
-        [str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--env",
-         f"PYTHONPATH={env['PYTHONPATH']}", "--", sys.executable, "-m", "mlx_qwen35", *argv, "--json",
-         "--parallel", "pipeline"],
-        env=env, capture_output=True, text=True, timeout=RANK_TIMEOUT_S,
-    )  # fmt: skip
-    assert ranks.returncode == 0, ranks.stderr[-2000:]
-    printed = [line for line in ranks.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1  # rank 1 printed nothing
-    assert json.loads(printed[0])["text"] == one
-    assert json.loads(printed[0])["generation_tokens"] == 6
+    model, processor = load(str(model_dir))
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "Hello there"}]
+    prompt = processor([{"role": "user", "content": content}], enable_thinking=False)
+    one = "".join(r.text for r in stream_text(model, processor, prompt, settings))
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    env = os.environ | {"MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = ["generate", "--model", str(model_dir), "-p", "Hello there", "-m", "6", "--temp", "0", "--no-think"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mlx_qwen35", *argv, "--json", "--parallel", "pipeline", "--image", path],
+            env=env | {"MLX_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank, path in enumerate([image, str(tmp_path / "only-on-rank-0.png")])
+    ]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=RANK_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[1][0] == ""  # rank 1 printed nothing
+    printed = json.loads(outputs[0][0])
+    assert printed["text"] == one and printed["generation_tokens"] == 6
+    assert printed["vision_tokens"] > 0
 
 
 def test_parallel_without_mlx_launch_says_how_to_launch(model_dir):

@@ -32,6 +32,7 @@ CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other un
 PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
 EXIT_PEER_LOST = 3
 _watchdog: RankWatchdog | None = None  # one rank per process
+_BACKEND_TAGS = ("[ring]", "[jaccl]", "[mpi]")  # how MLX's backends begin their errors
 
 
 def _environment_seconds(name: str, default: float) -> float:
@@ -201,7 +202,7 @@ def broadcast_text(text: str | None, share: RankShare) -> str:
 
 def peer_lost(share: RankShare, error: BaseException) -> Qwen35Error | None:
     """The ring backend's lost-peer RuntimeError as our one-line error naming this rank and its neighbours."""
-    if not isinstance(error, RuntimeError) or "[ring]" not in str(error):
+    if not isinstance(error, RuntimeError) or not str(error).startswith(_BACKEND_TAGS):
         return None
     hosts = rank_hosts(share.size)
     neighbours = sorted({(share.rank - 1) % share.size, (share.rank + 1) % share.size} - {share.rank})

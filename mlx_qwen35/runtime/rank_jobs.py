@@ -18,11 +18,19 @@ from .distributed import broadcast_bytes, rank_errors
 from .settings import GenerationSettings
 
 
-def send_job(share: RankShare, inputs: ModelInputs, settings: GenerationSettings) -> None:
+def send_job(share: RankShare, inputs: ModelInputs, settings: GenerationSettings | None) -> None:
     """Rank 0: give the followers the next prompt and its settings (``follow_jobs`` runs it on each of them)."""
     arrays = {k: None if v is None else np.array(v) for k, v in vars(inputs).items() if k != "input_ids"}
     # pickle between the ranks of one run: the same program on hosts the user started it on (mlx.launch).
     broadcast_bytes(pickle.dumps((list(inputs.input_ids), arrays, settings)), share)
+
+
+def shared_prompt(share: RankShare, inputs: ModelInputs | None) -> ModelInputs:
+    """Rank 0's prompt (its ids and images, which only rank 0 read) on every rank; the others pass None."""
+    if share.leads:
+        send_job(share, inputs, None)
+        return inputs
+    return _receive_job(share)[0]
 
 
 def end_jobs(share: RankShare) -> None:

@@ -209,7 +209,8 @@ def run_generate(
         raise Qwen35Error(
             "--prompt-cache-file continues a chat, which stops at the model's own tokens; drop --extra-eos-token"
         )
-    check_media_files(list(media.images), list(media.videos))
+    if speaks:  # rank 0 reads the files and shares the prompt they make
+        check_media_files(list(media.images), list(media.videos))
     tool_schemas = read_tools_file(tools) if tools else None
     # Built (and so checked) before the model loads: a typo should not wait for a large model.
     if prompt_cache_file:
@@ -237,7 +238,7 @@ def run_generate(
             prefill_step_size=prefill_step_size,
             kv_cache=KVCacheSettings(bits=kv_bits, group_size=kv_group_size),
         )
-    items = media.items()  # images opened (to fit --resize-shape) before the model loads
+    items = media.items() if speaks else []  # images opened (to fit --resize-shape) before the model loads
     model_obj, processor = load(model, share=share)
     vision_tokens, vision_seconds = 0, 0.0
     if raw:
@@ -259,6 +260,13 @@ def run_generate(
         )
         vision_seconds = time.perf_counter() - started
         vision_tokens = processor.vision_token_count(request)
+    if share is not None:
+        from ..model.inputs import ModelInputs
+        from ..runtime.rank_jobs import shared_prompt
+
+        if speaks and not isinstance(request, ModelInputs):
+            request = ModelInputs(prompt_token_ids(processor, request, enable_thinking, tool_schemas))
+        request = shared_prompt(share, request if speaks else None)
     conversation = None
     started = time.perf_counter()
     if prompt_cache_file:
