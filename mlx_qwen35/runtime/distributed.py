@@ -121,8 +121,12 @@ def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int |
     peers = ", ".join(h for r, h in enumerate(_hostfile_entries()) if r != rank) or "none in MLX_HOSTFILE"
     watchdog.arm(connect, f"could not connect to the other ranks ({peers}) within {connect:.0f} s; check that "
                  "every host in the hostfile is reachable and runs the same command")  # fmt: skip
-    group = mx.distributed.init(strict=True)
-    watchdog.disarm()
+    try:
+        group = mx.distributed.init(strict=True)
+    except (RuntimeError, ValueError) as e:  # no backend configured: MLX_HOSTFILE missing or unreadable
+        raise Qwen35Error(f"rank {rank}: cannot start mx.distributed ({e}); start the ranks with mlx.launch") from None
+    finally:
+        watchdog.disarm()
     size, hosts = group.size(), rank_hosts(group.size())
     free = free_bytes if free_bytes is not None else free_memory_bytes()
     frees = [int(f) for f in mx.distributed.all_gather(mx.array([float(free)]), group=group).tolist()]
