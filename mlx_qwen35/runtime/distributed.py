@@ -5,9 +5,10 @@ rank 0 samples and ``shared_sampler`` gives its token to all, so every rank take
 same token and undoes the same look-ahead step. Only rank 0 reads input (``broadcast_text``) and prints;
 a serving rank 0 hands each request to the others (``rank_jobs``).
 
-Faults end the run within a bound instead of hanging: ``RankWatchdog`` exits a rank that cannot reach its
-peers at start, or that sees no forward pass for ``timeout`` seconds while generating; a peer that dies
-closes its sockets, the ring backend raises at once, and ``rank_errors`` turns that into our one-line error.
+Faults end the run within a bound instead of hanging: ``RankWatchdog`` kills a rank that cannot reach its
+peers at start ($MLX_QWEN35_CONNECT_TIMEOUT s), or that sees no forward pass for $MLX_QWEN35_RANK_TIMEOUT s
+while generating; a peer that dies closes its sockets, the backend raises at once, and ``rank_errors``
+turns that into our one-line error.
 """
 
 from __future__ import annotations
