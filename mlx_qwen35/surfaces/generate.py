@@ -239,7 +239,7 @@ def run_generate(
             kv_cache=KVCacheSettings(bits=kv_bits, group_size=kv_group_size),
         )
     items = media.items() if speaks else []  # images opened (to fit --resize-shape) before the model loads
-    model_obj, processor = load(model, share=share)
+    model_obj, processor = load(model) if share is None else load(model, share=share)
     vision_tokens, vision_seconds = 0, 0.0
     if raw:
         request = prompt

@@ -597,7 +597,8 @@ def serve(
     if share is not None and not share.leads:
         follow_jobs(*load(model, share=share), share)
         return
-    worker = GenerationWorker(lambda: load(model, share=share), max_prompt_tokens=max_prompt_tokens, share=share)
+    loader = (lambda: load(model)) if share is None else (lambda: load(model, share=share))
+    worker = GenerationWorker(loader, max_prompt_tokens=max_prompt_tokens, share=share)
     worker.start()
     _log_to_stderr()
     shown = f"[{host}]" if ":" in host else host
