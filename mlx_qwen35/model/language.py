@@ -11,8 +11,9 @@ from ..config import TextConfig
 from ..kernels import emulating
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
-from .moe import feed_forward
+from .moe import SparseMoE, feed_forward
 from .norms import RMSNorm1p
+from .parallel import RankShare, pass_hidden, receive_hidden
 from .rope import MRoPE, text_positions
 
 
@@ -87,16 +88,28 @@ def compiles_decode() -> bool:
 
 
 class LanguageModel(nn.Module):
-    """Token ids (or embeddings) + cache → hidden states after the final norm; ``logits`` applies lm_head."""
+    """Token ids (or embeddings) + cache → hidden states after the final norm; ``logits`` applies lm_head.
 
-    def __init__(self, cfg: TextConfig):
+    On one rank of a multi-Mac run (``share``, docs/architecture.md §21) ``cfg`` describes only the layers it
+    holds; a pipeline follower holds no embedding, norm or LM head and returns the hidden states it sent on.
+    """
+
+    def __init__(self, cfg: TextConfig, share: RankShare | None = None):
         super().__init__()
         self.config = cfg
+        self.share = share
         self.rope = MRoPE(cfg)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        holds_ends = share is None or share.holds_ends
+        if holds_ends:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, kind, self.rope) for kind in cfg.layer_types]
-        self.norm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
+        if share is not None and share.mode == "expert":
+            for layer in self.layers:
+                if isinstance(layer.mlp, SparseMoE):
+                    layer.mlp.share = share
+        if holds_ends:
+            self.norm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        if holds_ends and not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._first_attention = cfg.layer_types.index("full_attention")
         # The dtype activations run in; set by the loader (float32 off Metal). A quantised embedding in
@@ -111,7 +124,14 @@ class LanguageModel(nn.Module):
         position_ids: mx.array | None = None,
     ) -> mx.array:
         """Hidden states [B, T, H] after the final norm. position_ids [3, B, T]; default: text after the cache's tokens."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.share is not None and self.share.on_forward is not None:
+            self.share.on_forward()
+        pipeline = self.share is not None and self.share.mode == "pipeline"
+        if pipeline and not self.share.leads:
+            B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+            x = receive_hidden(self.share, (B, T, self.config.hidden_size), self.compute_dtype or mx.float32)
+        else:
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.compute_dtype is not None:
             x = x.astype(self.compute_dtype)
         B, T, _ = x.shape
@@ -122,6 +142,10 @@ class LanguageModel(nn.Module):
         cache = cache if cache is not None else [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, cache):
             x = layer(x, cos_sin, layer_cache)
+        if pipeline:
+            x = pass_hidden(self.share, x, cache if cache[0] is not None else None)
+            if not self.share.leads:
+                return x
         return self.norm(x)
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -8,6 +8,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import TextConfig
 from ..kernels.expert_dispatch import routed_experts
+from .parallel import RankShare, sum_partials
 
 
 class MLP(nn.Module):
@@ -38,6 +39,8 @@ class SparseMoE(nn.Module):
         self.experts = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        # Expert-parallel runs: this rank holds a slice of each expert's rows; the ranks' outputs add up.
+        self.share: RankShare | None = None
         # Set by the loader for a checkpoint with an expert store: the routed experts stream through it (§6.1).
         self.expert_cache = None
         self.layer_index = -1
@@ -61,7 +64,7 @@ class SparseMoE(nn.Module):
         else:
             routed = routed_experts(x, indices, weights, self.experts)  # [B, T, H]
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        return sum_partials(self.share, routed + shared)
 
 
 def feed_forward(cfg: TextConfig) -> nn.Module:

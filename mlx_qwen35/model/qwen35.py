@@ -13,20 +13,23 @@ from .inputs import ModelInputs
 from .language import LanguageModel
 from .mrope_positions import mrope_positions
 from .mtp import MTP
+from .parallel import RankShare, stage_text_config
 from .vision import VisionModel
 
 
 class Qwen35Model(nn.Module):
     """``model(input_ids, cache)`` → logits [B, T, V]; the interface mlx-lm's generation helpers expect."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, share: RankShare | None = None):
         super().__init__()
-        self.config = config
-        self.language_model = LanguageModel(config.text)
+        self.config = config  # the whole model's, on every rank of a multi-Mac run too
+        self.share = share
         self.expert_cache = None  # an ExpertCache when the routed experts stream from a store (§6.1)
-        if config.text.mtp_num_hidden_layers:
+        text = config.text if share is None else stage_text_config(config.text, share)
+        self.language_model = LanguageModel(text, share)
+        if config.text.mtp_num_hidden_layers and share is None:
             self.mtp = MTP(config.text, self.language_model.rope)
-        if config.vision is not None:
+        if config.vision is not None and (share is None or share.holds_ends):
             self.visual = VisionModel(config.vision)
 
     def __call__(
@@ -53,6 +56,9 @@ class Qwen35Model(nn.Module):
             if cache is not None:
                 cache.rope_delta = rope_delta
         hidden = self.language_model(input_ids, cache, inputs_embeds=inputs_embeds, position_ids=position_ids)
+        if self.share is not None and not self.share.holds_ends:
+            # A pipeline follower has no LM head: rank 0 samples and shares the token (runtime/distributed.py).
+            return mx.depends(mx.zeros((*hidden.shape[:2], self.config.text.vocab_size)), hidden)
         return self.language_model.logits(hidden)
 
     def prompt_embeddings(self, inputs: ModelInputs, cache: list | None = None) -> tuple[mx.array, mx.array, int]:
@@ -61,11 +67,15 @@ class Qwen35Model(nn.Module):
         Positions continue after what ``cache`` already holds, so a multimodal turn can follow earlier ones.
         """
         ids = np.asarray(inputs.input_ids).reshape(-1)
-        if inputs.has_vision and "visual" not in self:
+        follower = self.share is not None and not self.share.holds_ends
+        if inputs.has_vision and "visual" not in self and not follower:
             raise Qwen35Error("this checkpoint has no vision tower (config.json has no vision_config); send text only")
         positions, delta = mrope_positions(ids, self.config, inputs.image_grid_thw, inputs.video_grid_thw)
         prior_delta = getattr(cache, "rope_delta", 0)
         offset = cache_length(cache) + prior_delta if cache is not None else 0
+        position_ids = mx.array(positions + offset)[:, None]  # [3, 1, T]
+        if follower:  # rank 0 embeds the prompt and its images; this rank receives the hidden states
+            return mx.zeros((1, len(ids), self.config.text.hidden_size)), position_ids, prior_delta + delta
         embeds = self.language_model.embed_tokens(mx.array(ids))  # [T, H]
         for token_id, pixels, grid in (
             (self.config.image_token_id, inputs.pixel_values, inputs.image_grid_thw),
@@ -74,7 +84,6 @@ class Qwen35Model(nn.Module):
             if pixels is not None:
                 # Features come out in prompt order (items in sequence, merge-block order within each).
                 embeds[mx.array(np.flatnonzero(ids == token_id))] = self.visual(pixels, grid).astype(embeds.dtype)
-        position_ids = mx.array(positions + offset)[:, None]  # [3, 1, T]
         return embeds[None], position_ids, prior_delta + delta
 
     @property

@@ -152,6 +152,10 @@ def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, l
     vocab_mask = _vocab_mask(model, processor)
     if vocab_mask is not None:
         processors.insert(0, lambda _, logits: logits + vocab_mask)
+    if getattr(model, "share", None) is not None:  # one rank of several: every rank takes rank 0's token
+        from .distributed import shared_sampler
+
+        sampler = shared_sampler(sampler, model.share)
     return sampler, processors
 
 

@@ -26,12 +26,14 @@ from .options import (
     MinP,
     ModelArgument,
     ModelFlag,
+    Parallel,
     PrefillStepSize,
     PresencePenalty,
     Prompt,
     QuantizedKVStart,
     RepetitionPenalty,
     Seed,
+    Split,
     SystemPrompt,
     Temp,
     Thinking,
@@ -212,6 +214,8 @@ def generate(
     max_kv_size: MaxKVSize = None,
     prefill_step_size: PrefillStepSize = PREFILL_STEP_SIZE,
     expert_memory_gb: ExpertMemory = None,
+    parallel: Parallel = None,
+    split: Split = None,
 ) -> None:
     """Generate a reply to one prompt (optionally about images or videos), streaming it to the terminal."""
     from .generate import MediaOptions, resize_shape_option, run_generate
@@ -256,6 +260,8 @@ def generate(
         max_kv_size=max_kv_size,
         prefill_step_size=prefill_step_size,
         extra_eos_tokens=list(extra_eos_token or ()),
+        parallel=parallel,
+        split=split,
     )
 
 
@@ -301,6 +307,8 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
+
+    refuse_ranks("chat", "serve (its chat page) or generate")
 
     check_quantized_kv_start(quantized_kv_start)
     run_chat(
@@ -384,6 +392,8 @@ def serve(
         help="Web origins that may call the API from a browser (CORS), e.g. http://localhost:3000; repeat or comma-separate. Default: none.",
     ),
     expert_memory_gb: ExpertMemory = None,
+    parallel: Parallel = None,
+    split: Split = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at / (no MODEL: the demo)."""
     from ..runtime.validation import check_numbers
@@ -411,7 +421,17 @@ def serve(
         served_model_name=served_model_name,
         reasoning_field=reasoning_field,
         allowed_origins=tuple(o.strip() for option in allowed_origins for o in option.split(",") if o.strip()),
+        parallel=parallel,
+        split=split,
     )
+
+
+def refuse_ranks(command: str, instead: str) -> None:
+    """A command that runs in one process only stops at once under mlx.launch instead of hanging its ranks."""
+    from ..runtime.distributed import launched
+
+    if launched():
+        raise Qwen35Error(f"{command} runs in one process, not under mlx.launch; use {instead} on several ranks")
 
 
 @app.command()

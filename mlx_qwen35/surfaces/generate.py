@@ -155,13 +155,20 @@ def run_generate(
     prefill_step_size: int,
     extra_eos_tokens: list[str],
     expert_memory: str | None = None,
+    parallel: str | None = None,
+    split: str | None = None,
 ) -> None:
-    """Load ``model`` and stream its reply to ``prompt`` (with ``media``), or print it as JSON."""
+    """Load ``model`` and stream its reply to ``prompt`` (with ``media``), or print it as JSON.
+
+    Under mlx.launch every rank runs this with the same arguments; ``parallel`` / ``split`` say how they share
+    the model, rank 0 reads standard input and prints, the others follow (docs/architecture.md §21).
+    """
     import mlx.core as mx
 
     from ..model.cache import make_cache
     from ..processing.output import OutputParser, read_tools_file
     from ..runtime.conversation import ConversationSettings, reply_events
+    from ..runtime.distributed import broadcast_text, join_launched, rank_errors
     from ..runtime.generation import prompt_token_ids, stream_text
     from ..runtime.sessions import check_session_target, open_conversation, save_conversation
     from ..runtime.settings import GenerationSettings, KVCacheSettings, max_tokens_within_context, recommended_sampling
@@ -169,10 +176,15 @@ def run_generate(
     from ..weights.loading import load
     from .progress import PrefillProgress, StatusLine
 
+    if prompt_cache_file and (parallel or split):
+        raise Qwen35Error("--prompt-cache-file saves one process's cache; drop it to run on several ranks")
+    share = join_launched(parallel, split, model)
+    speaks = share is None or share.leads
     # Everything that can be wrong without the model is found before it loads (minutes, for a large one).
     prompt_source = "--prompt"
     if prompt == "-":  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name
-        prompt, prompt_source = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape"), "standard input"
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape") if speaks else None
+        prompt, prompt_source = (prompt if share is None else broadcast_text(prompt, share)), "standard input"
     check_text(prompt, prompt_source)
     if system is not None:
         check_text(system, "--system-prompt")
@@ -198,7 +210,8 @@ def run_generate(
         raise Qwen35Error(
             "--prompt-cache-file continues a chat, which stops at the model's own tokens; drop --extra-eos-token"
         )
-    check_media_files(list(media.images), list(media.videos))
+    if speaks:  # rank 0 reads the files and shares the prompt they make
+        check_media_files(list(media.images), list(media.videos))
     tool_schemas = read_tools_file(tools) if tools else None
     # Built (and so checked) before the model loads: a typo should not wait for a large model.
     if prompt_cache_file:
@@ -226,8 +239,8 @@ def run_generate(
             prefill_step_size=prefill_step_size,
             kv_cache=KVCacheSettings(bits=kv_bits, group_size=kv_group_size),
         )
-    items = media.items()  # images opened (to fit --resize-shape) before the model loads
-    model_obj, processor = load(model, expert_memory=expert_memory)
+    items = media.items() if speaks else []  # images opened (to fit --resize-shape) before the model loads
+    model_obj, processor = load(model, expert_memory=expert_memory, share=share)
     experts = model_obj.expert_cache
     vision_tokens, vision_seconds = 0, 0.0
     if raw:
@@ -249,6 +262,13 @@ def run_generate(
         )
         vision_seconds = time.perf_counter() - started
         vision_tokens = processor.vision_token_count(request)
+    if share is not None:
+        from ..model.inputs import ModelInputs
+        from ..runtime.rank_jobs import shared_prompt
+
+        if speaks and not isinstance(request, ModelInputs):
+            request = ModelInputs(prompt_token_ids(processor, request, enable_thinking, tool_schemas))
+        request = shared_prompt(share, request if speaks else None)
     conversation = None
     started = time.perf_counter()
     if prompt_cache_file:
@@ -279,21 +299,22 @@ def run_generate(
             should_stop=PrefillProgress(cache, prompt_length, prefill_step_size, status.show),
         )
         events = reply_events(responses, OutputParser(enable_thinking and not raw, tool_schemas))
-    printer = None if as_json else ReplyPrinter(show_reasoning=not hide_thinking)
+    printer = None if as_json or not speaks else ReplyPrinter(show_reasoning=not hide_thinking)
     text, pieces, last, first_token_at, decode_start = [], [], None, None, None
-    for event in events:
-        response = event.response
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-            status.close()
-            decode_start = experts.snapshot() if experts else None
-        if response is not last:
-            text.append(response.text)
-        if event.text or event.tool_call:
-            pieces.append(OutputPiece(event.kind, event.text, event.tool_call))
-            if printer:
-                printer.add(event.kind, event.text, event.tool_call)
-        last = response
+    with rank_errors(share):
+        for event in events:
+            response = event.response
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                status.close()
+                decode_start = experts.snapshot() if experts else None
+            if response is not last:
+                text.append(response.text)
+            if event.text or event.tool_call:
+                pieces.append(OutputPiece(event.kind, event.text, event.tool_call))
+                if printer:
+                    printer.add(event.kind, event.text, event.tool_call)
+            last = response
     if printer:
         printer.close()
     prompt_tokens, prompt_tps = last.prompt_tokens, last.prompt_tps
@@ -327,14 +348,14 @@ def run_generate(
                 prefilled_tokens=conversation.last_stats.prefilled_tokens,
             )
         typer.echo(json.dumps(stats, ensure_ascii=False))
-    elif verbose:
+    elif verbose and speaks:
         typer.echo(
             f"\n[{prompt_tokens} prompt tokens at {prompt_tps:.1f} tok/s, first token after {time_to_first_token:.2f} s, "
             f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s, "
             f"peak memory {last.peak_memory:.2f} GB]",
             err=True,
         )
-    if cut_while_reasoning:
+    if cut_while_reasoning and speaks:
         typer.echo(
             f"the reply ended while reasoning: --max-tokens {max_tokens} ended it before the answer; "
             "raise --max-tokens or set --thinking-budget",

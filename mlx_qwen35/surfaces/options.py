@@ -275,3 +275,23 @@ def check_expert_memory(spec: str | None) -> str | None:
 
     parse_expert_memory(spec)
     return spec
+
+
+# ------------------------------------------------------------------ several Macs (mlx.launch; docs/architecture.md §21)
+Parallel = Annotated[
+    str | None,
+    typer.Option(
+        "--parallel",
+        help="Under mlx.launch: pipeline (each Mac holds a run of layers: fits what one Mac cannot; the default) "
+        "or expert (each Mac holds 1/n of every expert: faster decode of an MoE model that fits each Mac's share).",
+        show_default=False,
+    ),
+]
+Split = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        help="Pipeline layers per rank, e.g. 40,20 (default: in proportion to each host's free memory).",
+        show_default=False,
+    ),
+]

@@ -19,6 +19,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from ..config import ModelConfig, load_config
 from ..errors import Qwen35Error
 from ..kernels.self_check import check_kernels
+from ..model.parallel import RankShare
 from ..model.qwen35 import Qwen35Model
 from ..processing.processor import Processor
 from .expert_store import (
@@ -105,12 +106,16 @@ def _set_wired_limit(model: Qwen35Model) -> None:
 
 
 def load_model(
-    model_dir: Path, config: ModelConfig | None = None, expert_memory: str | float | None = None
+    model_dir: Path,
+    config: ModelConfig | None = None,
+    expert_memory: str | float | None = None,
+    share: RankShare | None = None,
 ) -> Qwen35Model:
     """Build the model for ``model_dir`` and assign its weights (lazily).
 
     With an expert store (``experts/``) the routed experts stream from it through a cache of ``expert_memory``
     (GB, or a share of the experts such as ``"25%"``; default all of them), docs/architecture.md §6.1.
+    ``share``: only one rank's part of a multi-Mac run (§21).
     """
     config = config or load_config(model_dir)
     budget = parse_expert_memory(expert_memory)
@@ -119,6 +124,11 @@ def load_model(
         raise Qwen35Error(
             f"--expert-memory-gb: {model_dir} has no expert store; make one with "
             f"mlx-qwen35 expert-store --model {model_dir} --out <dir>, then load that"
+        )
+    if store is not None and share is not None:
+        raise Qwen35Error(
+            f"{model_dir} keeps its experts in an expert store, which several Macs cannot share yet; "
+            "give the ranks a conversion without --expert-store"
         )
     weights = read_weights(model_dir)
     fmt = detect_format(weights)
@@ -130,10 +140,15 @@ def load_model(
     if fmt != "ours":
         weights, config = translate_peer_checkpoint(weights, config, fmt)
 
-    model = Qwen35Model(config)
-    if config.quantization:
+    quantization = config.quantization
+    if share is not None:
+        from .sharding import rank_quantization, rank_weights
+
+        weights, quantization = rank_weights(weights, share), rank_quantization(quantization, share)
+    model = Qwen35Model(config, share)
+    if quantization:
         stored = store.tensor_names() if store is not None else set()
-        _quantize_from_map(model, config.quantization, weights.keys() | stored)
+        _quantize_from_map(model, quantization, weights.keys() | stored)
     expected = dict(tree_flatten(model.parameters()))
     streamed = (lambda k: EXPERT_TENSOR.match(k) is not None) if store is not None else (lambda k: False)
     missing = sorted(k for k in expected if k not in weights and not k.startswith("mtp.") and not streamed(k))
@@ -166,18 +181,24 @@ def load_model(
         _set_wired_limit(model)
     model.eval()
     experts = next((m for _, m in model.named_modules() if isinstance(m, SwitchGLU)), None)
-    check_kernels(config.text, model.language_model.compute_dtype, experts)  # docs/architecture.md §17.1
+    check_kernels(
+        model.language_model.config, model.language_model.compute_dtype, experts
+    )  # docs/architecture.md §17.1
     return model
 
 
 def load(
-    path_or_repo: str, revision: str | None = None, expert_memory: str | float | None = None
+    path_or_repo: str,
+    revision: str | None = None,
+    expert_memory: str | float | None = None,
+    share: RankShare | None = None,
 ) -> tuple[Qwen35Model, Processor]:
     """Load a Qwen3.5 MLX checkpoint from a directory or a Hub repo id → (model, processor).
 
-    ``expert_memory``: the budget of a checkpoint with an expert store (GB or ``"25%"``; ``load_model``).
+    ``expert_memory``: the budget of a checkpoint with an expert store (GB or ``"25%"``; ``load_model``);
+    ``share``: one rank's part of a multi-Mac run.
     """
     model_dir = resolve_checkpoint(str(path_or_repo), revision, argument="--model")
     config = load_config(model_dir)
     processor = Processor.from_dir(model_dir, config)  # first: a broken tokenizer is found before the weights load
-    return load_model(model_dir, config, expert_memory), processor
+    return load_model(model_dir, config, expert_memory, share), processor

@@ -570,8 +570,13 @@ def serve(
     reasoning_field: str = "both",
     allowed_origins: tuple[str, ...] = (),
     expert_memory: str | None = None,
+    parallel: str | None = None,
+    split: str | None = None,
 ) -> None:
-    """Load ``model`` and serve the API and the chat page until interrupted; ``expert_memory``: ``load``'s budget."""
+    """Load ``model`` and serve the API and the chat page until interrupted; ``expert_memory``: ``load``'s budget.
+
+    Under mlx.launch rank 0 serves and hands each request to the other ranks, which follow (§21).
+    """
     web_root()  # fail before loading a large model if the page is missing, or on a bad option
     if not (math.isfinite(max_body_mb) and max_body_mb > 0):
         raise Qwen35Error(f"--max-body-mb must be a positive number of megabytes, got {max_body_mb}")
@@ -591,9 +596,17 @@ def serve(
         print(warning, file=sys.stderr)
     import uvicorn
 
+    from ...runtime.distributed import join_launched
+    from ...runtime.rank_jobs import follow_jobs
     from ...weights.loading import load
 
-    worker = GenerationWorker(lambda: load(model, expert_memory=expert_memory), max_prompt_tokens=max_prompt_tokens)
+    share = join_launched(parallel, split, model)
+    if share is not None and not share.leads:
+        follow_jobs(*load(model, expert_memory=expert_memory, share=share), share)
+        return
+    worker = GenerationWorker(
+        lambda: load(model, expert_memory=expert_memory, share=share), max_prompt_tokens=max_prompt_tokens, share=share
+    )
     worker.start()
     _log_to_stderr()
     shown = f"[{host}]" if ":" in host else host

@@ -144,8 +144,11 @@ class GenerationWorker:
         loader: Callable[[], tuple[Any, Any]],
         generate: Generate | None = None,
         max_prompt_tokens: int | None = None,
+        share: Any = None,
     ):
         self._loader = loader
+        # Rank 0 of several (a RankShare, docs/architecture.md §21): each job goes to the other ranks first.
+        self._share = share
         self._generate = generate
         self._max_prompt_tokens = max_prompt_tokens  # the model's context is the limit too
         self.prompt_cache = None  # the ConversationCache, made on the worker thread once the model is loaded
@@ -205,6 +208,10 @@ class GenerationWorker:
             finally:
                 self.busy = False
                 job.emit(Finished())
+        if self._share is not None:
+            from ...runtime.rank_jobs import end_jobs
+
+            end_jobs(self._share)
 
     def _prompt(self, job: GenerationJob) -> tuple[Any, int]:
         """The prompt as ``stream_generate`` takes it (ids, or ModelInputs with images) and its length."""
@@ -235,6 +242,11 @@ class GenerationWorker:
         from ...model.inputs import ModelInputs
 
         inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(prompt)
+        if self._share is not None:
+            from ...runtime.rank_jobs import send_job
+
+            send_job(self._share, inputs, settings)
+            should_stop = None  # every rank prefills the whole prompt: one rank cannot stop alone
         generation = self.prompt_cache.stream(inputs, settings, should_stop)
         return generation, self.prompt_cache.reused_tokens
 
@@ -268,6 +280,8 @@ class GenerationWorker:
                     spelling = spelling or TextStream(self.processor.tokenizer)
                     logprobs = token_logprobs(response, job.top_logprobs, spelling.token_bytes)
                 token = Token.of(response, logprobs)
+                if job.cancelled.is_set() and self._share is not None:
+                    continue  # the other ranks decode to the end: so does this one, showing nobody
                 job.emit(token)
                 self.last_stats = {
                     k: v for k, v in vars(token).items() if k not in ("text", "finish_reason", "logprobs")
@@ -279,6 +293,10 @@ class GenerationWorker:
         except Qwen35Error as e:
             job.emit(Failed(str(e)))
         except Exception as e:  # the server must outlive a bad generation; the client gets a 500-class error
+            if self._share is not None:
+                from ...runtime.distributed import exit_on_lost_peer
+
+                exit_on_lost_peer(self._share, e)
             log.exception("generation failed (settings %s)", job.settings)
             job.emit(Failed(f"{type(e).__name__}: {e}", internal=True))
         finally:
@@ -289,6 +307,10 @@ class GenerationWorker:
             import mlx.core as mx
 
             mx.synchronize()
+            if self._share is not None:
+                from ...runtime.distributed import idle
+
+                idle()
 
 
 @dataclass

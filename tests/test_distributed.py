@@ -1,0 +1,278 @@
+"""Several processes as one model on mx.distributed's ring backend over 127.0.0.1 (docs/architecture.md §21).
+
+Each launch starts 2 or 3 ranks of ``tests/rank_generate.py`` directly (the environment mlx.launch would set:
+MLX_RANK, MLX_HOSTFILE), each bounded by a subprocess timeout so a hang fails the test instead of CI. The model
+is a 12-layer random MoE with a vision tower (3 attention layers, so 3 pipeline stages each hold one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rank_generate
+from PIL import Image
+
+from mlx_qwen35.model.parallel import RankShare
+from mlx_qwen35.weights.sharding import held_bytes, stored_bytes
+
+RANK_SCRIPT = Path(__file__).with_name("rank_generate.py")
+RANK_TIMEOUT_S = 120  # a rank takes ~5-10 s here; a hang fails the test well before CI's budget
+# Active memory after loading, beyond the bytes of the loaded arrays: measured 72 bytes on every rank.
+ACTIVE_MARGIN_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from mlx_qwen35.surfaces.demo import demo_config
+    from mlx_qwen35.weights.convert import convert
+    from mlx_qwen35.weights.random_checkpoint import write_random_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("ranks")
+    config = demo_config()
+    config["text_config"]["layer_types"] = (["linear_attention"] * 3 + ["full_attention"]) * 3
+    config["text_config"]["num_hidden_layers"] = 12
+    write_random_hf_checkpoint(root / "hf", config, seed=1)
+    convert(str(root / "hf"), root / "mlx", recipe="bf16", dtype="float32", shard_size_gb=0.01)
+    return root / "mlx"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("image") / "noise.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def launch(n: int, mode: str, model_dir: Path, out: Path, *args: str, ranks=None, **env: str) -> list:
+    """Start ranks ``ranks`` (default all) of an ``n``-rank ring; wait for each (bounded); return them."""
+    out.mkdir(parents=True, exist_ok=True)
+    hostfile = out / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    base = os.environ | {"MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join(sys.path)} | env
+    command = [sys.executable, str(RANK_SCRIPT), str(model_dir), mode, str(out), *args]
+    procs = [
+        subprocess.Popen(
+            command, env=base | {"MLX_RANK": str(r)}, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        for r in (range(n) if ranks is None else ranks)
+    ]
+    try:
+        procs[0].stderr_text = procs[0].communicate(timeout=RANK_TIMEOUT_S)[1]
+        for p in procs[1:]:
+            # Once rank 0 is done the others end too (or, stopped by a fault test, are ended here).
+            p.stderr_text = p.communicate(timeout=30 if env.get("RANK_TEST_STALL") is None else 1)[1]
+    except subprocess.TimeoutExpired:
+        if env.get("RANK_TEST_STALL") is None:
+            raise
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the rank and its watchdog process
+                p.wait()
+    return procs
+
+
+def results(out: Path, n: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, image, tmp_path_factory) -> dict:
+    """The one-process replies (text prompt and image prompt) every layout must reproduce token for token."""
+    replies = {}
+    for name, extra in (("text", ()), ("image", (image,))):
+        out = tmp_path_factory.mktemp(f"single-{name}")
+        rank_generate.main(str(model_dir), "single", str(out), *extra)
+        replies[name] = results(out, 1)[0]["turns"]
+    assert replies["text"] != replies["image"]  # the image changes the reply: the tower's features reach the layers
+    return replies
+
+
+def expected_share(model_dir: Path, mode: str, rank: int, size: int, layers: list[int]) -> int:
+    return held_bytes(stored_bytes(model_dir), RankShare(mode, rank, size, range(*layers)))
+
+
+def test_pipeline_two_ranks_text_is_token_identical_and_each_rank_holds_its_layers(model_dir, single, tmp_path):
+    procs = launch(2, "pipeline", model_dir, tmp_path)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr_text[-2000:] for p in procs]
+    ranks = results(tmp_path, 2)
+    assert [r["turns"] for r in ranks] == [single["text"]] * 2  # both turns, through the kept cache
+    assert ranks[0]["layers"][0] == 0 and ranks[0]["layers"][1] == ranks[1]["layers"][0] and ranks[1]["layers"][1] == 12
+    stored = sum(stored_bytes(model_dir).values())
+    for rank, r in enumerate(ranks):
+        share = expected_share(model_dir, "pipeline", rank, 2, r["layers"])
+        assert r["held_bytes"] == share  # float32 on disk and in memory: the same bytes
+        assert 0 <= r["active_bytes"] - r["held_bytes"] <= ACTIVE_MARGIN_BYTES
+        assert share < 0.6 * stored  # a half, not the whole model
+
+
+def test_pipeline_three_ranks_image_is_token_identical(model_dir, single, image, tmp_path):
+    procs = launch(3, "pipeline", model_dir, tmp_path, image, RANK_TEST_SPLIT="4,4,4")
+    assert [p.returncode for p in procs] == [0, 0, 0], [p.stderr_text[-2000:] for p in procs]
+    ranks = results(tmp_path, 3)
+    assert [r["turns"] for r in ranks] == [single["image"]] * 3
+    assert [r["layers"] for r in ranks] == [[0, 4], [4, 8], [8, 12]]
+    for rank, r in enumerate(ranks):
+        assert r["held_bytes"] == expected_share(model_dir, "pipeline", rank, 3, r["layers"])
+        assert 0 <= r["active_bytes"] - r["held_bytes"] <= ACTIVE_MARGIN_BYTES
+
+
+def test_expert_parallel_two_ranks_image_is_token_identical_with_half_of_each_expert(
+    model_dir, single, image, tmp_path
+):
+    procs = launch(2, "expert", model_dir, tmp_path, image)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr_text[-2000:] for p in procs]
+    ranks = results(tmp_path, 2)
+    assert [r["turns"] for r in ranks] == [single["image"]] * 2
+    for rank, r in enumerate(ranks):
+        assert r["held_bytes"] == expected_share(model_dir, "expert", rank, 2, [0, 12])
+        assert 0 <= r["active_bytes"] - r["held_bytes"] <= ACTIVE_MARGIN_BYTES
+
+
+def test_a_rank_dying_mid_generation_ends_rank_0_with_an_error_naming_it(model_dir, tmp_path):
+    procs = launch(2, "pipeline", model_dir, tmp_path, RANK_TEST_DIE="1")
+    assert procs[1].returncode == 9  # it died as told, after the first turn
+    assert procs[0].returncode != 0
+    last = procs[0].stderr_text.strip().splitlines()[-1]
+    assert "rank 0 (127.0.0.1:" in last and "lost the connection to rank 1 (127.0.0.1:" in last, last
+
+
+def test_a_stuck_rank_ends_rank_0_after_the_progress_timeout(model_dir, tmp_path):
+    """A peer host that freezes without closing its sockets: rank 0's watchdog process ends it with one line."""
+    procs = launch(2, "pipeline", model_dir, tmp_path, ranks=None, RANK_TEST_STALL="1", MLX_QWEN35_RANK_TIMEOUT="3")
+    assert procs[0].returncode == -9  # killed by its watchdog: it was blocked inside a receive
+    last = procs[0].stderr_text.strip().splitlines()[-1]
+    assert last == "error: rank 0: no forward pass finished for 3 s; a peer (rank 1 at " + last.split(" at ", 1)[1]
+    assert last.endswith(") stopped responding"), last
+
+
+def test_an_unreachable_peer_ends_the_rank_within_the_connect_timeout(model_dir, tmp_path):
+    (proc,) = launch(2, "pipeline", model_dir, tmp_path, ranks=[0], MLX_QWEN35_CONNECT_TIMEOUT="2")
+    assert proc.returncode != 0
+    last = proc.stderr_text.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: could not connect to the other ranks (127.0.0.1:"), last
+    assert "within 2 s" in last
+
+
+def test_generate_on_two_ranks_prints_the_one_process_reply_once_and_only_rank_0_reads_the_image(
+    model_dir, image, tmp_path
+):
+    """``mlx-qwen35 generate --parallel pipeline`` as mlx.launch starts it on each rank (the serve test below goes
+    through mlx.launch itself). Rank 1 is given an image path that does not exist: rank 0 reads the input and
+    shares the prompt it makes, and only rank 0 prints."""
+    from mlx_qwen35.runtime.generation import stream_text
+    from mlx_qwen35.runtime.settings import GenerationSettings, recommended_sampling
+    from mlx_qwen35.weights.loading import load
+
+    settings = GenerationSettings(
+        sampling=recommended_sampling(False, {"temp": 0.0}), max_tokens=6, enable_thinking=False
+    )
+    model, processor = load(str(model_dir))
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "Hello there"}]
+    prompt = processor([{"role": "user", "content": content}], enable_thinking=False)
+    one = "".join(r.text for r in stream_text(model, processor, prompt, settings))
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    env = os.environ | {"MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = ["generate", "--model", str(model_dir), "-p", "Hello there", "-m", "6", "--temp", "0", "--no-think"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mlx_qwen35", *argv, "--json", "--parallel", "pipeline", "--image", path],
+            env=env | {"MLX_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank, path in enumerate([image, str(tmp_path / "only-on-rank-0.png")])
+    ]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=RANK_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[1][0] == ""  # rank 1 printed nothing
+    printed = json.loads(outputs[0][0])
+    assert printed["text"] == one and printed["generation_tokens"] == 6
+    assert printed["vision_tokens"] > 0
+
+
+def test_parallel_without_mlx_launch_says_how_to_launch(model_dir):
+    from mlx_qwen35.errors import Qwen35Error
+    from mlx_qwen35.runtime.distributed import join_launched
+
+    with pytest.raises(Qwen35Error, match="mlx.launch --hostfile hosts.json -- mlx-qwen35"):
+        join_launched("pipeline", None, str(model_dir))
+    assert join_launched(None, None, str(model_dir)) is None  # one process, as before
+
+
+def _chat(port: int, text: str, history: tuple = ()) -> dict:
+    messages = [*history, {"role": "user", "content": text}]
+    body = json.dumps({"messages": messages, "max_tokens": 6, "temperature": 0}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+
+def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(model_dir, tmp_path):
+    """Rank 0 serves; two requests at once run one after the other on both ranks (interleaved, the ranks'
+    messages would mismatch and hang or garble them), and a next turn comes from every rank's prompt cache."""
+    port, ring = _free_ports(2)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    server = subprocess.Popen(
+        [str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(ring), "--env",
+         f"PYTHONPATH={env['PYTHONPATH']}", "--", sys.executable, "-m", "mlx_qwen35", "serve", "--model",
+         str(model_dir), "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        replies = {}
+        threads = [
+            threading.Thread(target=lambda t=text: replies.__setitem__(t, _chat(port, t)))
+            for text in ("Hello there", "Tell me a story")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=RANK_TIMEOUT_S)
+        assert len(replies) == 2, (tmp_path / "server.log").read_text()[-2000:]
+        messages = [r["choices"][0]["message"] for r in replies.values()]
+        assert messages[0] != messages[1] and all(r["usage"]["completion_tokens"] == 6 for r in replies.values())
+        again = _chat(port, "Hello there")  # alone now: the same reply as beside the other request
+        assert again["choices"][0]["message"] == replies["Hello there"]["choices"][0]["message"]
+        # The next turn of that chat (the cache's latest): every rank restores the same prefix from its own cache.
+        history = ({"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"})
+        follow_up = _chat(port, "And then?", history)
+        assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert follow_up["usage"]["completion_tokens"] == 6
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
