@@ -59,6 +59,16 @@ class DecoderLayer(nn.Module):
             h = x + self.self_attn(self.input_layernorm(x), cos_sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def verify(self, x: mx.array, cos_sin, cache, states: list) -> mx.array:
+        """T positions after a decode state with a decode step's numbers (docs/architecture.md §20.2); a DeltaNet
+        layer appends its [conv window, state] after each position to ``states``."""
+        if self.is_linear:
+            h = x + self.linear_attn.verify(self.input_layernorm(x), cache, states)
+        else:
+            q, k, v, gate = self.self_attn.queries_keys_values(self.input_layernorm(x), *cos_sin)
+            h = x + self.self_attn.output(self.self_attn.attend_each(q, k, v, cache), gate)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
     def _decode(self, x: mx.array, cos_sin, cache) -> mx.array:
         if self.is_linear:
             x, cache[0], cache[1] = self._deltanet_step(x, cache[0], cache[1])
@@ -123,6 +133,20 @@ class LanguageModel(nn.Module):
         for layer, layer_cache in zip(self.layers, cache):
             x = layer(x, cos_sin, layer_cache)
         return self.norm(x)
+
+    def verify(self, input_ids: mx.array, cache: list) -> tuple[mx.array, list]:
+        """Speculative verify of ``input_ids`` [B, T] after a cache that has decoded: hidden states [B, T, H] equal to
+        T decode steps', and per layer the DeltaNet [conv window, state] after each position (None for attention)."""
+        x = self.embed_tokens(input_ids)
+        if self.compute_dtype is not None:
+            x = x.astype(self.compute_dtype)
+        B, T, _ = x.shape
+        offset = cache[self._first_attention].offset + getattr(cache, "rope_delta", 0)
+        cos_sin = self.rope.cos_sin(text_positions(B, T, offset), x.dtype)
+        states = [[] if layer.is_linear else None for layer in self.layers]
+        for layer, layer_cache, layer_states in zip(self.layers, cache, states):
+            x = layer.verify(x, cos_sin, layer_cache, layer_states)
+        return self.norm(x), states
 
     def logits(self, hidden: mx.array) -> mx.array:
         """lm_head (or the tied embedding matrix) on final-norm hidden states."""

@@ -41,7 +41,8 @@ from ..errors import Qwen35Error
 from ..model.cache import Snapshot, cache_length, make_cache, restore, snapshot
 from ..model.inputs import ModelInputs
 from ..processing.output import OutputParser, OutputPiece, PieceKind, ShownAnswer, ToolCall, collect
-from .generation import prefill_prompt, stream_text
+from .generation import stream_text
+from .prefill import prefill_prompt
 from .settings import (
     DEFAULT_MAX_TOKENS,
     KV_GROUP_SIZE,

@@ -22,13 +22,20 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from ..errors import Qwen35Error
 from ..model.cache import drop_last_token, make_cache, recurrent_arrays
 from ..model.inputs import ModelInputs
-from .settings import GENERATE_MAX_TOKENS, PREFILL_STEP_SIZE, GenerationSettings, KVCacheSettings, Sampling
+from .prefill import prefill_prompt
+from .settings import (
+    GENERATE_MAX_TOKENS,
+    PENALTY_CONTEXT,
+    PREFILL_STEP_SIZE,
+    GenerationSettings,
+    KVCacheSettings,
+    Sampling,
+)
 from .text_stream import TextStream
 
 Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, vocab] -> token [1]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (recent tokens, logits [1, vocab]) -> logits
-PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over
 
 
 def prompt_token_ids(processor, prompt: Prompt, enable_thinking: bool = True, tools: list | None = None) -> list[int]:
@@ -84,54 +91,6 @@ class ThinkingBudget:
                 if self.spent >= self.budget:
                     self.forced = list(self.closing)
         return token
-
-
-class PrefillCancelled(Exception):
-    """``should_stop`` said stop between two prefill chunks; the cache holds part of the prompt."""
-
-
-def prefill(
-    model,
-    tokens: mx.array,
-    cache: list,
-    step_size: int = PREFILL_STEP_SIZE,
-    embeds: mx.array | None = None,
-    positions: mx.array | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> None:
-    """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length.
-
-    A multimodal prompt comes as ``embeds`` [1, T, H] and ``positions`` [3, 1, T] (``model.prompt_embeddings``).
-    ``should_stop`` is asked before each chunk (a server's client may have gone); True raises ``PrefillCancelled``.
-    """
-    for start in range(0, tokens.shape[0], step_size):
-        if should_stop is not None and should_stop():
-            raise PrefillCancelled(f"prefill stopped after {start} of {tokens.shape[0]} tokens")
-        chunk = slice(start, start + step_size)
-        if embeds is None:
-            model(tokens[None, chunk], cache)
-        else:
-            model(None, cache, inputs_embeds=embeds[:, chunk], position_ids=positions[..., chunk])
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-
-
-def prefill_prompt(
-    model,
-    inputs: ModelInputs,
-    cache: list,
-    step_size: int = PREFILL_STEP_SIZE,
-    should_stop: Callable[[], bool] | None = None,
-) -> None:
-    """Run a prompt, its images and videos too, into ``cache``; positions continue after what the cache holds."""
-    tokens = mx.array(inputs.input_ids)
-    if not inputs.has_vision:
-        prefill(model, tokens, cache, step_size, should_stop=should_stop)
-        return
-    embeds, positions, rope_delta = model.prompt_embeddings(inputs, cache)
-    mx.eval(embeds)  # the vision tower, once, before the chunks slice it
-    prefill(model, tokens, cache, step_size, embeds, positions, should_stop)
-    cache.rope_delta = rope_delta
 
 
 def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, list[LogitsProcessor]]:
@@ -249,12 +208,13 @@ def stream_text(
     cache: list | None = None,
     cached_tokens: list[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    mtp_stats=None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt`` as ``settings`` say, yielding a response per token. A caller-owned ``cache`` continues from its contents.
 
     ``cached_tokens``: the ids that ``cache`` already holds, for the penalties to look back over as a fresh run would.
     ``should_stop``: asked between prefill chunks; True raises ``PrefillCancelled`` (decoding stops when the caller
-    stops iterating).
+    stops iterating). ``mtp_stats``: a ``speculative.MTPStats`` the MTP drafting (``settings.mtp``) counts into.
     """
     tokens = prompt_token_ids(processor, prompt, settings.enable_thinking, settings.tools)
     if not tokens:
@@ -274,12 +234,7 @@ def stream_text(
         budget_choose = choose_token
         choose_token = lambda sampled: constraint.choose(budget_choose(sampled))  # noqa: E731
     eos = processor.eos_token_ids
-    generated = generate_tokens(
-        model,
-        prompt if isinstance(prompt, ModelInputs) else ModelInputs(tokens),
-        cache,
-        sampler,
-        processors,
+    arguments = dict(
         max_tokens=settings.max_tokens,
         stop_tokens=eos,
         context_tokens=cached_tokens or (),
@@ -287,6 +242,24 @@ def stream_text(
         prefill_step_size=settings.prefill_step_size,
         should_stop=should_stop,
     )
+    inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(tokens)
+    # A JSON constraint keeps state across its calls in token order, which a verify's look-ahead would break.
+    if settings.mtp.enabled and "mtp" in model and settings.json_schema is None:
+        from .speculative import generate_tokens_speculative
+
+        generated = generate_tokens_speculative(
+            model,
+            inputs,
+            cache,
+            sampler,
+            processors,
+            mtp=settings.mtp,
+            sampling=settings.sampling,
+            stats=mtp_stats,
+            **arguments,
+        )
+    else:
+        generated = generate_tokens(model, inputs, cache, sampler, processors, **arguments)
     detokenizer = TextStream(processor.tokenizer)
     stop = StopStrings(settings.stop)
     start = time.perf_counter()

@@ -516,7 +516,7 @@ class ChatRepl:
 
     def _stream(self, events: Iterator, prompt_tokens: int) -> bool:
         """Show a reply as it streams; Ctrl-C stops it and leaves the session as it is. Whether a token came."""
-        from ..runtime.generation import PrefillCancelled
+        from ..runtime.prefill import PrefillCancelled
         from .progress import PrefillProgress
 
         view = ReplyView(self.console, show_reasoning=not self.hide_thinking, markdown=self.console.is_terminal)

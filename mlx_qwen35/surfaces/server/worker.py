@@ -241,7 +241,7 @@ class GenerationWorker:
     def _run_job(self, job: GenerationJob) -> None:
         from jinja2 import TemplateError
 
-        from ...runtime.generation import PrefillCancelled
+        from ...runtime.prefill import PrefillCancelled
 
         try:
             prompt, prompt_tokens = self._prompt(job)
