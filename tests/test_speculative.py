@@ -8,23 +8,30 @@ trained demo model's head drafts about half right, which exercises acceptance of
 
 from __future__ import annotations
 
+import json
+import queue
 from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import convert_tiny
+from cli_runner import run_cli
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import ArraysCache
+from PIL import Image
 
 from mlx_qwen35 import load
 from mlx_qwen35.model.cache import cache_length, keep_verified, make_cache, restore, snapshot
 from mlx_qwen35.model.inputs import ModelInputs
-from mlx_qwen35.runtime.generation import generate_tokens, sampling_functions, stream_text
+from mlx_qwen35.runtime.conversation import Conversation, ConversationSettings
+from mlx_qwen35.runtime.generation import generate_tokens, prompt_token_ids, sampling_functions, stream_text
 from mlx_qwen35.runtime.prefill import prefill
-from mlx_qwen35.runtime.settings import GenerationSettings, MTPSettings, Sampling
+from mlx_qwen35.runtime.settings import GenerationSettings, KVCacheSettings, MTPSettings, Sampling
 from mlx_qwen35.runtime.speculative import MTPStats, generate_tokens_speculative, speculative_choice
 from mlx_qwen35.surfaces.demo import DEMO_PROMPT, DEMO_WEIGHTS_DIR
+from mlx_qwen35.surfaces.server.routes import _usage as usage
+from mlx_qwen35.surfaces.server.worker import Finished, GenerationJob, GenerationWorker, Token
 from mlx_qwen35.weights.convert import convert
 
 MAX_TOKENS = 24
@@ -45,10 +52,15 @@ def tiny_dense(tiny_dense_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("spec-demo") / "mlx-4bit"
     convert(hf_path=str(DEMO_WEIGHTS_DIR), mlx_path=out, recipe="4bit", shard_size_gb=0.01)
-    return load(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dir):
+    return load(demo_dir)
 
 
 def cache_arrays(cache: list) -> list[np.ndarray]:
@@ -193,3 +205,126 @@ def test_sampled_tokens_with_mtp_follow_the_model_distribution(demo):
     chi2 = (((a - pooled) ** 2 + (b - pooled) ** 2) / pooled).sum()
     assert 4 <= len(outcomes) <= 9, outcomes  # the second token varies: the test can see a wrong distribution
     assert chi2 < 26.1, (outcomes, a, b)
+
+
+# ---------------------------------------------------------------- composition: everything behaves the same with MTP on
+
+
+def conversation_turns(model, processor, mtp: MTPSettings, image: str) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Three turns (text, image, text) and a retry of the last; each reply's tokens and the cache after it."""
+    # Greedy, with the preset's presence penalty on (its window reaches into the drafts: it must see the same tokens).
+    settings = ConversationSettings(enable_thinking=False, max_tokens=20, sampling={"temp": 0.0})
+    conversation = Conversation(model, processor, settings)
+    conversation.mtp = mtp
+    replies = []
+    for events in (
+        lambda: conversation.send("Return the lines of a file."),
+        lambda: conversation.send([{"type": "image", "image": image}, {"type": "text", "text": "And this?"}]),
+        lambda: conversation.send("Open it."),
+        conversation.retry,
+    ):
+        for _ in events():
+            pass
+        replies.append(conversation.messages[-1]["content"])
+    return replies, cache_arrays(conversation.cache.model_cache), conversation.last_stats
+
+
+def test_conversation_with_images_and_retry_gives_the_same_replies_and_cache(demo, tmp_path):
+    """Multi-turn reuse of the prompt cache (and its snapshots, via retry), an image turn: same replies, same cache."""
+    model, processor = demo
+    image = str(tmp_path / "image.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(image)
+    plain, plain_cache, _ = conversation_turns(model, processor, MTPSettings(), image)
+    drafted, drafted_cache, stats = conversation_turns(model, processor, MTPSettings(True, 2, adaptive=False), image)
+    assert drafted == plain
+    assert all(np.array_equal(a, b) for a, b in zip(drafted_cache, plain_cache, strict=True))
+    assert stats.mtp_drafted > 0 and stats.mtp_accepted > 0  # the last reply was drafted, and drafts were taken
+
+
+def test_thinking_budget_stop_strings_and_quantised_kv_behave_the_same(demo):
+    model, processor = demo
+    messages = [{"role": "user", "content": DEMO_PROMPT}]
+    settings = GenerationSettings(
+        max_tokens=60, enable_thinking=True, thinking_budget=0, stop=("the file",), kv_cache=KVCacheSettings(bits=8)
+    )
+    plain = list(stream_text(model, processor, messages, settings))
+    stats = MTPStats()
+    drafted = list(stream_text(model, processor, messages, mtp_on(settings, 3), mtp_stats=stats))
+    assert [(r.token, r.text, r.finish_reason) for r in drafted] == [(r.token, r.text, r.finish_reason) for r in plain]
+    closing = processor.encode("\n</think>\n\n")
+    assert [r.token for r in plain][: len(closing)] == closing  # the budget forced its closing tokens over the samples
+    assert plain[-1].finish_reason == "stop" and len(plain) < 60  # the stop string ended it
+    assert stats.accepted > 0
+
+
+def test_a_stream_closed_mid_step_leaves_the_cache_of_plain_decoding(demo):
+    """A consumer that stops anywhere (stop string, client gone): the cache holds only emitted tokens, exactly.
+
+    Stopping after each of the first 12 tokens lands inside steps that accepted 0 … 3 drafts."""
+    model, processor = demo
+    lm = model.language_model
+    ids = prompt_token_ids(processor, [{"role": "user", "content": DEMO_PROMPT}], enable_thinking=False)
+    kept_per_step = []
+    for stop_after in range(1, 13):
+        cache, stats = make_cache(model), MTPStats()
+        emitted = []
+        stream = stream_text(
+            model, processor, ids, mtp_on(GenerationSettings(max_tokens=40), 3), cache=cache, mtp_stats=stats
+        )
+        for response in stream:
+            emitted.append(response.token)
+            if len(emitted) == stop_after:
+                break
+        stream.close()
+        length = cache_length(cache)
+        fed = ids + emitted
+        assert len(ids) <= length <= len(fed), stop_after  # a prefix of what was fed, nothing unemitted
+        reference = make_cache(model)
+        prefill(model, mx.array(ids[:-1]), reference)
+        for token in fed[len(ids) - 1 : length]:
+            lm(mx.array([[token]]), reference)
+        assert all(np.array_equal(a, b) for a, b in zip(cache_arrays(cache), cache_arrays(reference), strict=True))
+        kept_per_step.append(stats.accepted_at)
+    assert kept_per_step[-1][2] > 0  # steps that kept all of 3 drafts came along
+
+
+def test_the_server_worker_reports_drafts_in_usage_and_health(demo):
+    model, processor = demo
+    answers, last_tokens = [], []
+    for mtp in (MTPSettings(), MTPSettings(True, 2, adaptive=False)):
+        worker = GenerationWorker(lambda: demo, mtp=mtp)
+        worker.start()
+        events: queue.Queue = queue.Queue()
+        settings = GenerationSettings(max_tokens=24, enable_thinking=False)
+        try:
+            worker.submit(
+                GenerationJob(prompt=[{"role": "user", "content": DEMO_PROMPT}], settings=settings, emit=events.put)
+            )
+            received = []
+            while not isinstance(event := events.get(timeout=120), Finished):
+                received.append(event)
+        finally:
+            worker.stop()
+        started, tokens = received[0], [e for e in received if isinstance(e, Token)]
+        answers.append("".join(t.text for t in tokens))
+        last_tokens.append((usage(started, tokens[-1]), worker.last_stats))
+    assert answers[0] == answers[1]
+    (plain_usage, plain_health), (mtp_usage, mtp_health) = last_tokens
+    assert "mtp_drafted" not in plain_usage and "mtp_drafted" not in plain_health
+    assert mtp_usage["mtp_drafted"] == mtp_health["mtp_drafted"] > 0
+    assert 0 < mtp_usage["mtp_accepted"] <= mtp_usage["mtp_drafted"]
+
+
+def test_generate_json_reports_drafts_and_the_same_text(demo_dir, monkeypatch, capsys):
+    def generate(*flags: str) -> dict:
+        args = ["generate", demo_dir, "-p", DEMO_PROMPT, "-m", "24", "--no-think", "--temp", "0", "--json", *flags]
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    plain, drafted = generate("--no-mtp"), generate("--mtp", "--mtp-tokens", "3")
+    assert drafted["text"] == plain["text"]
+    assert plain["mtp_drafted"] == 0 and drafted["mtp_drafted"] > 0
+    assert 0 < drafted["mtp_accepted"] <= drafted["mtp_drafted"]
+    code, _, err = run_cli(monkeypatch, capsys, "generate", demo_dir, "-p", "x", "--mtp", "--mtp-tokens", "4")
+    assert code != 0 and err.strip().splitlines() == ["error: mtp_tokens 4: give an integer >= 1 and <= 3"]

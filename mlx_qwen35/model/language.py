@@ -37,6 +37,7 @@ class DecoderLayer(nn.Module):
         # The layer is the compiled graphs' implicit input: each call reads its current weights.
         if self.is_linear:
             self._deltanet_step = mx.compile(self._deltanet_step_eager, inputs=[self])
+            self._deltanet_verify = mx.compile(self._deltanet_verify_eager, inputs=[self])
         else:
             self._attention_in = mx.compile(self._attention_in_eager, inputs=[self])
             self._attention_out = mx.compile(self._attention_out_eager, inputs=[self])
@@ -62,12 +63,25 @@ class DecoderLayer(nn.Module):
     def verify(self, x: mx.array, cos_sin, cache, states: list) -> mx.array:
         """T positions after a decode state with a decode step's numbers (docs/architecture.md §20.2); a DeltaNet
         layer appends its [conv window, state] after each position to ``states``."""
+        compiled = compiles_decode()
         if self.is_linear:
-            h = x + self.linear_attn.verify(self.input_layernorm(x), cache, states)
-        else:
-            q, k, v, gate = self.self_attn.queries_keys_values(self.input_layernorm(x), *cos_sin)
-            h = x + self.self_attn.output(self.self_attn.attend_each(q, k, v, cache), gate)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            verify = self._deltanet_verify if compiled else self._deltanet_verify_eager
+            x, *after = verify(x, cache[0], cache[1])
+            T = x.shape[1]
+            states.extend([list(pair) for pair in zip(after[:T], after[T:])])
+            cache[0], cache[1] = states[-1]
+            return x
+        attention_in = self._attention_in if compiled else self._attention_in_eager
+        attention_out = self._attention_out if compiled else self._attention_out_eager
+        q, k, v, gate = attention_in(x, *cos_sin)
+        return attention_out(x, self.self_attn.attend_each(q, k, v, cache), gate)
+
+    def _deltanet_verify_eager(self, x: mx.array, conv: mx.array, state: mx.array) -> tuple[mx.array, ...]:
+        """(output, the T conv windows, the T states after each position)."""
+        states = []
+        h = x + self.linear_attn.verify(self.input_layernorm(x), [conv, state], states)
+        convs, recurrent = zip(*states)
+        return (h + self.mlp(self.post_attention_layernorm(h)), *convs, *recurrent)
 
     def _decode(self, x: mx.array, cos_sin, cache) -> mx.array:
         if self.is_linear:

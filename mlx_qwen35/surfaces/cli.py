@@ -11,8 +11,10 @@ from pathlib import Path
 import typer
 
 from ..errors import Qwen35Error
-from ..runtime.settings import DEFAULT_MAX_TOKENS, KV_GROUP_SIZE, PREFILL_STEP_SIZE
+from ..runtime.settings import DEFAULT_MAX_TOKENS, KV_GROUP_SIZE, MTP_DEFAULT_TOKENS, PREFILL_STEP_SIZE
 from .options import (
+    MTP,
+    MTP_DEFAULT,
     ChatTemplateConfig,
     ExpertMemory,
     ExtraEosToken,
@@ -26,6 +28,7 @@ from .options import (
     MinP,
     ModelArgument,
     ModelFlag,
+    MTPTokens,
     PrefillStepSize,
     PresencePenalty,
     Prompt,
@@ -41,6 +44,7 @@ from .options import (
     Verbose,
     check_expert_memory,
     check_quantized_kv_start,
+    mtp_settings,
     peer_argv,
     plain_help,
     resolve_model,
@@ -212,11 +216,14 @@ def generate(
     max_kv_size: MaxKVSize = None,
     prefill_step_size: PrefillStepSize = PREFILL_STEP_SIZE,
     expert_memory_gb: ExpertMemory = None,
+    mtp: MTP = MTP_DEFAULT,
+    mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Generate a reply to one prompt (optionally about images or videos), streaming it to the terminal."""
     from .generate import MediaOptions, resize_shape_option, run_generate
 
     check_quantized_kv_start(quantized_kv_start)
+    speculative = mtp_settings(mtp, mtp_tokens)
     run_generate(
         expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "generate"),
@@ -256,6 +263,7 @@ def generate(
         max_kv_size=max_kv_size,
         prefill_step_size=prefill_step_size,
         extra_eos_tokens=list(extra_eos_token or ()),
+        mtp=speculative,
     )
 
 
@@ -298,11 +306,14 @@ def chat(
         help="When the conversation fills the context: refuse (say what to do) or drop-oldest (drop the oldest turns).",
     ),
     expert_memory_gb: ExpertMemory = None,
+    mtp: MTP = MTP_DEFAULT,
+    mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
 
     check_quantized_kv_start(quantized_kv_start)
+    speculative = mtp_settings(mtp, mtp_tokens)
     run_chat(
         expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "chat"),
@@ -328,6 +339,7 @@ def chat(
         max_pixels=max_pixels,
         no_history=no_history,
         context_policy=context_policy,
+        mtp=speculative,
     )
 
 
@@ -384,6 +396,8 @@ def serve(
         help="Web origins that may call the API from a browser (CORS), e.g. http://localhost:3000; repeat or comma-separate. Default: none.",
     ),
     expert_memory_gb: ExpertMemory = None,
+    mtp: MTP = MTP_DEFAULT,
+    mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at / (no MODEL: the demo)."""
     from ..runtime.validation import check_numbers
@@ -391,6 +405,7 @@ def serve(
 
     check_numbers(port=port, max_tokens=max_tokens)
     expert_memory = check_expert_memory(expert_memory_gb)
+    speculative = mtp_settings(mtp, mtp_tokens)
     _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
     if model or model_option:
         model_path = resolve_model(model, model_option, "serve")
@@ -411,6 +426,7 @@ def serve(
         served_model_name=served_model_name,
         reasoning_field=reasoning_field,
         allowed_origins=tuple(o.strip() for option in allowed_origins for o in option.split(",") if o.strip()),
+        mtp=speculative,
     )
 
 

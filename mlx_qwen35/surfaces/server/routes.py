@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ...errors import Qwen35Error
-from ...runtime.settings import DEFAULT_MAX_TOKENS, GenerationSettings, recommended_sampling
+from ...runtime.settings import DEFAULT_MAX_TOKENS, GenerationSettings, MTPSettings, recommended_sampling
 from .guard import BodyTooLarge, Guard, exposure_warning, key_matches
 from .protocol import (
     ApiError,
@@ -126,12 +126,15 @@ def generation_settings(
 
 def _usage(started: Started, last: Any) -> dict:
     completion = last.generation_tokens if last is not None else 0
-    return {
+    usage = {
         "prompt_tokens": started.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": started.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": started.cached_tokens},
     }
+    if last is not None and last.mtp_drafted is not None:  # serve --mtp: the MTP head's drafts, as generate --json
+        usage |= {"mtp_drafted": last.mtp_drafted, "mtp_accepted": last.mtp_accepted}
+    return usage
 
 
 def _timings(last: Any) -> dict:
@@ -570,6 +573,7 @@ def serve(
     reasoning_field: str = "both",
     allowed_origins: tuple[str, ...] = (),
     expert_memory: str | None = None,
+    mtp: MTPSettings = MTPSettings(),
 ) -> None:
     """Load ``model`` and serve the API and the chat page until interrupted; ``expert_memory``: ``load``'s budget."""
     web_root()  # fail before loading a large model if the page is missing, or on a bad option
@@ -593,7 +597,9 @@ def serve(
 
     from ...weights.loading import load
 
-    worker = GenerationWorker(lambda: load(model, expert_memory=expert_memory), max_prompt_tokens=max_prompt_tokens)
+    worker = GenerationWorker(
+        lambda: load(model, expert_memory=expert_memory), max_prompt_tokens=max_prompt_tokens, mtp=mtp
+    )
     worker.start()
     _log_to_stderr()
     shown = f"[{host}]" if ":" in host else host
