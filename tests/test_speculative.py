@@ -127,6 +127,20 @@ def test_greedy_tokens_and_logprobs_with_mtp_equal_without(member, k, request):
     assert stats.steps == len(tokens) - stats.accepted  # each step emits its accepted drafts + one token
 
 
+def test_adaptive_drafting_turns_itself_off_where_drafts_fail_and_gives_the_same_tokens(tiny_moe):
+    """A random head's drafts are all rejected: after its warm-up the policy decodes plainly (generate_tokens, in
+    bursts), with a plain step and a probe now and then; the tokens are those of MTP off."""
+    (model, processor), checkpoint = tiny_moe
+    prompt = checkpoint.prompt_ids(24)
+    settings = GenerationSettings(max_tokens=64)
+    plain, plain_logprobs, _ = run(model, processor, prompt, settings)
+    adaptive = replace(settings, mtp=MTPSettings(enabled=True, mtp_tokens=3, adaptive=True))
+    tokens, logprobs, stats = run(model, processor, prompt, adaptive)
+    assert tokens == plain
+    assert all(np.array_equal(a, b) for a, b in zip(logprobs, plain_logprobs, strict=True))
+    assert stats.accepted <= 2 and 3 * 4 <= stats.drafted <= 3 * 4 + 6  # warm-up drafts, then a probe or two
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_trained_head_drafts_are_accepted_and_output_is_unchanged(demo, k):
     model, processor = demo
@@ -164,7 +178,7 @@ def test_speculative_choice_draws_from_the_target_distribution():
 def test_sampled_tokens_with_mtp_follow_the_model_distribution(demo):
     """The first two sampled tokens (the second one decided by a verify) have the same distribution with MTP on.
 
-    top-k 3 at temperature 1 leaves at most 3 × 3 outcomes; 250 runs each way from one prefilled cache
+    top-k 3 at temperature 1 leaves at most 3 × 3 outcomes; 200 runs each way from one prefilled cache
     (restored before each run), a two-sample chi-square at significance 0.001 (8 degrees of freedom: 26.1)."""
     model, processor = demo
     ids = processor.encode('def read_file(path):\n    """Return')
@@ -173,7 +187,7 @@ def test_sampled_tokens_with_mtp_follow_the_model_distribution(demo):
     cache = make_cache(model)
     prefill(model, mx.array(ids[:-1]), cache)
     prefilled = snapshot(cache)
-    runs, counts, stats = 250, [], MTPStats()
+    runs, counts, stats = 200, [], MTPStats()
     for mtp in (None, MTPSettings(enabled=True, mtp_tokens=1, adaptive=False)):
         mx.random.seed(5)
         pairs = []

@@ -26,10 +26,12 @@ from ..model.inputs import ModelInputs
 from ..model.mtp import make_mtp_cache
 from .prefill import prefill_prompt
 from .settings import PENALTY_CONTEXT, PREFILL_STEP_SIZE, MTPSettings, Sampling
+from .token_generator import LogitsProcessor, Sampler, generate_tokens
 
 # While drafting is off, the (hidden state, next token) pairs the head has not read wait; this many at most,
 # then they go through it in one batch, so its cache stays whole for when drafting pays again.
 PENDING_PAIRS = 32
+PLAIN_BURST = 16  # tokens decoded plainly (generate_tokens) each time the policy finds drafting does not pay
 
 
 @dataclass
@@ -72,7 +74,7 @@ class DraftPolicy:
     """
 
     WARMUP = 2  # the first steps at each k build graphs and fill caches: not counted
-    PROBE_EVERY = 16  # every this many steps, one step at a neighbouring k keeps the estimates current
+    PROBE_EVERY = 16  # every this many choices, one step at a neighbouring k keeps the estimates current
     PRIOR = (1.0, 2.0)  # (accepted, tested) before any measurement: acceptance 1/2 at each depth
 
     def __init__(self, settings: MTPSettings, stats: MTPStats):
@@ -82,7 +84,8 @@ class DraftPolicy:
         self.seen = [0] * (self.max_tokens + 1)
         self.seconds = [0.0] * (self.max_tokens + 1)  # summed over counted steps
         self.counted = [0] * (self.max_tokens + 1)
-        self.current = self.max_tokens
+        self.choices = 0
+        self.drafting_off = False  # the last choice was 0 because no k beat plain decode (not a warm-up)
 
     def record_time(self, k: int, seconds: float) -> None:
         self.seen[k] += 1
@@ -113,6 +116,7 @@ class DraftPolicy:
 
     def choose(self) -> int:
         """The number of tokens to draft in the next step."""
+        self.drafting_off = False
         if not self.adaptive:
             return self.max_tokens
         # Measure the most drafting and plain decode first; then the best by expected tokens per second.
@@ -121,10 +125,11 @@ class DraftPolicy:
                 return k
         rates = {k: self.expected_tokens(k) / s for k in range(self.max_tokens + 1) if (s := self.step_seconds(k))}
         best = max(rates, key=rates.get)
-        steps = self.stats.steps
-        if steps % self.PROBE_EVERY == 0:  # a neighbour, so an unmeasured or stale k gets measured
-            best = min(self.max_tokens, best + 1) if (steps // self.PROBE_EVERY) % 2 else max(0, best - 1)
-        self.current = best
+        self.choices += 1
+        if self.choices % self.PROBE_EVERY == 0:  # a neighbour, so an unmeasured or stale k gets measured
+            up = (self.choices // self.PROBE_EVERY) % 2 or best == 0
+            return min(self.max_tokens, best + 1) if up else best - 1
+        self.drafting_off = best == 0
         return best
 
 
@@ -168,8 +173,8 @@ def generate_tokens_speculative(
     model,
     prompt: ModelInputs,
     cache: list,
-    sampler: Callable[[mx.array], mx.array],
-    logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
+    sampler: Sampler,
+    logits_processors: Sequence[LogitsProcessor] = (),
     *,
     max_tokens: int,
     mtp: MTPSettings,
@@ -227,8 +232,36 @@ def generate_tokens_speculative(
     pending_hidden, pending_tokens = [hidden], [token]  # pairs the head has not read yet
 
     while True:
+        if policy.drafting_off and max_tokens - n > 1:
+            # Drafting does not pay: plain decoding, one step ahead as generate_tokens runs it, for a while.
+            burst = generate_tokens(
+                model,
+                ModelInputs([token]),
+                cache,
+                sampler,
+                logits_processors,
+                max_tokens=min(PLAIN_BURST, max_tokens - n - 1),  # leaves one step to see the last hidden state
+                stop_tokens=stop_tokens,
+                context_tokens=history.tolist(),
+                choose_token=choose_token,
+            )
+            fed = [token]
+            for chosen, token_logprobs in burst:
+                n += 1
+                stats.record(0, [])
+                fed.append(chosen)
+                yield chosen, token_logprobs
+                if chosen in stop_tokens:
+                    return
+            token = fed.pop()  # the burst's last token is not in the cache, as after any step
+            history = mx.concatenate([history, mx.array(fed, dtype=history.dtype)])[-PENALTY_CONTEXT:]
+            pending_hidden, pending_tokens = [], []  # the head skips these positions (only relative ones matter)
+            policy.drafting_off = False
+            k = 0  # a plain step of ours: it gives the hidden state the next draft starts from
+        else:
+            k = policy.choose()
         started = time.perf_counter()
-        k = min(policy.choose(), max_tokens - n - 1)  # a step emits at most k + 1 tokens
+        k = min(k, max_tokens - n - 1)  # a step emits at most k + 1 tokens
         drafts, draft_probs = [], []
         if k > 0 or len(pending_tokens) >= PENDING_PAIRS:
             pairs = mx.concatenate(pending_hidden, axis=1)
