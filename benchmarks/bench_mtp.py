@@ -4,8 +4,8 @@ Same process, same checkpoint (the shipped demo model, converted to 4 bits; floa
 greedy, one chat prompt:
 - decode tokens/s with MTP off, on at k = 1, 2, 3 (every step drafts k) and adaptive (``DraftPolicy``);
   acceptance per depth (given the drafts before it were accepted) and tokens emitted per step;
-- the cost of a verify over k + 1 positions relative to one decode step, and for the MoE the distinct experts a
-  verify reads per layer (the union over its positions);
+- the cost of a verify over k + 1 positions relative to one decode step, a quantised matmul's cost on 1, 2 and 4
+  rows, and for the MoE the distinct experts a verify reads per layer (the union over its positions);
 - the rollback designs of docs/architecture.md §20.2: per-position states (ours), snapshot + re-run of the
   accepted prefix, and δ replay of the accepted steps;
 - mlx-vlm 0.7's MTP drafter on the same weights (``mlx_vlm.convert`` + ``mlx_vlm.split_mtp``, ``--draft-kind mtp``).
@@ -56,8 +56,8 @@ def median_seconds(run, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def decode_runs(model, processor, tokens: int, rounds: int) -> dict:
-    """Tokens/s (decode only, after the first token) and the drafting statistics, per configuration, interleaved."""
+def our_runners(model, processor, tokens: int) -> dict:
+    """Per configuration, a run: → (decode tokens/s after the first token, its MTPStats, its tokens)."""
     messages = [{"role": "user", "content": PROMPT}]
     base = GenerationSettings(max_tokens=tokens, enable_thinking=False)
     configs = {"off": base} | {
@@ -65,19 +65,28 @@ def decode_runs(model, processor, tokens: int, rounds: int) -> dict:
         for k in range(1, MAX_DRAFT + 1)
     }
     configs["adaptive k<=3"] = replace(base, mtp=MTPSettings(enabled=True, mtp_tokens=MAX_DRAFT, adaptive=True))
-    results = {name: {"tps": [], "stats": None, "tokens": None} for name in configs}
-    for _ in range(rounds + 1):  # the first round warms every path up and is not counted
-        for name, settings in configs.items():
+
+    def runner(settings):
+        def run():
             stats = MTPStats()
-            out = [r for r in stream_text(model, processor, messages, settings, mtp_stats=stats)]
-            results[name]["tps"].append(out[-1].generation_tps)
-            results[name]["stats"], results[name]["tokens"] = stats, [r.token for r in out]
-    for r in results.values():
-        r["tps"] = statistics.median(r["tps"][1:])
-    reference = results["off"]["tokens"]
-    for name, r in results.items():
-        assert r["tokens"] == reference, f"{name}: the tokens differ from MTP off"
-    return results
+            out = list(stream_text(model, processor, messages, settings, mtp_stats=stats))
+            return out[-1].generation_tps, stats, [r.token for r in out]
+
+        return run
+
+    return {name: runner(settings) for name, settings in configs.items()}
+
+
+def interleaved(runners: dict, rounds: int) -> dict:
+    """Every runner once per round, in turn (so a change in the machine's load hits all alike); the first round
+    warms the paths up and is not counted. Per runner: the median tokens/s and its last result."""
+    speeds, last = {name: [] for name in runners}, {}
+    for round_ in range(rounds + 1):
+        for name, run in runners.items():
+            last[name] = run()
+            if round_:
+                speeds[name].append(last[name][0])
+    return {name: (statistics.median(speeds[name]), last[name]) for name in runners}
 
 
 def verify_costs(model, processor) -> dict:
@@ -144,6 +153,16 @@ def distinct_experts(model, processor) -> dict:
         del os.environ["MLX_QWEN35_COMPILE"]
 
 
+def matmul_cost_per_rows(model) -> dict:
+    """Median µs of the model's lm_head (a quantised matmul) on 1, 2 and 4 rows: the verify's cost in one number."""
+    head = model.language_model.lm_head
+    out = {}
+    for rows in (1, 2, 4):
+        x = mx.random.normal((1, rows, model.config.text.hidden_size))
+        out[rows] = median_seconds(lambda x=x: mx.eval(head(x)), 100) * 1e6
+    return out
+
+
 def rollback_costs(model, processor, verify_seconds: dict) -> dict:
     """The three rollback designs after a verify of 4 positions that accepted 1 draft (2 positions kept)."""
     lm = model.language_model
@@ -190,8 +209,8 @@ def rollback_costs(model, processor, verify_seconds: dict) -> dict:
     }
 
 
-def mlx_vlm_runs(workdir: Path, tokens: int, rounds: int) -> dict | None:
-    """mlx-vlm's own conversion, MTP split and MTP drafter on the same checkpoint: tokens/s off and on."""
+def mlx_vlm_runners(workdir: Path, tokens: int) -> dict | None:
+    """mlx-vlm's own conversion, MTP split and MTP drafter on the same checkpoint: a run per configuration → (tokens/s,)."""
     try:
         from mlx_vlm import convert as vlm_convert
         from mlx_vlm import load as vlm_load
@@ -207,15 +226,18 @@ def mlx_vlm_runs(workdir: Path, tokens: int, rounds: int) -> dict | None:
     model, processor = vlm_load(str(target))
     draft_model, kind = load_drafter(str(drafter), kind="mtp")
     prompt = apply_chat_template(processor, model.config, PROMPT, enable_thinking=False)
-    runs = {"off": {}} | {
+    configs = {"off": {}} | {
         f"k={k}": dict(draft_model=draft_model, draft_kind=kind, draft_block_size=k + 1) for k in (1, 2, 3)
     }
-    tps = {name: [] for name in runs}
-    for _ in range(rounds + 1):
-        for name, kwargs in runs.items():
+
+    def runner(kwargs):
+        def run():
             responses = list(stream_generate(model, processor, prompt, max_tokens=tokens, temperature=0.0, **kwargs))
-            tps[name].append(responses[-1].generation_tps)
-    return {name: statistics.median(values[1:]) for name, values in tps.items()}
+            return (responses[-1].generation_tps,)
+
+        return run
+
+    return {f"mlx-vlm {name}": runner(kwargs) for name, kwargs in configs.items()}
 
 
 def main() -> None:
@@ -228,15 +250,32 @@ def main() -> None:
         workdir = Path(tmp)
         convert(hf_path=str(DEMO_WEIGHTS_DIR), mlx_path=workdir / "mlx-4bit", recipe="4bit")
         model, processor = load(str(workdir / "mlx-4bit"))
+        theirs = None if args.skip_mlx_vlm else mlx_vlm_runners(workdir, args.tokens)
+        ours = our_runners(model, processor, args.tokens)
+        results = interleaved(ours | (theirs or {}), args.rounds)
         print(f"\nmlx-qwen35, demo model 4-bit, {mx.default_device()}, greedy, {args.tokens} tokens")
-        decode = decode_runs(model, processor, args.tokens, args.rounds)
-        off = decode["off"]["tps"]
+        off = results["off"][0]
+        reference = results["off"][1][2]
         print(f"{'':16}{'tok/s':>8}{'× off':>8}{'tok/step':>10}  acceptance by depth")
-        for name, r in decode.items():
-            s: MTPStats = r["stats"]
+        for name in ours:
+            tps, (_, s, tokens) = results[name]
+            assert tokens == reference, f"{name}: the tokens differ from MTP off"
             depths = " ".join(f"{s.acceptance(d):.2f}" for d in range(len(s.tested_at)))
-            per_step = len(r["tokens"]) / s.steps if s.steps else 1.0
-            print(f"{name:16}{r['tps']:8.1f}{r['tps'] / off:8.2f}{per_step:10.2f}  {depths}")
+            per_step = len(tokens) / s.steps if s.steps else 1.0
+            print(f"{name:16}{tps:8.1f}{tps / off:8.2f}{per_step:10.2f}  {depths}")
+        if theirs is None and not args.skip_mlx_vlm:
+            print("mlx-vlm is not installed: no comparison")
+        elif theirs:
+            print("\nmlx-vlm 0.7 on the same checkpoint (its conversion, its MTP split), same rounds, tok/s:")
+            their_off = results["mlx-vlm off"][0]
+            for name in ("off", "k=1", "k=2", "k=3"):
+                tps = results[f"mlx-vlm {name}"][0]
+                print(
+                    f"  {name:8}{tps:8.1f}  (× its off {tps / their_off:.2f}; ours / its {results[name][0] / tps:.2f})"
+                )
+            best_ours = max(results[f"k={k}"][0] for k in (1, 2, 3))
+            best_theirs = max(results[f"mlx-vlm k={k}"][0] for k in (1, 2, 3))
+            print(f"ours / mlx-vlm: off {off / their_off:.2f}×, best fixed k {best_ours / best_theirs:.2f}×")
         costs = verify_costs(model, processor)
         print(
             "\nverify over T positions, relative to one decode step: "
@@ -249,22 +288,13 @@ def main() -> None:
                 f"distinct experts per MoE layer read by a verify (top-{top_k} of {total}): "
                 + ", ".join(f"T={T} {n:.1f}" for T, n in experts.items())
             )
+        rows = matmul_cost_per_rows(model)
+        print("lm_head (quantised matmul) µs at 1 / 2 / 4 rows: " + " / ".join(f"{v:.0f}" for v in rows.values()))
         rollback = rollback_costs(model, processor, costs)
         print(
             "\nrollback after a 4-position verify that kept 2 (ms): "
             + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in rollback.items())
         )
-        if not args.skip_mlx_vlm:
-            theirs = mlx_vlm_runs(workdir, args.tokens, args.rounds)
-            if theirs is None:
-                print("\nmlx-vlm is not installed: no comparison")
-            else:
-                print("\nmlx-vlm 0.7 on the same checkpoint (its conversion, its MTP split), tok/s:")
-                best_ours = max(r["tps"] for name, r in decode.items() if name != "off")
-                for name, tps in theirs.items():
-                    print(f"  {name:8}{tps:8.1f}  (× its off {tps / theirs['off']:.2f})")
-                best_theirs = max(v for k, v in theirs.items() if k != "off")
-                print(f"ours / mlx-vlm: off {off / theirs['off']:.2f}×, best MTP {best_ours / best_theirs:.2f}×")
 
 
 if __name__ == "__main__":
