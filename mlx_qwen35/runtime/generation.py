@@ -22,6 +22,9 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from ..errors import Qwen35Error
 from ..model.cache import make_cache
 from ..model.inputs import ModelInputs
+
+# Prefill moved to prefill.py; these names stay importable from here for code written against the old module.
+from .prefill import PrefillCancelled, prefill, prefill_prompt  # noqa: F401
 from .settings import (
     GENERATE_MAX_TOKENS,
     PENALTY_CONTEXT,
