@@ -30,17 +30,17 @@ def prefill(
     ``should_stop`` is asked before each chunk (a server's client may have gone); True raises ``PrefillCancelled``.
     ``on_hidden(hidden, chunk)`` sees each chunk's final-norm hidden states [1, T', H] (the MTP head reads them).
     """
-    lm = model.language_model
+    forward = model if on_hidden is None else model.language_model  # the MTP head reads hidden states, not logits
     for start in range(0, tokens.shape[0], step_size):
         if should_stop is not None and should_stop():
             raise PrefillCancelled(f"prefill stopped after {start} of {tokens.shape[0]} tokens")
         chunk = slice(start, start + step_size)
         if embeds is None:
-            hidden = lm(tokens[None, chunk], cache)
+            out = forward(tokens[None, chunk], cache)
         else:
-            hidden = lm(None, cache, inputs_embeds=embeds[:, chunk], position_ids=positions[..., chunk])
+            out = forward(None, cache, inputs_embeds=embeds[:, chunk], position_ids=positions[..., chunk])
         if on_hidden is not None:
-            on_hidden(hidden, chunk)
+            on_hidden(out, chunk)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
