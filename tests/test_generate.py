@@ -86,7 +86,8 @@ def test_a_step_run_ahead_is_undone_so_the_cache_holds_the_reply_but_its_last_to
     decode round differently)."""
     from mlx_qwen35.model.cache import cache_length, make_cache
     from mlx_qwen35.model.inputs import ModelInputs
-    from mlx_qwen35.runtime.generation import generate_tokens, prefill, sampling_functions
+    from mlx_qwen35.runtime.generation import generate_tokens, sampling_functions
+    from mlx_qwen35.runtime.prefill import prefill
     from mlx_qwen35.runtime.settings import Sampling
 
     model, processor = loaded

@@ -19,7 +19,7 @@ from parity import LOGIT_FLOOR, assert_parity
 
 from mlx_qwen35 import load
 from mlx_qwen35.model.cache import make_cache
-from mlx_qwen35.runtime.generation import prefill
+from mlx_qwen35.runtime.prefill import prefill
 from mlx_qwen35.weights.convert import convert
 
 STEP = 256

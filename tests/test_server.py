@@ -31,7 +31,7 @@ from schemathesis.checks import not_a_server_error
 
 from mlx_qwen35 import load
 from mlx_qwen35.errors import Qwen35Error
-from mlx_qwen35.runtime.generation import PrefillCancelled
+from mlx_qwen35.runtime.prefill import PrefillCancelled
 from mlx_qwen35.runtime.settings import GenerationSettings, Sampling
 from mlx_qwen35.surfaces.server.guard import exposure_warning, host_allowed
 from mlx_qwen35.surfaces.server.protocol import ApiError, image_source

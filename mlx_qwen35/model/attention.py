@@ -46,6 +46,24 @@ class GatedAttention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # [B, Hkv, offset + T, D]
         return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
 
+    def attend_each(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:
+        """Like ``attend`` for T positions appended at once, each query run alone over the keys up to its own,
+        as a decode step runs it (no mask), so the numbers are a decode step's (docs/architecture.md §20.2)."""
+        T = q.shape[2]
+        keys, values = cache.update_and_fetch(k, v)  # [B, Hkv, offset, D], quantised: (data, scales, biases)
+        start = cache.offset - T
+
+        def upto(x, n):
+            return tuple(part[..., :n, :] for part in x) if isinstance(x, tuple) else x[..., :n, :]
+
+        outs = [
+            scaled_dot_product_attention(
+                q[:, :, t : t + 1], upto(keys, start + t + 1), upto(values, start + t + 1), cache, self.scale, None
+            )
+            for t in range(T)
+        ]
+        return mx.concatenate(outs, axis=2)
+
     def output(self, attended: mx.array, gate: mx.array) -> mx.array:
         """o_proj(attention · sigmoid(gate)): attended [B, Hq, T, D] → [B, T, H]."""
         B, _, T, _ = attended.shape

@@ -122,3 +122,18 @@ def rebuilt_snapshot(cache: ModelCache, length: int, recurrent: list, rope_delta
     snap = Snapshot(length, recurrent, rope_delta, weakref.ref(cache))
     cache._snapshots.append(weakref.ref(snap))
     return snap
+
+
+def keep_verified(cache: list, start: int, states: list, positions: int) -> None:
+    """After a verify forward from length ``start`` (``LanguageModel.verify``): the cache as if only its first
+    ``positions`` tokens had been decoded (docs/architecture.md §20.2). ``states``: the verify's per-layer
+    DeltaNet states after each position (None for attention layers).
+
+    K/V: the length is set, up or down within what the verify wrote (entries past it stay in the buffer and the
+    next write overwrites them, as ``trim`` leaves them); DeltaNet: the arrays after the last kept position.
+    """
+    for layer_cache, layer_states in zip(cache, states):
+        if layer_states is None:
+            layer_cache.offset = start + positions
+        else:
+            layer_cache.cache = list(layer_states[positions - 1])

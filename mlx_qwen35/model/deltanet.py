@@ -54,14 +54,23 @@ class GatedDeltaNet(nn.Module):
             return nn.silu((window * self.conv1d.weight[:, :, 0].T).sum(axis=1, keepdims=True))
         return nn.silu(self.conv1d(window))  # [B, T, C]
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
-        B, T, _ = x.shape
-        conv_out = self._causal_conv(self.in_proj_qkv(x), cache)
+    def _heads(self, conv_out: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The conv output split into q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv]."""
+        B, T, _ = conv_out.shape
         q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        return q, k, v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+
+    def _output(self, o: mx.array, x: mx.array) -> mx.array:
+        """Gated norm with z, then out_proj: o [B, T, Hv, Dv] → [B, T, H]."""
+        B, T, _ = x.shape
         z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        return self.out_proj(self.norm(o, z).reshape(B, T, -1))
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        T = x.shape[1]
+        q, k, v = self._heads(self._causal_conv(self.in_proj_qkv(x), cache))
         b, a = self.in_proj_b(x), self.in_proj_a(x)  # [B, T, Hv] each
 
         state = cache[1] if cache is not None else None
@@ -71,5 +80,24 @@ class GatedDeltaNet(nn.Module):
             o, state = gated_delta_prefill(q, k, v, a, b, self.A_log, self.dt_bias, state)
         if cache is not None:
             cache[1] = state
-        o = self.norm(o, z)  # [B, T, Hv, Dv]
-        return self.out_proj(o.reshape(B, T, -1))
+        return self._output(o, x)
+
+    def verify(self, x: mx.array, cache, states: list) -> mx.array:
+        """T draft positions after a decode state, each run as a decode step (docs/architecture.md §20.2).
+
+        The projections read all T rows at once (one pass over the weights); the conv and the recurrence go
+        position by position through the decode step's own code, so every output and state is the one T decode
+        steps would give, bit for bit. ``states`` receives [conv window, state] after each position.
+        """
+        T = x.shape[1]
+        qkv = self.in_proj_qkv(x)  # [B, T, C]
+        b, a = self.in_proj_b(x), self.in_proj_a(x)
+        outs = []
+        for t in range(T):
+            q, k, v = self._heads(self._causal_conv(qkv[:, t : t + 1], cache))
+            o, cache[1] = gated_delta_step(
+                q, k, v, a[:, t : t + 1], b[:, t : t + 1], self.A_log, self.dt_bias, cache[1]
+            )
+            outs.append(o)
+            states.append([cache[0], cache[1]])
+        return self._output(mx.concatenate(outs, axis=1), x)

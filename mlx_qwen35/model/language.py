@@ -38,6 +38,7 @@ class DecoderLayer(nn.Module):
         # The layer is the compiled graphs' implicit input: each call reads its current weights.
         if self.is_linear:
             self._deltanet_step = mx.compile(self._deltanet_step_eager, inputs=[self])
+            self._deltanet_verify = mx.compile(self._deltanet_verify_eager, inputs=[self])
         else:
             self._attention_in = mx.compile(self._attention_in_eager, inputs=[self])
             self._attention_out = mx.compile(self._attention_out_eager, inputs=[self])
@@ -59,6 +60,29 @@ class DecoderLayer(nn.Module):
         else:
             h = x + self.self_attn(self.input_layernorm(x), cos_sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def verify(self, x: mx.array, cos_sin, cache, states: list) -> mx.array:
+        """T positions after a decode state with a decode step's numbers (docs/architecture.md §20.2); a DeltaNet
+        layer appends its [conv window, state] after each position to ``states``."""
+        compiled = compiles_decode()
+        if self.is_linear:
+            verify = self._deltanet_verify if compiled else self._deltanet_verify_eager
+            x, *after = verify(x, cache[0], cache[1])
+            T = x.shape[1]
+            states.extend([list(pair) for pair in zip(after[:T], after[T:])])
+            cache[0], cache[1] = states[-1]
+            return x
+        attention_in = self._attention_in if compiled else self._attention_in_eager
+        attention_out = self._attention_out if compiled else self._attention_out_eager
+        q, k, v, gate = attention_in(x, *cos_sin)
+        return attention_out(x, self.self_attn.attend_each(q, k, v, cache), gate)
+
+    def _deltanet_verify_eager(self, x: mx.array, conv: mx.array, state: mx.array) -> tuple[mx.array, ...]:
+        """(output, the T conv windows, the T states after each position)."""
+        states = []
+        h = x + self.linear_attn.verify(self.input_layernorm(x), [conv, state], states)
+        convs, recurrent = zip(*states)
+        return (h + self.mlp(self.post_attention_layernorm(h)), *convs, *recurrent)
 
     def _decode(self, x: mx.array, cos_sin, cache) -> mx.array:
         if self.is_linear:
@@ -147,6 +171,20 @@ class LanguageModel(nn.Module):
             if not self.share.leads:
                 return x
         return self.norm(x)
+
+    def verify(self, input_ids: mx.array, cache: list) -> tuple[mx.array, list]:
+        """Speculative verify of ``input_ids`` [B, T] after a cache that has decoded: hidden states [B, T, H] equal to
+        T decode steps', and per layer the DeltaNet [conv window, state] after each position (None for attention)."""
+        x = self.embed_tokens(input_ids)
+        if self.compute_dtype is not None:
+            x = x.astype(self.compute_dtype)
+        B, T, _ = x.shape
+        offset = cache[self._first_attention].offset + getattr(cache, "rope_delta", 0)
+        cos_sin = self.rope.cos_sin(text_positions(B, T, offset), x.dtype)
+        states = [[] if layer.is_linear else None for layer in self.layers]
+        for layer, layer_cache, layer_states in zip(self.layers, cache, states):
+            x = layer.verify(x, cos_sin, layer_cache, layer_states)
+        return self.norm(x), states
 
     def logits(self, hidden: mx.array) -> mx.array:
         """lm_head (or the tied embedding matrix) on final-norm hidden states."""

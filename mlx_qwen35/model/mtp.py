@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 
 from ..config import TextConfig
 from .language import DecoderLayer
 from .norms import RMSNorm1p
-from .rope import MRoPE
+from .rope import MRoPE, text_positions
 
 
 class MTP(nn.Module):
@@ -32,3 +33,15 @@ class MTP(nn.Module):
         for layer, layer_cache in zip(self.layers, cache):
             z = layer(z, cos_sin, layer_cache)
         return self.norm(z)
+
+    def draft(self, hidden: mx.array, next_embeds: mx.array, cache: list) -> mx.array:
+        """The head at the positions after what its own ``cache`` holds (RoPE counts there: only relative positions matter)."""
+        B, T, _ = hidden.shape
+        rope = self.layers[0].self_attn.rope
+        cos_sin = rope.cos_sin(text_positions(B, T, cache[0].offset), hidden.dtype)
+        return self(hidden, next_embeds, cos_sin, cache)
+
+
+def make_mtp_cache(mtp: MTP) -> list:
+    """The head's own K/V cache, one per layer (float K/V: the head is one layer, its cache small)."""
+    return [KVCache() for _ in mtp.layers]

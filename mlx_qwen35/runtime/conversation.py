@@ -41,15 +41,18 @@ from ..errors import Qwen35Error
 from ..model.cache import Snapshot, cache_length, make_cache, restore, snapshot
 from ..model.inputs import ModelInputs
 from ..processing.output import OutputParser, OutputPiece, PieceKind, ShownAnswer, ToolCall, collect
-from .generation import prefill_prompt, stream_text
+from .generation import stream_text
+from .prefill import prefill_prompt
 from .settings import (
     DEFAULT_MAX_TOKENS,
     KV_GROUP_SIZE,
     PREFILL_STEP_SIZE,
     GenerationSettings,
     KVCacheSettings,
+    MTPSettings,
     recommended_sampling,
 )
+from .speculative import MTPStats
 
 CHECKPOINTS_KEPT_AT_START = 2  # the empty cache and the end of the system turn: reused after reset
 CHECKPOINTS_KEPT_AT_END = 3  # reply start of the last prompt, its user-turn start, the reply start before
@@ -77,6 +80,8 @@ class TurnStats:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
     context_tokens: int = 0  # tokens in the cache after the reply
+    mtp_drafted: int = 0  # tokens the MTP head drafted for the reply (speculative decoding)
+    mtp_accepted: int = 0  # of them, accepted by the model
 
 
 @dataclass(frozen=True)
@@ -134,12 +139,16 @@ class ConversationCache:
         self._reply_header = encode("<|im_start|>assistant\n")
 
     def stream(
-        self, inputs: ModelInputs, settings: GenerationSettings, should_stop: Callable[[], bool] | None = None
+        self,
+        inputs: ModelInputs,
+        settings: GenerationSettings,
+        should_stop: Callable[[], bool] | None = None,
+        mtp_stats: MTPStats | None = None,
     ) -> Iterator[GenerationResponse]:
         """Restore the longest reusable prefix of ``inputs`` and prefill up to the reply start now; the iterator generates.
 
         Afterwards ``reused_tokens`` says how many prompt tokens the cache gave. ``should_stop`` is asked between
-        prefill chunks (``prefill``); True raises ``PrefillCancelled``.
+        prefill chunks (``prefill``); True raises ``PrefillCancelled``. ``mtp_stats`` counts the MTP drafts.
         """
         keys = self._cache_keys(inputs)
         self.reused_tokens = self._restore_longest_prefix(keys)
@@ -150,7 +159,7 @@ class ConversationCache:
         except BaseException:
             self.tokens = None  # a forward pass may have stopped halfway
             raise
-        return self._generate(inputs, keys, position, settings, should_stop)
+        return self._generate(inputs, keys, position, settings, should_stop, mtp_stats)
 
     def _cache_keys(self, inputs: ModelInputs) -> list[int]:
         """The prompt's token ids with each image's / video's placeholders replaced by one key of its pixels."""
@@ -219,6 +228,7 @@ class ConversationCache:
         position: int,
         settings: GenerationSettings,
         should_stop: Callable[[], bool] | None,
+        mtp_stats: MTPStats | None,
     ) -> Iterator[GenerationResponse]:
         """Stream the reply from ``position`` on and keep track of what the cache holds, however it ends."""
         generated: list[int] = []
@@ -232,6 +242,7 @@ class ConversationCache:
                 cache=self.model_cache,
                 cached_tokens=inputs.input_ids[:position],
                 should_stop=should_stop,
+                mtp_stats=mtp_stats,
             ):
                 generated.append(response.token)
                 consistent = True  # between tokens the cache holds exactly the tokens fed so far
@@ -253,6 +264,8 @@ class Conversation:
         self.messages: list[dict] = []  # without the system prompt (``settings.system``)
         self.last_stats = TurnStats()
         self.should_stop: Callable[[], bool] | None = None  # asked between prefill chunks (progress, Ctrl-C)
+        # Speculative decoding: a runtime choice like the device, not part of the saved conversation (same replies).
+        self.mtp = MTPSettings()
         if seed is not None:
             mx.random.seed(seed)  # once: a retry should draw a new reply, not the same one
         self.cache = ConversationCache(model, processor, self.settings.kv_bits, self.settings.kv_group_size)
@@ -328,7 +341,8 @@ class Conversation:
         started = time.perf_counter()
         inputs = self.prompt_inputs()
         settings = self.settings
-        responses = self.cache.stream(inputs, settings.generation(), self.should_stop)
+        mtp_stats = MTPStats()
+        responses = self.cache.stream(inputs, replace(settings.generation(), mtp=self.mtp), self.should_stop, mtp_stats)
         reused = self.cache.reused_tokens
         stats = TurnStats(
             prompt_tokens=len(inputs.input_ids), reused_tokens=reused, prefilled_tokens=len(inputs.input_ids) - reused
@@ -343,6 +357,7 @@ class Conversation:
                 stats.generated_tokens = response.generation_tokens
                 stats.generation_tps = response.generation_tps
                 stats.peak_memory_gb = response.peak_memory
+                stats.mtp_drafted, stats.mtp_accepted = mtp_stats.drafted, mtp_stats.accepted
                 yield event
         finally:
             responses.close()  # now, not at garbage collection: the cache records what it holds

@@ -1,9 +1,9 @@
 """Generation in two levels: a token-level generator under a text-level stream.
 
-``generate_tokens`` is the token level, like mlx-lm's ``generate_step``: a prompt's ids (and vision
+``generate_tokens`` (``token_generator.py``) is the token level, like mlx-lm's ``generate_step``: a prompt's ids (and vision
 inputs) in, ``(token, logprobs)`` out, one forward pass ahead (the next token computes under
-``async_eval`` while the caller handles this one). Speculative decoding, distributed ranks and
-benchmarks against mlx-lm sit on this seam.
+``async_eval`` while the caller handles this one). Speculative decoding (``speculative.py``, with
+``settings.mtp`` on), distributed ranks and benchmarks against mlx-lm sit on this seam.
 
 ``stream_text`` puts the text on top: the thinking budget, stop tokens and stop strings, detokenising
 and statistics, one mlx-lm ``GenerationResponse`` per token, read from a ``GenerationSettings``.
@@ -13,22 +13,30 @@ and statistics, one mlx-lm ``GenerationResponse`` per token, read from a ``Gener
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..errors import Qwen35Error
-from ..model.cache import drop_last_token, make_cache, recurrent_arrays
+from ..model.cache import make_cache
 from ..model.inputs import ModelInputs
-from .settings import GENERATE_MAX_TOKENS, PREFILL_STEP_SIZE, GenerationSettings, KVCacheSettings, Sampling
+
+# Prefill moved to prefill.py; these names stay importable from here for code written against the old module.
+from .prefill import PrefillCancelled, prefill, prefill_prompt  # noqa: F401
+from .settings import (
+    GENERATE_MAX_TOKENS,
+    PENALTY_CONTEXT,
+    PREFILL_STEP_SIZE,
+    GenerationSettings,
+    KVCacheSettings,
+    Sampling,
+)
 from .text_stream import TextStream
+from .token_generator import LogitsProcessor, Sampler, generate_tokens
 
 Prompt = str | list[dict] | list[int] | mx.array | ModelInputs
-Sampler = Callable[[mx.array], mx.array]  # log-probabilities [1, vocab] -> token [1]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (recent tokens, logits [1, vocab]) -> logits
-PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over
 
 
 def prompt_token_ids(processor, prompt: Prompt, enable_thinking: bool = True, tools: list | None = None) -> list[int]:
@@ -86,54 +94,6 @@ class ThinkingBudget:
         return token
 
 
-class PrefillCancelled(Exception):
-    """``should_stop`` said stop between two prefill chunks; the cache holds part of the prompt."""
-
-
-def prefill(
-    model,
-    tokens: mx.array,
-    cache: list,
-    step_size: int = PREFILL_STEP_SIZE,
-    embeds: mx.array | None = None,
-    positions: mx.array | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> None:
-    """Run ``tokens`` [T] through the model into ``cache`` in chunks, so memory stays bounded with length.
-
-    A multimodal prompt comes as ``embeds`` [1, T, H] and ``positions`` [3, 1, T] (``model.prompt_embeddings``).
-    ``should_stop`` is asked before each chunk (a server's client may have gone); True raises ``PrefillCancelled``.
-    """
-    for start in range(0, tokens.shape[0], step_size):
-        if should_stop is not None and should_stop():
-            raise PrefillCancelled(f"prefill stopped after {start} of {tokens.shape[0]} tokens")
-        chunk = slice(start, start + step_size)
-        if embeds is None:
-            model(tokens[None, chunk], cache)
-        else:
-            model(None, cache, inputs_embeds=embeds[:, chunk], position_ids=positions[..., chunk])
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-
-
-def prefill_prompt(
-    model,
-    inputs: ModelInputs,
-    cache: list,
-    step_size: int = PREFILL_STEP_SIZE,
-    should_stop: Callable[[], bool] | None = None,
-) -> None:
-    """Run a prompt, its images and videos too, into ``cache``; positions continue after what the cache holds."""
-    tokens = mx.array(inputs.input_ids)
-    if not inputs.has_vision:
-        prefill(model, tokens, cache, step_size, should_stop=should_stop)
-        return
-    embeds, positions, rope_delta = model.prompt_embeddings(inputs, cache)
-    mx.eval(embeds)  # the vision tower, once, before the chunks slice it
-    prefill(model, tokens, cache, step_size, embeds, positions, should_stop)
-    cache.rope_delta = rope_delta
-
-
 def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, list[LogitsProcessor]]:
     """mlx-lm's sampler and logits processors for ``sampling``, the first processor masking the LM head's padding rows."""
     vocab = model.config.text.vocab_size
@@ -157,71 +117,6 @@ def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, l
 
         sampler = shared_sampler(sampler, model.share)
     return sampler, processors
-
-
-def generate_tokens(
-    model,
-    prompt: ModelInputs,
-    cache: list,
-    sampler: Sampler,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    *,
-    max_tokens: int,
-    stop_tokens: Container[int] = (),
-    context_tokens: Sequence[int] = (),
-    choose_token: Callable[[int], int] | None = None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
-    should_stop: Callable[[], bool] | None = None,
-) -> Iterator[tuple[int, mx.array]]:
-    """Prefill ``prompt`` into ``cache``, then yield each generated token and its log-probabilities [vocab].
-
-    Each step is built on the previous token before that token is read back, so building the graph overlaps
-    the compute (as mlx-lm's ``generate_step`` does); a step run ahead on a stop token, or on a token that
-    ``choose_token`` replaces, is undone (``drop_last_token``), so the cache never holds the last token and
-    the next token is computing while the caller handles this one. ``choose_token`` may replace a sampled token
-    (the thinking budget forces its closing tag); ``context_tokens``: the ids ``cache`` already holds, for the
-    penalties to look back over as a fresh run would; ``should_stop``: asked between prefill chunks (``prefill``).
-    """
-    ids = list(prompt.input_ids)
-    # The penalties look back PENALTY_CONTEXT tokens (mlx-lm's default window); keep only those, not the
-    # whole context, so each decode step does not copy a growing array.
-    history = mx.array((list(context_tokens) + ids)[-PENALTY_CONTEXT:])
-
-    def step(inputs: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
-        logits = model(inputs[None], cache)[:, -1, :].astype(mx.float32)
-        for process in logits_processors:
-            logits = process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
-
-    def step_after(token: mx.array, history: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Dispatch the step that reads ``token``: (its sampled token, its logprobs, the penalties' window)."""
-        history = mx.concatenate([history, token])[-PENALTY_CONTEXT:]
-        sampled, logprobs = step(token, history)
-        mx.async_eval(sampled, logprobs)
-        return sampled, logprobs, history
-
-    # The last token is text (<|vision_end|> at the latest), so the first step embeds it itself.
-    prefill_prompt(model, prompt.span(0, len(ids) - 1, model.config), cache, prefill_step_size, should_stop)
-    token, logprobs = step(history[-1:], history)
-    mx.async_eval(token, logprobs)
-    for n in range(1, max_tokens + 1):
-        ahead = n < max_tokens
-        if ahead:  # build the next step on this token before reading it: reading waits for the compute
-            before = recurrent_arrays(cache)
-            following = step_after(token, history)
-        sampled = token.item()
-        token_id = choose_token(sampled) if choose_token is not None else sampled
-        last = token_id in stop_tokens or n == max_tokens
-        if ahead and (last or token_id != sampled):
-            drop_last_token(cache, before)  # the step ahead read a token the reply does not have
-            if not last:
-                token = mx.array([token_id], dtype=token.dtype)
-                following = step_after(token, history)
-        yield token_id, logprobs
-        if last:
-            return
-        token, logprobs, history = following
 
 
 class StopStrings:
@@ -253,12 +148,13 @@ def stream_text(
     cache: list | None = None,
     cached_tokens: list[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    mtp_stats=None,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt`` as ``settings`` say, yielding a response per token. A caller-owned ``cache`` continues from its contents.
 
     ``cached_tokens``: the ids that ``cache`` already holds, for the penalties to look back over as a fresh run would.
     ``should_stop``: asked between prefill chunks; True raises ``PrefillCancelled`` (decoding stops when the caller
-    stops iterating).
+    stops iterating). ``mtp_stats``: a ``speculative.MTPStats`` the MTP drafting (``settings.mtp``) counts into.
     """
     tokens = prompt_token_ids(processor, prompt, settings.enable_thinking, settings.tools)
     if not tokens:
@@ -278,12 +174,7 @@ def stream_text(
         budget_choose = choose_token
         choose_token = lambda sampled: constraint.choose(budget_choose(sampled))  # noqa: E731
     eos = processor.eos_token_ids
-    generated = generate_tokens(
-        model,
-        prompt if isinstance(prompt, ModelInputs) else ModelInputs(tokens),
-        cache,
-        sampler,
-        processors,
+    arguments = dict(
         max_tokens=settings.max_tokens,
         stop_tokens=eos,
         context_tokens=cached_tokens or (),
@@ -291,6 +182,24 @@ def stream_text(
         prefill_step_size=settings.prefill_step_size,
         should_stop=should_stop,
     )
+    inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(tokens)
+    # A JSON constraint keeps state across its calls in token order, which a verify's look-ahead would break.
+    if settings.mtp.enabled and "mtp" in model and settings.json_schema is None:
+        from .speculative import generate_tokens_speculative
+
+        generated = generate_tokens_speculative(
+            model,
+            inputs,
+            cache,
+            sampler,
+            processors,
+            mtp=settings.mtp,
+            sampling=settings.sampling,
+            stats=mtp_stats,
+            **arguments,
+        )
+    else:
+        generated = generate_tokens(model, inputs, cache, sampler, processors, **arguments)
     detokenizer = TextStream(processor.tokenizer)
     stop = StopStrings(settings.stop)
     start = time.perf_counter()

@@ -24,6 +24,11 @@ KV_BITS = (8, 4)  # the attention K/V cache quantisations offered (None: float K
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 KV_GROUP_SIZE = 64
 MAX_SEED = 2**63 - 1  # mx.random.seed takes a uint64; JSON clients keep 63 bits exactly
+PENALTY_CONTEXT = 20  # tokens the repetition and presence penalties look back over
+MTP_MAX_TOKENS = 3  # the most tokens the MTP head drafts per step; its acceptance falls with each depth
+MTP_DEFAULT_TOKENS = (
+    2  # drafted per step when MTP is on and the user names no k (README "MTP", benchmarks/bench_mtp.py)
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ RANGES: dict[str, Range] = {
     "video_end": Range(gt=0),  # seconds; past the end of the video reads to its end
     "shard_size_gb": Range(gt=0),
     "port": Range(ge=1, le=65535, integer=True),
+    "mtp_tokens": Range(ge=1, le=MTP_MAX_TOKENS, integer=True),
 }
 
 
@@ -151,6 +157,19 @@ class KVCacheSettings:
 
 
 @dataclass(frozen=True)
+class MTPSettings:
+    """Speculative decoding with the checkpoint's MTP head (docs/architecture.md §20): on or off, up to
+    ``mtp_tokens`` drafted per step, fewer or none while they do not pay if ``adaptive``."""
+
+    enabled: bool = False
+    mtp_tokens: int = MTP_DEFAULT_TOKENS
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
+
+@dataclass(frozen=True)
 class GenerationSettings:
     """Everything one generation reads besides its prompt and cache; every value is checked when it is built."""
 
@@ -164,6 +183,7 @@ class GenerationSettings:
     prefill_step_size: int = PREFILL_STEP_SIZE
     kv_cache: KVCacheSettings = KVCacheSettings()  # for a cache the generation makes itself
     json_schema: dict | None = None  # the answer (after any thinking) is JSON matching this schema
+    mtp: MTPSettings = MTPSettings()  # speculative decoding with the MTP head (off by default in the API)
 
     def __post_init__(self) -> None:
         _check_ranges(self)

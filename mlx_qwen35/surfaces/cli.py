@@ -11,8 +11,10 @@ from pathlib import Path
 import typer
 
 from ..errors import Qwen35Error
-from ..runtime.settings import DEFAULT_MAX_TOKENS, KV_GROUP_SIZE, PREFILL_STEP_SIZE
+from ..runtime.settings import DEFAULT_MAX_TOKENS, KV_GROUP_SIZE, MTP_DEFAULT_TOKENS, PREFILL_STEP_SIZE
 from .options import (
+    MTP,
+    MTP_DEFAULT,
     ChatTemplateConfig,
     ExpertMemory,
     ExtraEosToken,
@@ -26,6 +28,7 @@ from .options import (
     MinP,
     ModelArgument,
     ModelFlag,
+    MTPTokens,
     Parallel,
     PrefillStepSize,
     PresencePenalty,
@@ -43,6 +46,7 @@ from .options import (
     Verbose,
     check_expert_memory,
     check_quantized_kv_start,
+    mtp_settings,
     peer_argv,
     plain_help,
     resolve_model,
@@ -216,11 +220,16 @@ def generate(
     expert_memory_gb: ExpertMemory = None,
     parallel: Parallel = None,
     split: Split = None,
+    mtp: MTP = MTP_DEFAULT,
+    mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Generate a reply to one prompt (optionally about images or videos), streaming it to the terminal."""
     from .generate import MediaOptions, resize_shape_option, run_generate
 
     check_quantized_kv_start(quantized_kv_start)
+    speculative = mtp_settings(mtp, mtp_tokens)
+    if speculative.enabled:  # the ranks hold no MTP head (docs/architecture.md §21)
+        refuse_ranks("--mtp", "--no-mtp")
     run_generate(
         expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "generate"),
@@ -262,6 +271,7 @@ def generate(
         extra_eos_tokens=list(extra_eos_token or ()),
         parallel=parallel,
         split=split,
+        mtp=speculative,
     )
 
 
@@ -304,6 +314,8 @@ def chat(
         help="When the conversation fills the context: refuse (say what to do) or drop-oldest (drop the oldest turns).",
     ),
     expert_memory_gb: ExpertMemory = None,
+    mtp: MTP = MTP_DEFAULT,
+    mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
@@ -311,6 +323,7 @@ def chat(
     refuse_ranks("chat", "serve (its chat page) or generate")
 
     check_quantized_kv_start(quantized_kv_start)
+    speculative = mtp_settings(mtp, mtp_tokens)
     run_chat(
         expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "chat"),
@@ -336,6 +349,7 @@ def chat(
         max_pixels=max_pixels,
         no_history=no_history,
         context_policy=context_policy,
+        mtp=speculative,
     )
 
 
@@ -394,6 +408,8 @@ def serve(
     expert_memory_gb: ExpertMemory = None,
     parallel: Parallel = None,
     split: Split = None,
+    mtp: MTP = MTP_DEFAULT,
+    mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and the chat page at / (no MODEL: the demo)."""
     from ..runtime.validation import check_numbers
@@ -401,6 +417,9 @@ def serve(
 
     check_numbers(port=port, max_tokens=max_tokens)
     expert_memory = check_expert_memory(expert_memory_gb)
+    speculative = mtp_settings(mtp, mtp_tokens)
+    if speculative.enabled:  # the ranks hold no MTP head (docs/architecture.md §21)
+        refuse_ranks("--mtp", "--no-mtp")
     _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
     if model or model_option:
         model_path = resolve_model(model, model_option, "serve")
@@ -423,6 +442,7 @@ def serve(
         allowed_origins=tuple(o.strip() for option in allowed_origins for o in option.split(",") if o.strip()),
         parallel=parallel,
         split=split,
+        mtp=speculative,
     )
 
 

@@ -18,6 +18,7 @@ import typer
 
 from ..errors import Qwen35Error
 from ..processing.output import OutputPiece, ShownAnswer, collect
+from ..runtime.settings import MTPSettings
 
 THINKING_LABEL = "Thinking"
 
@@ -157,6 +158,7 @@ def run_generate(
     expert_memory: str | None = None,
     parallel: str | None = None,
     split: str | None = None,
+    mtp: MTPSettings = MTPSettings(),
 ) -> None:
     """Load ``model`` and stream its reply to ``prompt`` (with ``media``), or print it as JSON.
 
@@ -172,6 +174,7 @@ def run_generate(
     from ..runtime.generation import prompt_token_ids, stream_text
     from ..runtime.sessions import check_session_target, open_conversation, save_conversation
     from ..runtime.settings import GenerationSettings, KVCacheSettings, max_tokens_within_context, recommended_sampling
+    from ..runtime.speculative import MTPStats
     from ..runtime.validation import check_media, check_numbers, check_text
     from ..weights.loading import load
     from .progress import PrefillProgress, StatusLine
@@ -238,6 +241,7 @@ def run_generate(
             tools=tool_schemas,
             prefill_step_size=prefill_step_size,
             kv_cache=KVCacheSettings(bits=kv_bits, group_size=kv_group_size),
+            mtp=mtp,
         )
     items = media.items() if speaks else []  # images opened (to fit --resize-shape) before the model loads
     model_obj, processor = load(model, expert_memory=expert_memory, share=share)
@@ -275,6 +279,7 @@ def run_generate(
         if seed is not None:
             mx.random.seed(seed)
         conversation = open_conversation(prompt_cache_file, model_obj, processor, settings)
+        conversation.mtp = mtp
         events = conversation.send(prompt)  # renders and reads the settings when the reply starts
         prompt_length = len(conversation.prompt_tokens())
     else:
@@ -283,6 +288,7 @@ def run_generate(
         max_tokens, prompt_length, max_kv_size, fix="raise --max-kv-size or shorten the prompt"
     )
     status = StatusLine()
+    mtp_stats = MTPStats()
     if conversation:
         conversation.settings = replace(conversation.settings, max_tokens=max_tokens)
         conversation.should_stop = PrefillProgress(
@@ -297,6 +303,7 @@ def run_generate(
             replace(settings, max_tokens=max_tokens),
             cache=cache,
             should_stop=PrefillProgress(cache, prompt_length, prefill_step_size, status.show),
+            mtp_stats=mtp_stats,
         )
         events = reply_events(responses, OutputParser(enable_thinking and not raw, tool_schemas))
     printer = None if as_json or not speaks else ReplyPrinter(show_reasoning=not hide_thinking)
@@ -322,6 +329,7 @@ def run_generate(
         save_conversation(conversation, prompt_cache_file)
         turn = conversation.last_stats  # stream_text only saw the tokens after the reused prefix
         prompt_tokens, prompt_tps = turn.prompt_tokens, turn.prefilled_tokens / max(turn.time_to_first_token, 1e-9)
+        mtp_stats.drafted, mtp_stats.accepted = turn.mtp_drafted, turn.mtp_accepted
     fields = reply_fields(pieces)
     cut_while_reasoning = last.finish_reason == "length" and enable_thinking and not raw and not fields["content"]
     cut_while_reasoning = cut_while_reasoning and not fields["tool_calls"] and bool(fields["reasoning"])
@@ -339,6 +347,8 @@ def run_generate(
             finish_reason=last.finish_reason,
             vision_tokens=vision_tokens,
             vision_seconds=round(vision_seconds, 3),
+            mtp_drafted=mtp_stats.drafted,
+            mtp_accepted=mtp_stats.accepted,
         )
         if experts:
             stats["experts"] = experts.report(decode_start, last.generation_tokens - 1)
@@ -352,7 +362,9 @@ def run_generate(
         typer.echo(
             f"\n[{prompt_tokens} prompt tokens at {prompt_tps:.1f} tok/s, first token after {time_to_first_token:.2f} s, "
             f"{last.generation_tokens} generated at {last.generation_tps:.1f} tok/s, "
-            f"peak memory {last.peak_memory:.2f} GB]",
+            f"peak memory {last.peak_memory:.2f} GB"
+            + (f", MTP drafts accepted {mtp_stats.accepted}/{mtp_stats.drafted}" if mtp_stats.drafted else "")
+            + "]",
             err=True,
         )
     if cut_while_reasoning and speaks:

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from ..errors import Qwen35Error
-from ..runtime.settings import NON_THINKING_PRESET, THINKING_PRESET
+from ..runtime.settings import MTP_MAX_TOKENS, NON_THINKING_PRESET, THINKING_PRESET, MTPSettings
 
 
 def _preset(field: str) -> str:
@@ -153,6 +153,27 @@ MaxPixels = Annotated[
         show_default=False,
     ),
 ]
+
+# Speculative decoding with the checkpoint's MTP head (docs/architecture.md §20), on generate, chat and serve.
+MTP = Annotated[
+    bool,
+    typer.Option(
+        "--mtp/--no-mtp",
+        help="Draft tokens with the checkpoint's MTP head and check them in one forward (same output; "
+        "drafting turns itself down or off while it does not pay).",
+    ),
+]
+MTPTokens = Annotated[
+    int,
+    typer.Option("--mtp-tokens", help=f"Most tokens the MTP head drafts per step (1 to {MTP_MAX_TOKENS})."),
+]
+MTP_DEFAULT = False  # README "MTP": measured slower on the CPU backend, where a verify costs ~k+1 decode steps
+
+
+def mtp_settings(mtp: bool, mtp_tokens: int) -> MTPSettings:
+    """The MTP flags as settings (``--mtp-tokens`` checked here, before any model loads)."""
+    return MTPSettings(enabled=mtp, mtp_tokens=mtp_tokens)
+
 
 # argparse options that take several values (``nargs="+"``) in mlx-lm / mlx-vlm; Typer takes them repeated.
 MULTI_VALUE_OPTIONS = ("--image", "--video", "--extra-eos-token", "--resize-shape")

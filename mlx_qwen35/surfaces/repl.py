@@ -42,7 +42,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from ..errors import Qwen35Error
-from ..runtime.settings import KV_GROUP_SIZE, PREFILL_STEP_SIZE, max_tokens_within_context
+from ..runtime.settings import KV_GROUP_SIZE, PREFILL_STEP_SIZE, MTPSettings, max_tokens_within_context
 from ..runtime.validation import check_text
 
 # Where the history and sessions lived before they followed XDG_STATE_HOME.
@@ -201,6 +201,7 @@ def status_line(stats, context_max: int) -> str:
         f"prompt {stats.prefilled_tokens} new + {stats.reused_tokens} cached · "
         f"context {stats.context_tokens}/{context_max} · peak {stats.peak_memory_gb:.2f} GB · "
         f"first token {stats.time_to_first_token:.2f} s, prompt {prompt_tps:.0f} tok/s"
+        + (f" · MTP drafts accepted {stats.mtp_accepted}/{stats.mtp_drafted}" if stats.mtp_drafted else "")
     )
 
 
@@ -503,7 +504,9 @@ class ChatRepl:
         if not path.exists():
             known = ", ".join(saved_sessions(self.sessions_dir)) or "none"
             raise Qwen35Error(f"no saved conversation {name!r} in {self.sessions_dir} (saved: {known})")
+        mtp = self.conversation.mtp  # the command line's choice, not the saved conversation's
         self.conversation = load_conversation(path, self.model, self.processor)
+        self.conversation.mtp = mtp
         self.attachments = []
         reasoning = "on" if self.conversation.settings.enable_thinking else "off"
         self.console.print(
@@ -516,7 +519,7 @@ class ChatRepl:
 
     def _stream(self, events: Iterator, prompt_tokens: int) -> bool:
         """Show a reply as it streams; Ctrl-C stops it and leaves the session as it is. Whether a token came."""
-        from ..runtime.generation import PrefillCancelled
+        from ..runtime.prefill import PrefillCancelled
         from .progress import PrefillProgress
 
         view = ReplyView(self.console, show_reasoning=not self.hide_thinking, markdown=self.console.is_terminal)
@@ -690,6 +693,7 @@ def run_chat(
     no_history: bool = False,
     context_policy: str = "refuse",
     expert_memory: str | None = None,
+    mtp: MTPSettings = MTPSettings(),
 ) -> None:
     """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
     import sys
@@ -720,6 +724,7 @@ def run_chat(
         model_obj, processor = load(model, expert_memory=expert_memory)
     context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
     conversation = Conversation(model_obj, processor, settings, seed=seed)
+    conversation.mtp = mtp
     console.print(Text(banner(model, processor.model_dir, context_max, enable_thinking), style="bold"), soft_wrap=True)
     if sys.stdin.isatty():
         read_line = prompt_reader(None if no_history else state_dir() / "chat_history")

@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ...errors import Qwen35Error
-from ...runtime.settings import DEFAULT_MAX_TOKENS, GenerationSettings, recommended_sampling
+from ...runtime.settings import DEFAULT_MAX_TOKENS, GenerationSettings, MTPSettings, recommended_sampling
 from .guard import BodyTooLarge, Guard, exposure_warning, key_matches
 from .protocol import (
     ApiError,
@@ -126,12 +126,15 @@ def generation_settings(
 
 def _usage(started: Started, last: Any) -> dict:
     completion = last.generation_tokens if last is not None else 0
-    return {
+    usage = {
         "prompt_tokens": started.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": started.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": started.cached_tokens},
     }
+    if last is not None and last.mtp_drafted is not None:  # serve --mtp: the MTP head's drafts, as generate --json
+        usage |= {"mtp_drafted": last.mtp_drafted, "mtp_accepted": last.mtp_accepted}
+    return usage
 
 
 def _timings(last: Any) -> dict:
@@ -572,6 +575,7 @@ def serve(
     expert_memory: str | None = None,
     parallel: str | None = None,
     split: str | None = None,
+    mtp: MTPSettings = MTPSettings(),
 ) -> None:
     """Load ``model`` and serve the API and the chat page until interrupted; ``expert_memory``: ``load``'s budget.
 
@@ -605,7 +609,10 @@ def serve(
         follow_jobs(*load(model, expert_memory=expert_memory, share=share), share)
         return
     worker = GenerationWorker(
-        lambda: load(model, expert_memory=expert_memory, share=share), max_prompt_tokens=max_prompt_tokens, share=share
+        lambda: load(model, expert_memory=expert_memory, share=share),
+        max_prompt_tokens=max_prompt_tokens,
+        share=share,
+        mtp=mtp,
     )
     worker.start()
     _log_to_stderr()

@@ -9,13 +9,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
 
 from ...errors import Qwen35Error
-from ...runtime.settings import GenerationSettings
+from ...runtime.settings import GenerationSettings, MTPSettings
 from .protocol import has_vision
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,12 @@ class Token:
     generation_tps: float
     peak_memory_gb: float
     logprobs: TokenLogprobs | None = None
+    mtp_drafted: int | None = None  # MTP drafts so far in this reply (None: MTP off)
+    mtp_accepted: int | None = None
 
     @classmethod
-    def of(cls, response: Any, logprobs: TokenLogprobs | None = None) -> Token:
-        """From an mlx-lm ``GenerationResponse``."""
+    def of(cls, response: Any, logprobs: TokenLogprobs | None = None, mtp_stats: Any = None) -> Token:
+        """From an mlx-lm ``GenerationResponse`` (and the reply's ``MTPStats`` when MTP is on)."""
         return cls(
             response.text,
             response.finish_reason,
@@ -80,6 +82,8 @@ class Token:
             response.generation_tps,
             response.peak_memory,
             logprobs,
+            mtp_stats.drafted if mtp_stats is not None else None,
+            mtp_stats.accepted if mtp_stats is not None else None,
         )
 
 
@@ -145,11 +149,13 @@ class GenerationWorker:
         generate: Generate | None = None,
         max_prompt_tokens: int | None = None,
         share: Any = None,
+        mtp: MTPSettings = MTPSettings(),
     ):
         self._loader = loader
         # Rank 0 of several (a RankShare, docs/architecture.md §21): each job goes to the other ranks first.
         self._share = share
         self._generate = generate
+        self._mtp = mtp  # speculative decoding with the MTP head, for every request (serve --mtp)
         self._max_prompt_tokens = max_prompt_tokens  # the model's context is the limit too
         self.prompt_cache = None  # the ConversationCache, made on the worker thread once the model is loaded
         self._jobs: queue.Queue[GenerationJob | None] = queue.Queue()
@@ -234,7 +240,7 @@ class GenerationWorker:
         return min(limits, default=None)
 
     def _start(
-        self, prompt: Any, settings: GenerationSettings, should_stop: Callable[[], bool]
+        self, prompt: Any, settings: GenerationSettings, should_stop: Callable[[], bool], mtp_stats: Any
     ) -> tuple[Iterator[Any], int]:
         """The generation of ``prompt`` and how many of its tokens came from the cache (prefilled up to the reply start)."""
         if self.prompt_cache is None:
@@ -247,13 +253,13 @@ class GenerationWorker:
 
             send_job(self._share, inputs, settings)
             should_stop = None  # every rank prefills the whole prompt: one rank cannot stop alone
-        generation = self.prompt_cache.stream(inputs, settings, should_stop)
+        generation = self.prompt_cache.stream(inputs, replace(settings, mtp=self._mtp), should_stop, mtp_stats)
         return generation, self.prompt_cache.reused_tokens
 
     def _run_job(self, job: GenerationJob) -> None:
         from jinja2 import TemplateError
 
-        from ...runtime.generation import PrefillCancelled
+        from ...runtime.prefill import PrefillCancelled
 
         try:
             prompt, prompt_tokens = self._prompt(job)
@@ -269,7 +275,12 @@ class GenerationWorker:
         generation = None
         try:
             # A client that leaves during a long prefill frees the model at the next prefill chunk.
-            generation, cached_tokens = self._start(prompt, job.settings, job.cancelled.is_set)
+            mtp_stats = None
+            if self._mtp.enabled and self.prompt_cache is not None:
+                from ...runtime.speculative import MTPStats
+
+                mtp_stats = MTPStats()
+            generation, cached_tokens = self._start(prompt, job.settings, job.cancelled.is_set, mtp_stats)
             job.emit(Started(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
             spelling = None
             for response in generation:
@@ -279,12 +290,14 @@ class GenerationWorker:
 
                     spelling = spelling or TextStream(self.processor.tokenizer)
                     logprobs = token_logprobs(response, job.top_logprobs, spelling.token_bytes)
-                token = Token.of(response, logprobs)
+                token = Token.of(response, logprobs, mtp_stats)
                 if job.cancelled.is_set() and self._share is not None:
                     continue  # the other ranks decode to the end: so does this one, showing nobody
                 job.emit(token)
                 self.last_stats = {
-                    k: v for k, v in vars(token).items() if k not in ("text", "finish_reason", "logprobs")
+                    k: v
+                    for k, v in vars(token).items()
+                    if k not in ("text", "finish_reason", "logprobs") and v is not None  # mtp_*: with MTP on
                 }
                 if job.cancelled.is_set():
                     return
