@@ -34,17 +34,11 @@ ACTIVE_MARGIN_BYTES = 4096
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from mlx_qwen35.surfaces.demo import demo_config
-    from mlx_qwen35.weights.convert import convert
-    from mlx_qwen35.weights.random_checkpoint import write_random_hf_checkpoint
+    """The 12-layer model benchmarks/bench_distributed.py measures (its build_model), in a temporary dir."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_distributed import build_model
 
-    root = tmp_path_factory.mktemp("ranks")
-    config = demo_config()
-    config["text_config"]["layer_types"] = (["linear_attention"] * 3 + ["full_attention"]) * 3
-    config["text_config"]["num_hidden_layers"] = 12
-    write_random_hf_checkpoint(root / "hf", config, seed=1)
-    convert(str(root / "hf"), root / "mlx", recipe="bf16", dtype="float32", shard_size_gb=0.01)
-    return root / "mlx"
+    return build_model(tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +217,20 @@ def test_parallel_without_mlx_launch_says_how_to_launch(model_dir):
     with pytest.raises(Qwen35Error, match="mlx.launch --hostfile hosts.json -- mlx-qwen35"):
         join_launched("pipeline", None, str(model_dir))
     assert join_launched(None, None, str(model_dir)) is None  # one process, as before
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_mtp_under_mlx_launch_is_refused_before_any_rank_joins(command, model_dir, monkeypatch, capsys):
+    """The ranks hold no MTP head: --mtp on several ranks is one line, not ranks decoding different steps."""
+    from cli_runner import run_cli
+
+    monkeypatch.setenv("MLX_RANK", "0")  # what mlx.launch sets; no hostfile: it must stop before joining
+    args = ["-p", "hi"] if command == "generate" else []
+    code, _, err = run_cli(monkeypatch, capsys, command, str(model_dir), *args, "--mtp")
+    assert (
+        code == 1
+        and err.strip() == "error: --mtp runs in one process, not under mlx.launch; use --no-mtp on several ranks"
+    )
 
 
 def _chat(port: int, text: str, history: tuple = ()) -> dict:

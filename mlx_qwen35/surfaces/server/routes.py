@@ -456,7 +456,7 @@ def create_app(worker: GenerationWorker, settings: ServerSettings) -> FastAPI:
 
     @app.get("/stats", responses=error_responses)
     def stats() -> dict:
-        """The last request's speed and memory, and the streamed experts' counters since the model loaded (§6.1)."""
+        """The last request's speed, memory and MTP drafts (§20), and the streamed experts' counters since the model loaded (§6.1)."""
         cache = getattr(worker.model, "expert_cache", None)
         return {**worker.last_stats, "experts": cache.report() if cache else None}
 
