@@ -241,7 +241,7 @@ def preloaded(model_dir):
         patch.setattr(
             loading,
             "load",
-            lambda path, revision=None, expert_memory=None: pair if path == str(model_dir) else real(path),
+            lambda path, revision=None, expert_memory=None, share=None: pair if path == str(model_dir) else real(path),
         )
         yield
 
