@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from test_server import ServerProcess
 
 from mlx_qwen35.surfaces.demo import DEMO_SERVED_NAME, DEMO_VERSION
 
@@ -89,24 +88,11 @@ def test_demo_chat_answers_the_fixed_question_then_each_typed_one(shared_cache):
 
 def test_serve_without_a_model_serves_the_demo(shared_cache):
     """The zero-config server (and so the chat page): no MODEL builds and serves the demo, said on stderr."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "XDG_CACHE_HOME": str(shared_cache)}
-    log = shared_cache / f"serve-{port}.log"
-    command = [sys.executable, "-m", "mlx_qwen35", "serve", "--port", str(port), "--max-tokens", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
-    url = f"http://127.0.0.1:{port}"
+    # Up to 300 s to start: it may build the demo first.
+    server = ServerProcess(None, "--max-tokens", "8", env=env, log_dir=shared_cache, start_timeout=300)
+    url = server.url
     try:
-        deadline = time.time() + 300  # it may build the demo first
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.time() < deadline, "server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [DEMO_SERVED_NAME]
         reply = httpx.post(
             f"{url}/v1/chat/completions",
@@ -114,7 +100,6 @@ def test_serve_without_a_model_serves_the_demo(shared_cache):
             timeout=60,
         )
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"], reply.text
-        assert "serving the demo model" in log.read_text()
+        assert "serving the demo model" in server.log.read_text()
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.close()

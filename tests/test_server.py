@@ -86,23 +86,16 @@ def loaded(model_dir):
 class ServerProcess:
     """``mlx-qwen35 serve`` in a subprocess: the real model path, with MLX alone in its own process."""
 
-    def __init__(self, model_dir, *args: str):
+    def __init__(self, model_dir, *args: str, env: dict | None = None, log_dir=None, start_timeout: float = 60):
+        """``model_dir`` None: serve's zero-config default; then ``log_dir`` holds the log."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "mlx_qwen35",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(self.port),
-            *args,
-        ]
-        self.log = Path(model_dir).parent / f"serve-{self.port}.log"  # read it when a request fails with 500
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
-        deadline = time.time() + 60
+        model = [] if model_dir is None else ["--model", str(model_dir)]
+        command = [sys.executable, "-m", "mlx_qwen35", "serve", *model, "--port", str(self.port), *args]
+        log_dir = Path(log_dir) if model_dir is None else Path(model_dir).parent
+        self.log = log_dir / f"serve-{self.port}.log"  # read it when a request fails with 500
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log.open("w"), env=env)
+        deadline = time.time() + start_timeout
         while True:
             assert self.process.poll() is None, self.log.read_text()
             assert time.time() < deadline, "server did not start"
