@@ -89,16 +89,20 @@ def interleaved(runners: dict, rounds: int) -> dict:
     return {name: (statistics.median(speeds[name]), last[name]) for name in runners}
 
 
-def verify_costs(model, processor) -> dict:
-    """Median seconds of one decode step and of a verify over T = 2 … 4 positions, from the same cache state."""
-    lm = model.language_model
+def primed_cache(model, processor) -> tuple[list[int], list, int, list]:
+    """PROMPT's ids, a cache holding them plus one decoded token, its length, and a snapshot to restore it to."""
     ids = prompt_token_ids(processor, [{"role": "user", "content": PROMPT}], enable_thinking=False)
     cache = make_cache(model)
     prefill(model, mx.array(ids), cache)
-    lm(mx.array([[ids[-1]]]), cache)
+    model.language_model(mx.array([[ids[-1]]]), cache)
     mx.eval([c.state for c in cache])
-    start_length = cache_length(cache)
-    base = snapshot(cache)
+    return ids, cache, cache_length(cache), snapshot(cache)
+
+
+def verify_costs(model, processor) -> dict:
+    """Median seconds of one decode step and of a verify over T = 2 … 4 positions, from the same cache state."""
+    lm = model.language_model
+    ids, cache, start_length, base = primed_cache(model, processor)
     costs = {}
 
     def decode():
@@ -166,12 +170,7 @@ def matmul_cost_per_rows(model) -> dict:
 def rollback_costs(model, processor, verify_seconds: dict) -> dict:
     """The three rollback designs after a verify of 4 positions that accepted 1 draft (2 positions kept)."""
     lm = model.language_model
-    ids = prompt_token_ids(processor, [{"role": "user", "content": PROMPT}], enable_thinking=False)
-    cache = make_cache(model)
-    prefill(model, mx.array(ids), cache)
-    lm(mx.array([[ids[-1]]]), cache)
-    mx.eval([c.state for c in cache])
-    start_length, base = cache_length(cache), snapshot(cache)
+    ids, cache, start_length, base = primed_cache(model, processor)
     hidden, states = lm.verify(mx.array([ids[-4:]]), cache)
     mx.eval(hidden, [s for s in states if s is not None])
 
