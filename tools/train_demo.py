@@ -38,10 +38,10 @@ from mlx_qwen35.weights.random_checkpoint import (  # noqa: E402
     hf_tensor_shapes,
     random_parameter,
     tokenizer_base_size,
-    write_processor_configs,
+    write_release_files,
     write_shards,
 )
-from mlx_qwen35.weights.tokenizer_builder import write_generation_config, write_tokenizer_files  # noqa: E402
+from mlx_qwen35.weights.tokenizer_builder import write_tokenizer_files  # noqa: E402
 
 SEQ_LEN = 256
 BATCH = 16
@@ -166,10 +166,7 @@ def write_checkpoint(out: Path, config: dict, state: dict[str, torch.Tensor]) ->
     """The released layout: trained LM + MTP tensors, seeded random vision tower, all bf16, plus every config file."""
     from safetensors.torch import save_file
 
-    tokens = write_tokenizer_files(out, base_vocab_size=tokenizer_base_size(config))
-    write_generation_config(out, tokens)
-    write_processor_configs(out, config["vision_config"])
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_release_files(out, config)
     rng = np.random.default_rng(DEMO_SEED)
     tensors = {}
     for name, shape in hf_tensor_shapes(config, "fused").items():

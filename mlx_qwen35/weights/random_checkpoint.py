@@ -284,6 +284,15 @@ def _mlx_save(tensors: Mapping[str, Any], filename: str, metadata: dict[str, str
     mx.save_safetensors(filename, dict(tensors), metadata=metadata)
 
 
+def write_release_files(path: Path, config: Mapping[str, Any]) -> TokenizerInfo:
+    """Every file of a release of ``config`` but its weights: tokenizer, chat template, generation and processor configs, config.json."""
+    tokens = write_tokenizer_files(path, base_vocab_size=tokenizer_base_size(config))
+    write_generation_config(path, tokens)
+    write_processor_configs(path, config["vision_config"])
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokens
+
+
 def write_random_hf_checkpoint(
     path: str | Path,
     config: dict,
@@ -298,10 +307,7 @@ def write_random_hf_checkpoint(
     generation and processor configs. Needs only numpy, mlx and tokenizers.
     """
     path = Path(path)
-    tokens = write_tokenizer_files(path, base_vocab_size=tokenizer_base_size(config))
-    write_generation_config(path, tokens)
-    write_processor_configs(path, config["vision_config"])
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokens = write_release_files(path, config)
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in hf_tensor_shapes(config, layout).items():
