@@ -49,6 +49,7 @@ from .options import (
     mtp_settings,
     peer_argv,
     plain_help,
+    refuse_ranks,
     resolve_model,
     template_thinking,
 )
@@ -228,8 +229,6 @@ def generate(
 
     check_quantized_kv_start(quantized_kv_start)
     speculative = mtp_settings(mtp, mtp_tokens)
-    if speculative.enabled:  # the ranks hold no MTP head (docs/architecture.md §21)
-        refuse_ranks("--mtp", "--no-mtp")
     run_generate(
         expert_memory=check_expert_memory(expert_memory_gb),
         model=resolve_model(model, model_option, "generate"),
@@ -418,8 +417,6 @@ def serve(
     check_numbers(port=port, max_tokens=max_tokens)
     expert_memory = check_expert_memory(expert_memory_gb)
     speculative = mtp_settings(mtp, mtp_tokens)
-    if speculative.enabled:  # the ranks hold no MTP head (docs/architecture.md §21)
-        refuse_ranks("--mtp", "--no-mtp")
     _check_port_free(host, port)  # before the model loads: a busy port would only fail after it
     if model or model_option:
         model_path = resolve_model(model, model_option, "serve")
@@ -444,14 +441,6 @@ def serve(
         split=split,
         mtp=speculative,
     )
-
-
-def refuse_ranks(command: str, instead: str) -> None:
-    """A command that runs in one process only stops at once under mlx.launch instead of hanging its ranks."""
-    from ..runtime.distributed import launched
-
-    if launched():
-        raise Qwen35Error(f"{command} runs in one process, not under mlx.launch; use {instead} on several ranks")
 
 
 @app.command()

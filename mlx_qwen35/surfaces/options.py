@@ -171,8 +171,19 @@ MTP_DEFAULT = False  # README "MTP": measured slower on the CPU backend, where a
 
 
 def mtp_settings(mtp: bool, mtp_tokens: int) -> MTPSettings:
-    """The MTP flags as settings (``--mtp-tokens`` checked here, before any model loads)."""
+    """The MTP flags as settings, checked before any model loads: ``--mtp-tokens``, and ``--mtp`` in one process only
+    (the ranks of several hold no MTP head, docs/architecture.md §21)."""
+    if mtp:
+        refuse_ranks("--mtp", "--no-mtp")
     return MTPSettings(enabled=mtp, mtp_tokens=mtp_tokens)
+
+
+def refuse_ranks(command: str, instead: str) -> None:
+    """A command that runs in one process only stops at once under mlx.launch instead of hanging its ranks."""
+    from ..runtime.distributed import launched
+
+    if launched():
+        raise Qwen35Error(f"{command} runs in one process, not under mlx.launch; use {instead} on several ranks")
 
 
 # argparse options that take several values (``nargs="+"``) in mlx-lm / mlx-vlm; Typer takes them repeated.
