@@ -46,6 +46,7 @@ def test_models_from_local_dirs_and_the_hub_cache_with_sizes_and_fit(tmp_path):
     "config, label",
     [
         ({"mlx_qwen35": {"recipe": "mixed-3-6"}, "quantization": {"bits": 3}}, "mixed-3-6"),  # ours: the recipe
+        ({"mlx_qwen35": {"recipe": "bf16", "dtype": "float32"}}, "float32"),  # ours unquantised: the written dtype
         ({"quantization": {"group_size": 64, "bits": 4}}, "4bit"),  # mlx-lm / mlx-community
         ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),  # the block-FP8 release
         ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"),

@@ -26,6 +26,7 @@ from mlx_qwen35.errors import Qwen35Error
 from mlx_qwen35.weights.convert import SourceTensor, convert, plan_outputs, predict_recipes
 from mlx_qwen35.weights.hub import HUB_PATTERNS
 from mlx_qwen35.weights.layout import expected_tensors, is_zero_centred_norm
+from mlx_qwen35.weights.local_models import quantization_label
 from mlx_qwen35.weights.quantize import RECIPES, get_recipe, nbytes, stored_tensors
 from mlx_qwen35.weights.random_checkpoint import LAYOUTS, hf_tensor_shapes
 
@@ -166,6 +167,12 @@ def test_dtype_applies_except_to_fp32_tensors(tiny_moe_checkpoint, per_expert_fp
             assert mx.array_equal(x, per_expert_fp32[name]).item(), name  # shifted from the fp32 source
         else:
             assert x.dtype == mx.bfloat16, name
+
+
+def test_models_names_an_unquantised_conversion_by_its_dtype(tiny_moe_checkpoint, tmp_path):
+    # Its recipe is called "bf16" whatever --dtype wrote; `models` must not call float32 weights bf16.
+    convert(str(tiny_moe_checkpoint.path), tmp_path / "fp32", recipe="bf16", dtype="float32")
+    assert quantization_label(json.loads((tmp_path / "fp32" / "config.json").read_text())) == "float32"
 
 
 def test_conv1d_takes_the_mlx_depthwise_layout(tiny_moe_checkpoint, per_expert_fp32):

@@ -514,7 +514,9 @@ def _convert_chunk(out: OutputTensor, spec: QuantSpec | None, dtype: str, x: mx.
     return [(f"{prefix}.weight", w), (f"{prefix}.scales", scales), (f"{prefix}.biases", biases)]
 
 
-def _output_config(raw: dict, recipe: Recipe, outputs: list[OutputTensor], has_mtp: bool, source: str) -> dict:
+def _output_config(
+    raw: dict, recipe: Recipe, outputs: list[OutputTensor], has_mtp: bool, source: str, dtype: str
+) -> dict:
     config = json.loads(json.dumps(raw))
     config.pop("quantization_config", None)  # FP8 sources: we dequantised
     config.get("text_config", {}).pop("quantization_config", None)
@@ -523,7 +525,8 @@ def _output_config(raw: dict, recipe: Recipe, outputs: list[OutputTensor], has_m
     quant = quantization_config(recipe, {o.name: o.shape for o in outputs})
     if quant:
         config["quantization"] = quant
-    config["mlx_qwen35"] = {"format_version": FORMAT_VERSION, "recipe": recipe.name, "source": source}
+    # dtype: what the unquantised tensors were written in (the source's own dtype field says what it was).
+    config["mlx_qwen35"] = {"format_version": FORMAT_VERSION, "recipe": recipe.name, "source": source, "dtype": dtype}
     return config
 
 
@@ -631,7 +634,7 @@ def convert(
                 if (src / name).is_file():
                     shutil.copyfile(src / name, staging / name)
             # config.json last: a directory without it is never mistaken for a finished checkpoint.
-            config = _output_config(raw, the_recipe, outputs, has_mtp, hf_path)
+            config = _output_config(raw, the_recipe, outputs, has_mtp, hf_path, dtype)
             (staging / "config.json").write_text(json.dumps(config, indent=2))
             if expert_store:
                 write_store_dir(staging, converted, shard_size_gb, source=hf_path)

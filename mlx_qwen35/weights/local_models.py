@@ -65,7 +65,9 @@ def quantization_label(config: dict) -> str:
     """How a checkpoint's weights are stored: our recipe's name, mlx-lm's ``Nbit``, or the dtype of unquantised ones."""
     ours = config.get("mlx_qwen35")
     if isinstance(ours, dict) and ours.get("recipe"):
-        return str(ours["recipe"])
+        # An unquantised conversion is named by the dtype it was written in (its recipe is called "bf16").
+        unquantised = not (config.get("quantization") or config.get("quantization_config"))
+        return str(ours.get("dtype") if unquantised and ours.get("dtype") else ours["recipe"])
     quantization = config.get("quantization") or config.get("quantization_config")
     if isinstance(quantization, dict):
         if "bits" in quantization:
