@@ -136,7 +136,7 @@ def test_banner_prefill_bar_system_set_sessions_tab_and_stats_after_reset(chat_m
     child = spawn_chat(chat_model, tmp_path, "--no-think", "-m", "4", "--prefill-step-size", "1", "--no-history")
     try:
         opening = plain(child.before)
-        assert f"{chat_model} · bf16 · context 4,096 tokens · thinking off" in opening
+        assert f"{chat_model} · float32 · context 4,096 tokens · thinking off" in opening
         assert opening.index("thinking off") < opening.index("/help for commands")
 
         shown = plain(ask(child, "Tell me about " + "the sea and " * 60 + "the sky."))
