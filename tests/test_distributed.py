@@ -7,8 +7,11 @@ is a 12-layer random MoE with a vision tower (3 attention layers, so 3 pipeline 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -187,9 +190,7 @@ def test_generate_on_two_ranks_prints_the_one_process_reply_once_and_only_rank_0
     prompt = processor([{"role": "user", "content": content}], enable_thinking=False)
     one = "".join(r.text for r in stream_text(model, processor, prompt, settings))
 
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
-    env = os.environ | {"MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = _ring_env(tmp_path, 2)
     argv = ["generate", "--model", str(model_dir), "-p", "Hello there", "-m", "6", "--temp", "0", "--no-think"]
     procs = [
         subprocess.Popen(
@@ -208,6 +209,88 @@ def test_generate_on_two_ranks_prints_the_one_process_reply_once_and_only_rank_0
     printed = json.loads(outputs[0][0])
     assert printed["text"] == one and printed["generation_tokens"] == 6
     assert printed["vision_tokens"] > 0
+
+
+def _ring_env(out: Path, n: int) -> dict:
+    """The environment mlx.launch gives each rank of an ``n``-rank ring on 127.0.0.1 (but MLX_RANK)."""
+    hostfile = out / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    return os.environ | {"MLX_HOSTFILE": str(hostfile), "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+CHAT_ARGS = ("--temp", "0", "--no-think", "-m", "6", "--no-history")
+STATUS = re.compile(r"(?s)(.*?)\n(\d+) tokens, [\d.]+ tok/s · prompt (\d+) new \+ (\d+) cached[^\n]*\n")
+
+
+def _replies(out: str) -> list[tuple[str, int, int, int]]:
+    """Each reply in a piped chat's output after its help line: (what came before its status line, tokens, new, cached)."""
+    body = out.split("send a leading /.\n", 1)[1]
+    return [(text, int(n), int(new), int(cached)) for text, n, new, cached in STATUS.findall(body)]
+
+
+def test_chat_on_two_ranks_gives_the_one_process_replies_and_stops_a_reply_on_every_rank(model_dir, tmp_path):
+    """``mlx-qwen35 chat --parallel pipeline`` in mlx.launch's environment, rank 0 reading piped lines: two turns (the
+    second from the prompt cache) as one process gives them, /save refused, a long reply stopped by Ctrl-C on
+    every rank, and the next reply still right; only rank 0 prints or reads, and /exit ends both ranks."""
+    from typer.testing import CliRunner
+
+    from mlx_qwen35.surfaces.cli import app
+
+    command = ["chat", "--model", str(model_dir), *CHAT_ARGS]
+    one = CliRunner().invoke(app, command, input="Hello there\nAnd then?\n")
+    assert one.exit_code == 0, one.output
+    single = _replies(one.output)
+    assert len(single) == 2 and single[1][3] > 0  # the second turn reuses the first's cache
+
+    env = _ring_env(tmp_path, 2)
+    argv = [sys.executable, "-m", "mlx_qwen35", *command, "--parallel", "pipeline"]
+    procs = [
+        subprocess.Popen(
+            argv, env=env | {"MLX_RANK": str(rank)}, stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    printed: list[str] = []
+
+    def read_rank_0() -> None:
+        for line in procs[0].stdout:
+            printed.append(line)
+            lines.put(line)
+        lines.put("")  # its output ended
+
+    reader = threading.Thread(target=read_rank_0, daemon=True)
+    reader.start()
+    try:
+        procs[0].stdin.write("Hello there\nAnd then?\n/save x\n/set max_tokens 30000\n")
+        procs[0].stdin.flush()
+        while "max_tokens 30000" not in (line := lines.get(timeout=RANK_TIMEOUT_S)):
+            assert line, procs[0].stderr.read()[-2000:]  # rank 0 ended before /set answered
+        procs[0].stdin.write("Tell me a story\n")  # ~15 min to its 30000th token: only a stop ends it in time
+        procs[0].stdin.flush()
+        time.sleep(3)  # the reply is under way: its prompt is rendered in milliseconds and read in ~1 s
+        procs[0].send_signal(signal.SIGINT)
+        procs[0].stdin.write("/set max_tokens 6\n/reset\nHello there\n/exit\n")
+        procs[0].stdin.close()
+        procs[0].wait(timeout=RANK_TIMEOUT_S)  # its output goes to the reader
+        follower_out, follower_err = procs[1].communicate(timeout=30)
+        reader.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], [procs[0].stderr.read()[-2000:], follower_err[-2000:]]
+    assert follower_out == ""  # rank 1 printed nothing
+    out = "".join(printed)
+    replies = _replies(out)
+    assert len(replies) == 4, out[-3000:]
+    assert replies[:2] == single  # text, tokens, prompt tokens prefilled and reused: as one process
+    stopped, again = (" ".join(r[0].split()) for r in replies[2:])
+    assert stopped.startswith("error: /save keeps one process's prompt cache"), stopped  # and the chat goes on
+    assert stopped.endswith("[stopped]") and replies[2][1] < 30000, stopped[-500:]
+    assert again == "max_tokens 6 new conversation " + " ".join(single[0][0].split()) and replies[3][3] > 0
 
 
 def test_parallel_without_mlx_launch_says_how_to_launch(model_dir):
@@ -242,16 +325,33 @@ def _chat(port: int, text: str, history: tuple = ()) -> dict:
     return json.loads(urllib.request.urlopen(request, timeout=60).read())
 
 
+def _leave_after_the_first_token(port: int, text: str, max_tokens: int) -> None:
+    """Stream a chat request and hang up once the first token has come."""
+    body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "stream": True})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = []  # the role chunk, then one per token
+        while len(data) < 2:
+            line = response.readline().decode()
+            assert line, "the stream ended before its first token"
+            data += [line] if line.startswith("data:") else []
+    finally:
+        connection.close()
+
+
 def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(model_dir, tmp_path):
     """Rank 0 serves; two requests at once run one after the other on both ranks (interleaved, the ranks'
-    messages would mismatch and hang or garble them), and a next turn comes from every rank's prompt cache."""
+    messages would mismatch and hang or garble them), and a next turn comes from every rank's prompt cache.
+    A streamed request whose client leaves ends on every rank at once: the next is answered, as before."""
     port, ring = _free_ports(2)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     launcher = Path(sys.executable).with_name("mlx.launch")
     server = subprocess.Popen(
         [str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(ring), "--env",
          f"PYTHONPATH={env['PYTHONPATH']}", "--", sys.executable, "-m", "mlx_qwen35", "serve", "--model",
-         str(model_dir), "--port", str(port)],
+         str(model_dir), "--port", str(port), "--max-tokens", "30000"],
         env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"), start_new_session=True,
     )  # fmt: skip
     try:
@@ -274,6 +374,8 @@ def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(mo
         assert len(replies) == 2, (tmp_path / "server.log").read_text()[-2000:]
         messages = [r["choices"][0]["message"] for r in replies.values()]
         assert messages[0] != messages[1] and all(r["usage"]["completion_tokens"] == 6 for r in replies.values())
+        # ~15 min to its 30000th token on both ranks: only a stop that reaches rank 1 frees them for the next.
+        _leave_after_the_first_token(port, "Tell me a story", 30000)
         again = _chat(port, "Hello there")  # alone now: the same reply as beside the other request
         assert again["choices"][0]["message"] == replies["Hello there"]["choices"][0]["message"]
         # The next turn of that chat (the cache's latest): every rank restores the same prefix from its own cache.

@@ -157,6 +157,24 @@ def test_json_schema_answers_parse_and_match_even_from_random_weights(client, se
     assert matches_schema(json.loads(thought.choices[0].message.content)), thought.choices[0].message.content
 
 
+def test_an_end_of_text_token_inside_the_json_ends_the_reply_instead_of_failing(loaded):
+    """Ranks stopping a reply early (distributed.stop_reply) give an end-of-text token wherever the answer is; the
+    step run ahead on it passes it to the constraint, which must not refuse it (every rank would fail)."""
+    from mlx_qwen35.runtime.structured_output import JsonConstraint
+
+    model, processor = loaded
+    vocab = model.config.text.vocab_size
+    constraint = JsonConstraint(processor, SCHEMA, vocab, thinking=False)
+    logits = mx.zeros((1, vocab))
+    prompt = processor.encode("<|im_start|>assistant\n")
+    constraint(mx.array(prompt), logits)  # the first step, built on the prompt
+    brace = processor.encode("{")
+    constraint(mx.array(prompt + brace), logits)  # the answer has begun: the grammar now refuses an end
+    end = min(processor.eos_token_ids)
+    masked = constraint(mx.array(prompt + brace + [end]), logits)  # the step ahead, built on the end token
+    assert constraint.choose(end) == end and masked.shape == (1, vocab)
+
+
 def test_json_object_answers_are_objects(client):
     reply = client.chat.completions.create(
         model=SERVED_NAME,

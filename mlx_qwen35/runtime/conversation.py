@@ -257,7 +257,16 @@ class ConversationCache:
 class Conversation:
     """Messages + settings + one ``ConversationCache``; ``send`` streams the reply as ``ChatEvent``s."""
 
-    def __init__(self, model, processor, settings: ConversationSettings | None = None, *, seed: int | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        settings: ConversationSettings | None = None,
+        *,
+        seed: int | None = None,
+        cache: ConversationCache | None = None,
+    ):
+        """``cache``: the prompt cache to use (rank 0's ``rank_jobs.LeadingCache``); default: one of the settings' own."""
         self.model = model
         self.processor = processor
         self.settings = settings or ConversationSettings()
@@ -268,7 +277,7 @@ class Conversation:
         self.mtp = MTPSettings()
         if seed is not None:
             mx.random.seed(seed)  # once: a retry should draw a new reply, not the same one
-        self.cache = ConversationCache(model, processor, self.settings.kv_bits, self.settings.kv_group_size)
+        self.cache = cache or ConversationCache(model, processor, self.settings.kv_bits, self.settings.kv_group_size)
 
     # -- the conversation -------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Every rank runs the same program (``mlx.launch … -- mlx-qwen35 generate …``) and the same generation loop;
 rank 0 samples and ``shared_sampler`` gives its token to all, so every rank takes the same steps, stops at the
 same token and undoes the same look-ahead step. Only rank 0 reads input (``broadcast_text``) and prints;
-a serving rank 0 hands each request to the others (``rank_jobs``).
+a serving or chatting rank 0 hands each request to the others (``rank_jobs``). Rank 0 ends a reply early (Ctrl-C,
+a client gone) with ``stop_reply``: its next shared token is an end-of-text token, so every rank stops at the same
+step as at the model's own end, at no extra collective.
 
 Faults end the run within a bound instead of hanging: ``RankWatchdog`` kills a rank that cannot reach its
 peers at start ($MLX_QWEN35_CONNECT_TIMEOUT s), or that sees no forward pass for $MLX_QWEN35_RANK_TIMEOUT s
@@ -33,6 +35,7 @@ CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other un
 PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
 EXIT_PEER_LOST = 3
 _watchdog: RankWatchdog | None = None  # one rank per process
+_stopping = False  # rank 0 asked every rank to end the reply in progress (``stop_reply``); one reply at a time
 _BACKEND_TAGS = ("[ring]", "[jaccl]", "[mpi]")  # how MLX's backends begin their errors
 
 
@@ -176,18 +179,34 @@ def join_launched(parallel: str | None, split: str | None, model: str) -> RankSh
     return share
 
 
-def shared_sampler(sampler: Callable[[mx.array], mx.array], share: RankShare) -> Callable[[mx.array], mx.array]:
+def shared_sampler(
+    sampler: Callable[[mx.array], mx.array], share: RankShare, end_token: int
+) -> Callable[[mx.array], mx.array]:
     """Rank 0's sampled token on every rank (one all_sum of a token per step), so all ranks decode the same text.
 
-    A pipeline follower's logits are placeholders; its own draw only keeps its messages in the graph.
+    A pipeline follower's logits are placeholders; its own draw only keeps its messages in the graph. Once rank 0
+    has called ``stop_reply``, the token it gives is ``end_token`` (an end-of-text id): every rank ends the reply there.
     """
+    global _stopping
+    _stopping = False  # a new reply
 
     def sample(logprobs: mx.array) -> mx.array:
         token = sampler(logprobs)
-        mine = token if share.leads else token * 0
+        mine = (token * 0 + end_token if _stopping else token) if share.leads else token * 0
         return mx.distributed.all_sum(mine, group=share.group)
 
     return sample
+
+
+def stop_reply() -> None:
+    """Rank 0: end the reply in progress on every rank; keep reading it, it ends within two tokens.
+
+    The step after the one being computed is the first whose token can still change (each step is dispatched one
+    ahead), so every rank reads one more token, then the end-of-text one, and undoes the step run ahead on it as at
+    the model's own end: all caches hold the same tokens for the next prompt.
+    """
+    global _stopping
+    _stopping = True
 
 
 def broadcast_bytes(data: bytes | None, share: RankShare) -> bytes:

@@ -115,7 +115,7 @@ def sampling_functions(model, processor, sampling: Sampling) -> tuple[Sampler, l
     if getattr(model, "share", None) is not None:  # one rank of several: every rank takes rank 0's token
         from .distributed import shared_sampler
 
-        sampler = shared_sampler(sampler, model.share)
+        sampler = shared_sampler(sampler, model.share, min(processor.eos_token_ids))
     return sampler, processors
 
 

@@ -72,6 +72,7 @@ class JsonConstraint:
         if self._matcher.is_error():
             raise Qwen35Error(f"the JSON schema cannot be enforced: {self._matcher.get_error()}")
         self._vocab_size = vocab_size
+        self._end_tokens = processor.eos_token_ids
         self._thinking = thinking  # the prompt left a <think> block open: free text until it closes
         self._started = False  # the first call is built on the prompt's last token, not a generated one
         self._tentative: tuple[int, bool] | None = None  # (token, thinking before it) not yet confirmed
@@ -95,6 +96,11 @@ class JsonConstraint:
         return token
 
     def _consume(self, token: int) -> None:
+        if token in self._end_tokens:
+            # The reply ends here and nothing after it is held to the grammar; ranks stopping a reply early
+            # (``distributed.stop_reply``) give one wherever the answer is, and the look-ahead step reads it.
+            self._tentative = None
+            return
         before = self._thinking
         if self._thinking:
             self._thinking = token != self._close_think

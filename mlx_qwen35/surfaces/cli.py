@@ -49,7 +49,6 @@ from .options import (
     mtp_settings,
     peer_argv,
     plain_help,
-    refuse_ranks,
     resolve_model,
     template_thinking,
 )
@@ -313,13 +312,13 @@ def chat(
         help="When the conversation fills the context: refuse (say what to do) or drop-oldest (drop the oldest turns).",
     ),
     expert_memory_gb: ExpertMemory = None,
+    parallel: Parallel = None,
+    split: Split = None,
     mtp: MTP = MTP_DEFAULT,
     mtp_tokens: MTPTokens = MTP_DEFAULT_TOKENS,
 ) -> None:
     """Chat with a model in the terminal: streaming markdown, reasoning, /commands, a prompt cache across turns."""
     from .repl import run_chat
-
-    refuse_ranks("chat", "serve (its chat page) or generate")
 
     check_quantized_kv_start(quantized_kv_start)
     speculative = mtp_settings(mtp, mtp_tokens)
@@ -349,6 +348,8 @@ def chat(
         no_history=no_history,
         context_policy=context_policy,
         mtp=speculative,
+        parallel=parallel,
+        split=split,
     )
 
 

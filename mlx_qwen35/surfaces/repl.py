@@ -22,6 +22,11 @@ A long prompt shows a progress bar while it is read (surfaces/progress.py), and 
 stops it at the next chunk. When the conversation fills the context the chat refuses and says what
 to do (``--context-policy refuse``), or drops the oldest turns until a whole reply fits
 (``drop-oldest``). Piped output is the answer's own text, not rendered markdown cut at 80 columns.
+
+Under mlx.launch (docs/architecture.md §21) rank 0 runs this loop and its conversation's cache hands each
+prompt to the other ranks (``rank_jobs``), which print nothing and read no input. There a prompt is read whole
+(one rank cannot stop its prefill alone), Ctrl-C ends the reply on every rank within two tokens
+(``stop_reply``), a second Ctrl-C does no more, and /save and /load (one process's cache) are refused.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ SETTING_ALIASES = {
     "max-tokens": "max_tokens",
 }
 CONTEXT_POLICIES = ("refuse", "drop-oldest")
+ONE_PROCESS_COMMANDS = ("save", "load")  # a saved cache is one process's: refused under mlx.launch
 
 COMMANDS: dict[str, CommandSpec] = {
     "help": CommandSpec("/help", "show this help"),
@@ -289,10 +295,14 @@ class ReplyView:
 
 
 class StopRequest:
-    """Ctrl-C while a reply streams: the first asks to stop at the next token, a second interrupts at once."""
+    """Ctrl-C while a reply streams: the first asks to stop at the next token, a second interrupts at once.
 
-    def __init__(self):
+    ``interrupts=False`` (several ranks, which must stay in step): a second Ctrl-C only asks again.
+    """
+
+    def __init__(self, interrupts: bool = True):
         self.requested = False
+        self.interrupts = interrupts
         self._previous = None
 
     def __enter__(self) -> StopRequest:
@@ -303,7 +313,7 @@ class StopRequest:
         signal.signal(signal.SIGINT, self._previous)
 
     def _on_interrupt(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and self.interrupts:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -336,6 +346,7 @@ class ChatRepl:
         self.max_tokens = max_tokens  # per reply, before the cap by the context left
         self.context_policy = context_policy  # when the conversation fills the context: refuse, or drop old turns
         self.attachments: list[dict] = []
+        self.share = getattr(model, "share", None)  # rank 0 of several (mlx.launch), or None
 
     def run(self) -> None:
         """Read and handle lines until /exit or Ctrl-D."""
@@ -366,6 +377,8 @@ class ChatRepl:
                 else:
                     self._run_command(command)
             except Exception as e:  # a bug must not cost the conversation: one line, and the chat goes on
+                if self._lost_peer(e):
+                    raise  # no reply can run again: the chat ends with the one-line error (rank_errors)
                 message = (
                     str(e) if isinstance(e, Qwen35Error) else f"unexpected {type(e).__name__}: {e} (please report it)"
                 )
@@ -387,6 +400,10 @@ class ChatRepl:
         finally:
             if not answered:
                 self.conversation.messages[:] = before
+            if self.share is not None:
+                from ..runtime.distributed import idle
+
+                idle()  # waiting for the next line may take as long as it likes
 
     def _stream_within_context(self, events: Iterator) -> bool:
         """Stream a reply capped to the context left; refuse when the prompt alone fills it (the cache cannot drop tokens)."""
@@ -424,8 +441,19 @@ class ChatRepl:
             )
         return prompt_tokens
 
+    def _lost_peer(self, error: Exception) -> bool:
+        if self.share is None:
+            return False
+        from ..runtime.distributed import peer_lost
+
+        return peer_lost(self.share, error) is not None
+
     def _run_command(self, command: Command) -> None:
         name, argument = command.name, command.argument
+        if self.share is not None and name in ONE_PROCESS_COMMANDS:
+            raise Qwen35Error(
+                f"/{name} keeps one process's prompt cache, and each rank holds only its part: not under mlx.launch"
+            )
         if name == "help":
             self._print_help()
         elif name == "reset":
@@ -524,7 +552,8 @@ class ChatRepl:
 
         view = ReplyView(self.console, show_reasoning=not self.hide_thinking, markdown=self.console.is_terminal)
         answered = cancelled = False
-        with StopRequest() as stop:
+        alone = self.share is None
+        with StopRequest(interrupts=alone) as stop:
             self.conversation.should_stop = PrefillProgress(
                 self.conversation.cache.model_cache,
                 prompt_tokens,
@@ -538,7 +567,11 @@ class ChatRepl:
                         view.add(event.kind, event.text, event.tool_call)
                     answered = True
                     if stop.requested:
-                        break
+                        if alone:
+                            break
+                        from ..runtime.distributed import stop_reply
+
+                        stop_reply()  # every rank ends the reply within two tokens: read on to that end
             except KeyboardInterrupt:
                 pass  # the second Ctrl-C: already marked as stopped
             except PrefillCancelled:
@@ -694,11 +727,19 @@ def run_chat(
     context_policy: str = "refuse",
     expert_memory: str | None = None,
     mtp: MTPSettings = MTPSettings(),
+    parallel: str | None = None,
+    split: str | None = None,
 ) -> None:
-    """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D."""
+    """Load ``model`` and chat with it in the terminal until /exit or Ctrl-D.
+
+    Under mlx.launch every rank runs this with the same arguments (``parallel`` / ``split``: how they share the
+    model); rank 0 chats and hands each prompt to the others, which follow until it leaves.
+    """
     import sys
 
     from ..runtime.conversation import Conversation, ConversationSettings
+    from ..runtime.distributed import join_launched, rank_errors
+    from ..runtime.rank_jobs import LeadingCache, end_jobs, follow_jobs
     from ..runtime.validation import check_numbers
     from ..weights.loading import load
 
@@ -719,18 +760,23 @@ def run_chat(
         check_text(system, "--system-prompt")
     if context_policy not in CONTEXT_POLICIES:
         raise Qwen35Error(f"--context-policy {context_policy}: use {' or '.join(CONTEXT_POLICIES)}")
+    share = join_launched(parallel, split, model)
+    if share is not None and not share.leads:
+        follow_jobs(*load(model, expert_memory=expert_memory, share=share), share, kv_bits, kv_group_size)
+        return
     console = Console(highlight=False)
     with console.status(f"loading {model}"):
-        model_obj, processor = load(model, expert_memory=expert_memory)
+        model_obj, processor = load(model, expert_memory=expert_memory, share=share)
     context_max = min(max_kv_size or sys.maxsize, model_obj.config.text.max_position_embeddings)
-    conversation = Conversation(model_obj, processor, settings, seed=seed)
+    cache = None if share is None else LeadingCache(model_obj, processor, share, kv_bits, kv_group_size)
+    conversation = Conversation(model_obj, processor, settings, seed=seed, cache=cache)
     conversation.mtp = mtp
     console.print(Text(banner(model, processor.model_dir, context_max, enable_thinking), style="bold"), soft_wrap=True)
     if sys.stdin.isatty():
         read_line = prompt_reader(None if no_history else state_dir() / "chat_history")
     else:  # bytes that are not UTF-8 kept as lone surrogates, for check_text to name, whatever the locale
         read_line = plain_reader(line.decode("utf-8", errors="surrogateescape") for line in sys.stdin.buffer)
-    ChatRepl(
+    repl = ChatRepl(
         conversation,
         console,
         read_line,
@@ -741,4 +787,10 @@ def run_chat(
         context_max=context_max,
         max_tokens=max_tokens,
         context_policy=context_policy,
-    ).run()
+    )
+    with rank_errors(share):
+        try:
+            repl.run()
+        finally:
+            if share is not None:
+                end_jobs(share)  # every follower returns: all ranks end together

@@ -199,7 +199,12 @@ class GenerationWorker:
             if self._generate is None:
                 from ...runtime.conversation import ConversationCache
 
-                self.prompt_cache = ConversationCache(self.model, self.processor)
+                if self._share is None:
+                    self.prompt_cache = ConversationCache(self.model, self.processor)
+                else:
+                    from ...runtime.rank_jobs import LeadingCache
+
+                    self.prompt_cache = LeadingCache(self.model, self.processor, self._share)
         except BaseException as e:  # reported to start(); the thread has nothing left to do
             self._load_error = e
             return
@@ -248,11 +253,6 @@ class GenerationWorker:
         from ...model.inputs import ModelInputs
 
         inputs = prompt if isinstance(prompt, ModelInputs) else ModelInputs(prompt)
-        if self._share is not None:
-            from ...runtime.rank_jobs import send_job
-
-            send_job(self._share, inputs, settings)
-            should_stop = None  # every rank prefills the whole prompt: one rank cannot stop alone
         generation = self.prompt_cache.stream(inputs, replace(settings, mtp=self._mtp), should_stop, mtp_stats)
         return generation, self.prompt_cache.reused_tokens
 
@@ -292,7 +292,10 @@ class GenerationWorker:
                     logprobs = token_logprobs(response, job.top_logprobs, spelling.token_bytes)
                 token = Token.of(response, logprobs, mtp_stats)
                 if job.cancelled.is_set() and self._share is not None:
-                    continue  # the other ranks decode to the end: so does this one, showing nobody
+                    from ...runtime.distributed import stop_reply
+
+                    stop_reply()  # every rank ends the reply within two tokens: read on to that end, showing nobody
+                    continue
                 job.emit(token)
                 self.last_stats = {
                     k: v
