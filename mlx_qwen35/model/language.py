@@ -127,10 +127,12 @@ class LanguageModel(nn.Module):
         if holds_ends:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, kind, self.rope) for kind in cfg.layer_types]
-        if share is not None and share.mode == "expert":
+        if share is not None and share.mode != "pipeline":
             for layer in self.layers:
                 if isinstance(layer.mlp, SparseMoE):
                     layer.mlp.share = share
+                if share.slices_mixers:
+                    (layer.linear_attn if layer.is_linear else layer.self_attn).share = share
         if holds_ends:
             self.norm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
         if holds_ends and not cfg.tie_word_embeddings:
