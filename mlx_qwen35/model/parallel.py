@@ -8,8 +8,8 @@ Three layouts, all on ``mx.distributed`` (ring over TCP, JACCL over Thunderbolt 
 - **expert**: every rank holds everything but the experts, and 1/n of every expert's (and the shared
   expert's) intermediate rows; each MoE layer sums its ranks' partial outputs with one ``all_sum``.
 - **tensor**: as expert, and every rank also holds 1/n of each attention and DeltaNet layer's heads; each mixer
-  sums its ranks' partial outputs with one more ``all_sum`` (two per layer). The embedding, the LM head and the
-  vision tower stay whole on every rank.
+  sums its ranks' partial outputs with one more ``all_sum`` (two per layer). The LM head's vocabulary rows are
+  sliced too, its logits ``all_gather``ed; the embedding (one row read per token) and vision tower stay whole.
 
 Every send and receive is tied (``mx.depends``) into the rank's cache and its logits, so evaluating either
 one (the prefill evaluates the cache, a decode step the logits) performs all of the rank's messages in order.
@@ -103,7 +103,7 @@ def check_expert_split(text: TextConfig, size: int, group_size: int | None, mode
 
 def check_tensor_split(text: TextConfig, size: int, group_size: int | None) -> None:
     """Tensor mode also slices every mixer's heads in ``size`` equal parts (K/V heads: or ``size`` a multiple of
-    them), and o_proj / out_proj's input columns in whole quantisation groups."""
+    them), o_proj / out_proj's input columns in whole quantisation groups, and the LM head's vocabulary rows."""
     check_expert_split(text, size, group_size, "tensor")
     kv = text.num_key_value_heads
     counts = {
@@ -114,6 +114,8 @@ def check_tensor_split(text: TextConfig, size: int, group_size: int | None) -> N
     uneven = [f"{name} {count}" for name, count in counts.items() if count % size]
     if kv % size and size % kv:
         uneven.append(f"num_key_value_heads {kv}")
+    if text.vocab_size % size:
+        uneven.append(f"vocab_size {text.vocab_size}")
     unit = size * (group_size or 1)
     for name, width in (
         ("o_proj input", text.num_attention_heads * text.head_dim),
@@ -161,3 +163,10 @@ def sum_partials(share: RankShare | None, partial: mx.array) -> mx.array:
     if share is None or share.mode == "pipeline":
         return partial
     return mx.distributed.all_sum(partial, group=share.group)
+
+
+def gather_vocabulary(share: RankShare, part: mx.array) -> mx.array:
+    """Tensor mode: every rank's logits [B, T, V/n] for its rows of the vocabulary → the whole [B, T, V] on each."""
+    B, T, rows = part.shape
+    gathered = mx.distributed.all_gather(part, group=share.group)  # [n·B, T, V/n], rank-major
+    return gathered.reshape(share.size, B, T, rows).transpose(1, 2, 0, 3).reshape(B, T, share.size * rows)

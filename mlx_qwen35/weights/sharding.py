@@ -5,7 +5,8 @@ less what its embedding, LM head and vision tower take), or as ``--split`` says;
 layers' tensors (renamed to its local layer numbers). Expert: every rank keeps every tensor but the experts',
 of which it keeps 1/n of each expert's intermediate rows — a contiguous copy, so the whole tensor is not kept.
 Tensor: as expert, and 1/n of each mixer's heads: the output rows of its in-projections (each of DeltaNet's
-q | k | v segments apart), their conv channels and per-head gate parameters, and o_proj / out_proj's input columns.
+q | k | v segments apart), their conv channels and per-head gate parameters, and o_proj / out_proj's input columns;
+and 1/n of the LM head's vocabulary rows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _MIXER = re.compile(
     r"|linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj)\.(?:weight|scales|biases)"
     r"|linear_attn\.(conv1d)\.weight|linear_attn\.(A_log|dt_bias))$"
 )
+_LM_HEAD = re.compile(r"^language_model\.lm_head\.(weight|scales|biases)$")
 _DROPPED = re.compile(r"^mtp\.")  # the MTP head runs only in one-process runs
 # What a rank's process needs beside its weights: activations, its caches at a long context, the OS's share.
 HEADROOM_BYTES = 2 * GIB
@@ -128,6 +130,8 @@ def _cut(name: str, share: RankShare, text: TextConfig | None) -> _Cut | None:
         return _Cut(-2, n, r)
     if _SLICED_COLUMNS.search(name):
         return _Cut(-1, n, r)
+    if share.slices_mixers and _LM_HEAD.match(name):
+        return _Cut(-2, n, r)  # vocabulary rows
     match = _MIXER.match(name) if share.slices_mixers else None
     if match is None:
         return None
@@ -177,7 +181,7 @@ def check_fits(
             what = {
                 "pipeline": f"layers {share.layers.start}-{share.layers.stop - 1}",
                 "expert": f"its 1/{share.size} of the experts and all other weights",
-                "tensor": f"its 1/{share.size} of the experts and mixer heads and the embedding, LM head and vision",
+                "tensor": f"its 1/{share.size} of the experts, mixer heads and LM head and the embedding and vision",
             }[share.mode]
             fix = "move layers to another rank with --split" if share.mode == "pipeline" else "add ranks"
             raise Qwen35Error(
