@@ -156,6 +156,9 @@ def projection(ranks: int, latency_us: float, bandwidth_gbs: float) -> str:
         # JACCL's mesh (one Thunderbolt cable per pair of Macs) sends each rank's vector to every peer at once.
         return latency_us * 1e-6 + (n - 1) * nbytes / (bandwidth_gbs * 1e9)
 
+    def logits_gather(n: int) -> float:  # tensor mode: each rank's bf16 logits of its V/n vocabulary rows
+        return all_sum(n, cfg.text.vocab_size // n * 2)
+
     def hop(nbytes: int) -> float:
         return latency_us * 1e-6 + nbytes / (bandwidth_gbs * 1e9)
 
@@ -179,7 +182,8 @@ def projection(ranks: int, latency_us: float, bandwidth_gbs: float) -> str:
         return [
             row(f"pipeline, {n} M3 Ultras", pipeline_read, pipeline_read * gb / n, f"{n} hops + 1", n * hop(hidden_bytes) + token),
             row(f"expert, {n} M3 Ultras", expert, expert * gb, f"{layers} all_sums + 1", layers * all_sum(n, hidden_bytes) + token),
-            row(f"tensor, {n} M3 Ultras", tensor, tensor * gb, f"{2 * layers} all_sums + 1", 2 * layers * all_sum(n, hidden_bytes) + token),
+            row(f"tensor, {n} M3 Ultras", tensor, tensor * gb, f"{2 * layers} all_sums + 1 + logits all_gather",
+                2 * layers * all_sum(n, hidden_bytes) + token + logits_gather(n)),
         ]  # fmt: skip
 
     rows += flat(ranks)
@@ -194,6 +198,9 @@ def projection(ranks: int, latency_us: float, bandwidth_gbs: float) -> str:
         )  # fmt: skip
         comm = per_layer * layers * all_sum(2, hidden_bytes) + 2 * hop(hidden_bytes) + all_sum(4, 4)
         messages = f"{per_layer * layers} all_sums in pairs + 2 hops + 1"
+        if mode == "tensor":
+            comm += logits_gather(2)
+            messages += " + logits all_gather"
         rows.append(row(f"pipeline over 2 pairs × {mode} in each, 4 M3 Ultras", read, read * gb / 2, messages, comm))
     return "\n".join(rows)
 
@@ -225,14 +232,17 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(dir=work))
     (single,) = launch(model_dir, "single", 1, args.tokens, out)
     print(f"loopback, {args.ranks} ranks, {args.tokens} greedy tokens; per decode token on rank 0:")
-    print("| layout | sends | receives | all_sums | bytes sent + received + summed | decode tok/s | same tokens |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| one process | 0 | 0 | 0 | 0 | {single['tps']:.1f} | - |")
+    print(
+        "| layout | sends | receives | all_sums | all_gathers | bytes sent + received + reduced | decode tok/s | same tokens |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| one process | 0 | 0 | 0 | 0 | 0 | {single['tps']:.1f} | - |")
     for mode in ("pipeline", "expert", "tensor"):
         lead = launch(model_dir, mode, args.ranks, args.tokens, out)[0]
         calls, sizes = lead["calls"], lead["bytes"]
         print(
             f"| {mode} | {calls.get('send', 0):.0f} | {calls.get('recv', 0):.0f} | {calls.get('all_sum', 0):.0f} | "
+            f"{calls.get('all_gather', 0):.0f} | "
             f"{sum(sizes.values()):,.0f} | {lead['tps']:.1f} | {lead['tokens'] == single['tokens']} |"
         )
     print()
