@@ -157,19 +157,24 @@ def _mixer_outputs_summed_over_ranks(text, kind: str, size: int, bits: int | Non
 
     from mlx_qwen35.model.attention import GatedAttention
     from mlx_qwen35.model.deltanet import GatedDeltaNet
-    from mlx_qwen35.model.parallel import stage_text_config
+    from mlx_qwen35.model.moe import MLP
     from mlx_qwen35.model.rope import MRoPE, text_positions
 
     rng = np.random.default_rng(0)
-    prefix = "language_model.layers.0." + ("linear_attn." if kind == "linear" else "self_attn.")
+    prefix = "language_model.layers.0." + {"linear": "linear_attn.", "attention": "self_attn.", "mlp": "mlp."}[kind]
+
+    def module_of(cfg):
+        if kind == "mlp":  # a dense member's MLP
+            return MLP(cfg.hidden_size, cfg.intermediate_size)
+        return GatedDeltaNet(cfg) if kind == "linear" else GatedAttention(cfg, MRoPE(cfg))
 
     def build(cfg):
-        module = GatedDeltaNet(cfg) if kind == "linear" else GatedAttention(cfg, MRoPE(cfg))
+        module = module_of(cfg)
         if bits:  # the linear layers, grouped along their input: a rank's slice is whole rows or whole groups
             nn.quantize(module, group_size=32, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear))
         return module
 
-    whole = GatedDeltaNet(text) if kind == "linear" else GatedAttention(text, MRoPE(text))
+    whole = module_of(text)
     whole.load_weights(
         [
             (k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.3))
@@ -183,7 +188,7 @@ def _mixer_outputs_summed_over_ranks(text, kind: str, size: int, bits: int | Non
     cos_sin = MRoPE(text).cos_sin(text_positions(1, 5, 0), mx.float32)
 
     def run(module):
-        return module(x) if kind == "linear" else module(x, cos_sin)
+        return module(x, cos_sin) if kind == "attention" else module(x)
 
     summed = 0
     for rank in range(size):
@@ -195,23 +200,28 @@ def _mixer_outputs_summed_over_ranks(text, kind: str, size: int, bits: int | Non
     return np.array(run(whole)), np.array(summed)
 
 
-@pytest.mark.parametrize("kind", ["linear", "attention"])
+@pytest.mark.parametrize("kind", ["linear", "attention", "mlp"])
 @pytest.mark.parametrize("kv_heads, bits", [(2, None), (1, None), (2, 4)])
 def test_tensor_ranks_mixer_partials_add_up_to_the_whole_mixer(kind, kv_heads, bits):
     import dataclasses
 
     text = dataclasses.replace(SMALL, num_key_value_heads=kv_heads)  # 1: each rank keeps the K/V head it reads
+    if kind == "mlp":
+        text = dataclasses.replace(text, num_experts=0, intermediate_size=128)
     whole, summed = _mixer_outputs_summed_over_ranks(text, kind, 2, bits)
-    # float32 sums in another order: measured max difference 5.7e-6 (attention, outputs up to 20) and 1.4e-6
-    # (DeltaNet, up to 5.3); 5e-5 leaves 8x. A wrong head, segment or group is off by O(1).
-    assert np.abs(whole).max() > 1
-    np.testing.assert_allclose(summed, whole, atol=5e-5, rtol=0)
+    # float32 sums in another order: measured max difference over the largest output 5.2e-7 (MLP, outputs up to
+    # 48), 2.9e-7 (attention, 20), 2.7e-7 (DeltaNet, 5.3); 4e-6 of it leaves 7x. A wrong head, segment or group
+    # is off by O(1).
+    scale = np.abs(whole).max()
+    assert scale > 1
+    np.testing.assert_allclose(summed, whole, atol=4e-6 * scale, rtol=0)
 
 
 def test_tensor_split_needs_heads_that_divide_and_replicates_fewer_kv_heads_than_ranks():
     import dataclasses
 
     check_tensor_split(FLAGSHIP.text, 4, 64)  # 2 K/V heads on 4 ranks: ranks 0-1 keep head 0, ranks 2-3 head 1
+    check_tensor_split(parse_config(RELEASED_CONFIGS["Qwen3.5-27B"]).text, 4, 64)  # dense: its MLP's rows split
     four = [stage_text_config(FLAGSHIP.text, RankShare("tensor", r, 4, range(60))) for r in range(4)]
     assert {(t.num_attention_heads, t.num_key_value_heads, t.linear_num_key_heads, t.linear_num_value_heads)
             for t in four} == {(8, 1, 4, 16)}  # fmt: skip
@@ -242,3 +252,22 @@ def test_tensor_ranks_of_the_397b_hold_half_of_it_plus_the_replicated_ends_and_f
     check_fits(shares, FLAGSHIP_4BIT, [180 * GIB] * 2, ["a", "b"], text)
     with pytest.raises(Qwen35Error, match=r"rank 0 \(a\): its 1/2 of the experts, mixer heads .* need 107.03 GiB"):
         check_fits(shares, FLAGSHIP_4BIT, [96 * GIB] * 2, ["a", "b"], text)
+
+
+def test_a_tensor_rank_sums_every_mixer_and_a_dense_mlp_over_the_ranks():
+    import dataclasses
+
+    from mlx_qwen35.model.language import LanguageModel
+
+    dense = dataclasses.replace(SMALL, num_experts=0, intermediate_size=128)
+    share = RankShare("tensor", 1, 2, range(2))
+    model = LanguageModel(stage_text_config(dense, share), share)
+    deltanet, attention = model.layers
+    assert deltanet.linear_attn.share is share and attention.self_attn.share is share
+    assert all(layer.mlp.share is share for layer in model.layers)
+    assert model.lm_head.weight.shape == (dense.vocab_size // 2, dense.hidden_size)
+    assert deltanet.mlp.down_proj.weight.shape == (dense.hidden_size, 64)
+    expert = RankShare("expert", 1, 2, range(2))
+    moe = LanguageModel(stage_text_config(SMALL, expert), expert)
+    assert moe.layers[0].linear_attn.share is None and moe.layers[0].mlp.share is expert
+    assert moe.layers[0].mlp.shared_expert.share is None  # summed once, with the routed experts

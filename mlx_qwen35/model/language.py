@@ -130,7 +130,7 @@ class LanguageModel(nn.Module):
         self.layers = [DecoderLayer(cfg, kind, self.rope) for kind in cfg.layer_types]
         if share is not None and share.mode != "pipeline":
             for layer in self.layers:
-                if isinstance(layer.mlp, SparseMoE):
+                if isinstance(layer.mlp, SparseMoE) or share.slices_mixers:  # tensor mode: a dense MLP too
                     layer.mlp.share = share
                 if share.slices_mixers:
                     (layer.linear_attn if layer.is_linear else layer.self_attn).share = share

@@ -7,7 +7,8 @@ Three layouts, all on ``mx.distributed`` (ring over TCP, JACCL over Thunderbolt 
   point-to-point messages per rank per forward. It makes the model fit; the stages run one after another.
 - **expert**: every rank holds everything but the experts, and 1/n of every expert's (and the shared
   expert's) intermediate rows; each MoE layer sums its ranks' partial outputs with one ``all_sum``.
-- **tensor**: as expert, and every rank also holds 1/n of each attention and DeltaNet layer's heads; each mixer
+- **tensor**: as expert (a dense member: 1/n of its MLP's rows), and every rank also holds 1/n of each attention
+  and DeltaNet layer's heads; each mixer
   sums its ranks' partial outputs with one more ``all_sum`` (two per layer). The LM head's vocabulary rows are
   sliced too, its logits ``all_gather``ed; the embedding (one row read per token) and vision tower stay whole.
 
@@ -80,6 +81,7 @@ def stage_text_config(text: TextConfig, share: RankShare) -> TextConfig:
         return experts
     return dataclasses.replace(
         experts,
+        intermediate_size=text.intermediate_size // n,  # a dense member's MLP
         num_attention_heads=text.num_attention_heads // n,
         num_key_value_heads=text.num_key_value_heads // kv_head_share(text.num_key_value_heads, n, share.rank)[0],
         linear_num_key_heads=text.linear_num_key_heads // n,
@@ -102,9 +104,11 @@ def check_expert_split(text: TextConfig, size: int, group_size: int | None, mode
 
 
 def check_tensor_split(text: TextConfig, size: int, group_size: int | None) -> None:
-    """Tensor mode also slices every mixer's heads in ``size`` equal parts (K/V heads: or ``size`` a multiple of
-    them), o_proj / out_proj's input columns in whole quantisation groups, and the LM head's vocabulary rows."""
-    check_expert_split(text, size, group_size, "tensor")
+    """Tensor mode slices the experts as expert mode does (a dense member's MLP rows likewise), every mixer's heads
+    in ``size`` equal parts (K/V heads: or ``size`` a multiple of them), o_proj / out_proj's input columns in whole
+    quantisation groups, and the LM head's vocabulary rows."""
+    if text.is_moe:
+        check_expert_split(text, size, group_size, "tensor")
     kv = text.num_key_value_heads
     counts = {
         "num_attention_heads": text.num_attention_heads,
@@ -120,6 +124,7 @@ def check_tensor_split(text: TextConfig, size: int, group_size: int | None) -> N
     for name, width in (
         ("o_proj input", text.num_attention_heads * text.head_dim),
         ("out_proj input", text.linear_value_dim),
+        *([] if text.is_moe else [("intermediate_size", text.intermediate_size)]),
     ):
         if width % unit:
             uneven.append(f"{name} {width} (in whole {group_size or 1}-wide groups)")

@@ -33,6 +33,9 @@ _MIXER = re.compile(
     r"|linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj)\.(?:weight|scales|biases)"
     r"|linear_attn\.(conv1d)\.weight|linear_attn\.(A_log|dt_bias))$"
 )
+# Tensor mode on a dense member: its MLP's intermediate rows (gate/up on axis −2, down on axis −1).
+_DENSE_ROWS = re.compile(r"^language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj)\.(weight|scales|biases)$")
+_DENSE_COLUMNS = re.compile(r"^language_model\.layers\.\d+\.mlp\.down_proj\.(weight|scales|biases)$")
 _LM_HEAD = re.compile(r"^language_model\.lm_head\.(weight|scales|biases)$")
 _DROPPED = re.compile(r"^mtp\.")  # the MTP head runs only in one-process runs
 # What a rank's process needs beside its weights: activations, its caches at a long context, the OS's share.
@@ -130,8 +133,10 @@ def _cut(name: str, share: RankShare, text: TextConfig | None) -> _Cut | None:
         return _Cut(-2, n, r)
     if _SLICED_COLUMNS.search(name):
         return _Cut(-1, n, r)
-    if share.slices_mixers and _LM_HEAD.match(name):
-        return _Cut(-2, n, r)  # vocabulary rows
+    if share.slices_mixers and (_LM_HEAD.match(name) or _DENSE_ROWS.match(name)):
+        return _Cut(-2, n, r)  # vocabulary rows; a dense MLP's intermediate rows
+    if share.slices_mixers and _DENSE_COLUMNS.match(name):
+        return _Cut(-1, n, r)
     match = _MIXER.match(name) if share.slices_mixers else None
     if match is None:
         return None
