@@ -230,7 +230,7 @@ def test_tensor_split_needs_heads_that_divide_and_replicates_fewer_kv_heads_than
     with pytest.raises(Qwen35Error) as error:
         check_tensor_split(odd, 2, 64)
     assert str(error.value) == (
-        "--parallel tensor: num_key_value_heads 3 do not split into 2 ranks; use --parallel expert or "
+        "--parallel tensor: num_key_value_heads 3 does not split into 2 ranks; use --parallel expert or "
         "--parallel pipeline, or a number of ranks that divides them"
     )
     with pytest.raises(Qwen35Error, match="num_attention_heads 24, num_key_value_heads 3 do not split into 16 ranks"):

@@ -129,8 +129,9 @@ def check_tensor_split(text: TextConfig, size: int, group_size: int | None) -> N
         if width % unit:
             uneven.append(f"{name} {width} (in whole {group_size or 1}-wide groups)")
     if uneven:
+        verb = "does" if len(uneven) == 1 else "do"
         raise Qwen35Error(
-            f"--parallel tensor: {', '.join(uneven)} do not split into {size} ranks; "
+            f"--parallel tensor: {', '.join(uneven)} {verb} not split into {size} ranks; "
             "use --parallel expert or --parallel pipeline, or a number of ranks that divides them"
         )
 
