@@ -8,9 +8,9 @@ Three layouts, all on ``mx.distributed`` (ring over TCP, JACCL over Thunderbolt 
 - **expert**: every rank holds everything but the experts, and 1/n of every expert's (and the shared
   expert's) intermediate rows; each MoE layer sums its ranks' partial outputs with one ``all_sum``.
 - **tensor**: as expert (a dense member: 1/n of its MLP's rows), and every rank also holds 1/n of each attention
-  and DeltaNet layer's heads; each mixer
-  sums its ranks' partial outputs with one more ``all_sum`` (two per layer). The LM head's vocabulary rows are
-  sliced too, its logits ``all_gather``ed; the embedding (one row read per token) and vision tower stay whole.
+  and DeltaNet layer's heads; each mixer sums its ranks' partial outputs with one more ``all_sum`` (two per
+  layer). The LM head's vocabulary rows are sliced too, its logits ``all_gather``ed; the embedding (one row read
+  per token) and the vision tower stay whole.
 
 Every send and receive is tied (``mx.depends``) into the rank's cache and its logits, so evaluating either
 one (the prefill evaluates the cache, a decode step the logits) performs all of the rank's messages in order.

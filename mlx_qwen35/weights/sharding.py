@@ -3,10 +3,10 @@
 Pipeline: the layers split into contiguous runs in proportion to each host's free memory (rank 0's share
 less what its embedding, LM head and vision tower take), or as ``--split`` says; each rank keeps only its
 layers' tensors (renamed to its local layer numbers). Expert: every rank keeps every tensor but the experts',
-of which it keeps 1/n of each expert's intermediate rows — a contiguous copy, so the whole tensor is not kept.
-Tensor: as expert, and 1/n of each mixer's heads: the output rows of its in-projections (each of DeltaNet's
-q | k | v segments apart), their conv channels and per-head gate parameters, and o_proj / out_proj's input columns;
-and 1/n of the LM head's vocabulary rows.
+of which it keeps 1/n of each expert's intermediate rows — gathered into a new array, so the whole tensor is not
+kept. Tensor: as expert (a dense member's MLP likewise), and 1/n of each mixer's heads: the output rows of its
+in-projections (each of DeltaNet's q | k | v segments apart), their conv channels and per-head gate parameters,
+and o_proj / out_proj's input columns; and 1/n of the LM head's vocabulary rows.
 """
 
 from __future__ import annotations
