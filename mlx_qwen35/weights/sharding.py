@@ -245,4 +245,4 @@ def _slice(array: mx.array, cut: _Cut) -> mx.array:
         part = width // cut.parts
         indices.append(np.arange(start + cut.index * part, start + (cut.index + 1) * part))
         start += width
-    return mx.take(array, mx.array(np.concatenate(indices)), axis=cut.axis)
+    return mx.take(array, mx.array(np.concatenate(indices).astype(np.int32)), axis=cut.axis)
