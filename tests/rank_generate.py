@@ -1,10 +1,10 @@
 """One rank of a multi-process test run (tests/test_distributed.py): greedy replies to two turns, resident bytes.
 
 ``python rank_generate.py MODEL MODE OUT_DIR [IMAGE]``; MODE is ``single`` (one process, no mx.distributed),
-``pipeline`` or ``expert`` (this process is rank $MLX_RANK of the ring in $MLX_HOSTFILE). Writes
-``OUT_DIR/rank<N>.json``: the tokens of each turn, the bytes of the arrays this rank holds, MLX's active memory
-and its layers. $RANK_TEST_SPLIT is the --split; $RANK_TEST_DIE=N makes rank N die after the
-first turn, $RANK_TEST_STALL=N stop there (SIGSTOP to its process group).
+``pipeline``, ``expert`` or ``tensor`` (this process is rank $MLX_RANK of the ring in $MLX_HOSTFILE). Writes
+``OUT_DIR/rank<N>.json``: the tokens of each turn, the bytes of the arrays this rank holds, MLX's active memory,
+its layers and the shapes of its cache's arrays. $RANK_TEST_SPLIT is the --split; $RANK_TEST_DIE=N makes rank N
+die after the first turn, $RANK_TEST_STALL=N stop there (SIGSTOP to its process group).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import ArraysCache
 
 from mlx_qwen35.model.cache import make_cache
 from mlx_qwen35.runtime.distributed import join, rank_errors
@@ -58,7 +59,8 @@ def main(model_dir: str, mode: str, out_dir: str, image: str | None = None) -> N
         )
     rank = share.rank if share else 0
     layers = [share.layers.start, share.layers.stop] if share else None
-    result = {"turns": turns, "held_bytes": held, "active_bytes": active, "layers": layers}
+    shapes = [[list(a.shape) for a in (c.cache if isinstance(c, ArraysCache) else (c.keys, c.values))] for c in cache]
+    result = {"turns": turns, "held_bytes": held, "active_bytes": active, "layers": layers, "cache_shapes": shapes}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 

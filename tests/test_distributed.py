@@ -386,3 +386,27 @@ def test_serve_under_mlx_launch_answers_concurrent_requests_one_after_another(mo
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_tensor_parallel_two_ranks_image_is_token_identical_with_half_of_each_head_and_cache(
+    model_dir, single, image, tmp_path
+):
+    """Tensor mode: each rank holds half of every expert and of every attention and DeltaNet layer's heads (the
+    test model's one K/V head replicated: both ranks' query heads read it), so its DeltaNet states are halves."""
+    from mlx_qwen35.config import load_config
+
+    # No kernel self-check on the ranks: its first run for a probe (here the halved heads') leaves ~7 KB of MLX
+    # state (measured 6.8-8.4 KB), which is not weights; the one-process run's paths are the pure ones all the same.
+    procs = launch(2, "tensor", model_dir, tmp_path, image, MLX_QWEN35_PURE="1")
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr_text[-2000:] for p in procs]
+    ranks = results(tmp_path, 2)
+    assert [r["turns"] for r in ranks] == [single["image"]] * 2
+    text, stored = load_config(model_dir).text, stored_bytes(model_dir)
+    expert = held_bytes(stored, RankShare("expert", 0, 2, range(12)))
+    for rank, r in enumerate(ranks):
+        assert r["held_bytes"] == held_bytes(stored, RankShare("tensor", rank, 2, range(12)), text) < expert
+        assert 0 <= r["active_bytes"] - r["held_bytes"] <= ACTIVE_MARGIN_BYTES
+        conv, state = r["cache_shapes"][0]  # a DeltaNet layer: [B, K−1, C/2], [B, Hv/2, Dv, Dk]
+        assert conv[2] == text.linear_conv_dim // 2 and state[1] == text.linear_num_value_heads // 2
+        keys, _ = r["cache_shapes"][3]  # an attention layer: [B, 1, T, D], the one K/V head
+        assert text.num_key_value_heads == 1 and keys[1] == 1

@@ -8,6 +8,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from ..config import TextConfig
 from .norms import RMSNorm1p
+from .parallel import RankShare, sum_partials
 from .rope import MRoPE
 
 
@@ -30,6 +31,8 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm1p(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm1p(self.head_dim, eps=cfg.rms_norm_eps)
         self.rope = rope
+        # Tensor-parallel runs: this rank holds a slice of the heads; the ranks' outputs add up (§21).
+        self.share: RankShare | None = None
 
     def queries_keys_values(self, x: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, ...]:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D] (normed, rotated), and the output gate [B, T, Hq·D]."""
@@ -67,7 +70,8 @@ class GatedAttention(nn.Module):
     def output(self, attended: mx.array, gate: mx.array) -> mx.array:
         """o_proj(attention · sigmoid(gate)): attended [B, Hq, T, D] → [B, T, H]."""
         B, _, T, _ = attended.shape
-        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, T, -1) * mx.sigmoid(gate))
+        out = self.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, T, -1) * mx.sigmoid(gate))
+        return sum_partials(self.share, out)
 
     def __call__(self, x: mx.array, cos_sin: tuple[mx.array, mx.array], cache=None) -> mx.array:
         q, k, v, gate = self.queries_keys_values(x, *cos_sin)

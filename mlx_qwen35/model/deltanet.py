@@ -8,6 +8,7 @@ import mlx.nn as nn
 from ..config import TextConfig
 from ..kernels.gated_delta import gated_delta_prefill, gated_delta_step
 from .norms import GatedRMSNorm
+from .parallel import RankShare, sum_partials
 
 
 class GatedDeltaNet(nn.Module):
@@ -36,6 +37,8 @@ class GatedDeltaNet(nn.Module):
         self.A_log = mx.zeros((self.num_v_heads,))
         self.norm = GatedRMSNorm(self.head_v_dim, eps=cfg.rms_norm_eps)
         self.out_proj = nn.Linear(cfg.linear_value_dim, cfg.hidden_size, bias=False)
+        # Tensor-parallel runs: this rank holds a slice of the heads; the ranks' outputs add up (§21).
+        self.share: RankShare | None = None
 
     def _causal_conv(self, qkv: mx.array, cache) -> mx.array:
         """SiLU(depthwise conv over the last K inputs); positions before the sequence are zeros."""
@@ -66,7 +69,7 @@ class GatedDeltaNet(nn.Module):
         """Gated norm with z, then out_proj: o [B, T, Hv, Dv] → [B, T, H]."""
         B, T, _ = x.shape
         z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        return self.out_proj(self.norm(o, z).reshape(B, T, -1))
+        return sum_partials(self.share, self.out_proj(self.norm(o, z).reshape(B, T, -1)))
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         T = x.shape[1]

@@ -13,7 +13,7 @@ from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
 from .moe import SparseMoE, feed_forward
 from .norms import RMSNorm1p
-from .parallel import RankShare, pass_hidden, receive_hidden
+from .parallel import RankShare, gather_vocabulary, pass_hidden, receive_hidden
 from .rope import MRoPE, text_positions
 
 
@@ -122,19 +122,24 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.share = share
+        self._slices_lm_head = share is not None and share.slices_mixers and not cfg.tie_word_embeddings
         self.rope = MRoPE(cfg)
         holds_ends = share is None or share.holds_ends
         if holds_ends:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, kind, self.rope) for kind in cfg.layer_types]
-        if share is not None and share.mode == "expert":
+        if share is not None and share.mode != "pipeline":
             for layer in self.layers:
-                if isinstance(layer.mlp, SparseMoE):
+                if isinstance(layer.mlp, SparseMoE) or share.slices_mixers:  # tensor mode: a dense MLP too
                     layer.mlp.share = share
+                if share.slices_mixers:
+                    (layer.linear_attn if layer.is_linear else layer.self_attn).share = share
         if holds_ends:
             self.norm = RMSNorm1p(cfg.hidden_size, eps=cfg.rms_norm_eps)
         if holds_ends and not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            # Tensor mode: 1/n of the vocabulary's rows; ``logits`` gathers the ranks' parts.
+            rows = cfg.vocab_size // share.size if self._slices_lm_head else cfg.vocab_size
+            self.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False)
         self._first_attention = cfg.layer_types.index("full_attention")
         # The dtype activations run in; set by the loader (float32 off Metal). A quantised embedding in
         # mxfp/nvfp modes returns bfloat16 rows, which would otherwise pull the first layer down to bf16.
@@ -190,4 +195,6 @@ class LanguageModel(nn.Module):
         """lm_head (or the tied embedding matrix) on final-norm hidden states."""
         if self.config.tie_word_embeddings:
             return self.embed_tokens.as_linear(hidden)
+        if self._slices_lm_head:
+            return gather_vocabulary(self.share, self.lm_head(hidden))
         return self.lm_head(hidden)

@@ -19,9 +19,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # A dense member's MLP in a tensor-parallel run: this rank holds a slice of its rows (the shared expert's
+        # partial output is summed by its SparseMoE instead).
+        self.share: RankShare | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return sum_partials(self.share, self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class SparseMoE(nn.Module):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import load_config
 from ..errors import Qwen35Error
-from ..model.parallel import MODES, RankShare, check_expert_split
+from ..model.parallel import MODES, RankShare, check_expert_split, check_tensor_split
 
 CONNECT_TIMEOUT_S = 60.0  # a ring's ranks start within seconds of each other under mlx.launch
 PROGRESS_TIMEOUT_S = 300.0  # the longest a forward pass may take (a 2048-token prefill chunk of the 397B: ~10 s)
@@ -135,16 +135,17 @@ def join(mode: str, model_dir: Path, split: str | None = None, free_bytes: int |
     free = free_bytes if free_bytes is not None else free_memory_bytes()
     frees = [int(f) for f in mx.distributed.all_gather(mx.array([float(free)]), group=group).tolist()]
     num_layers, stored = config.text.num_hidden_layers, stored_bytes(model_dir)
-    if mode == "expert":
-        check_expert_split(config.text, size, (config.quantization or {}).get("group_size"))
-        shares = [RankShare("expert", r, size, range(num_layers), group) for r in range(size)]
+    if mode != "pipeline":
+        check = check_expert_split if mode == "expert" else check_tensor_split
+        check(config.text, size, (config.quantization or {}).get("group_size"))
+        shares = [RankShare(mode, r, size, range(num_layers), group) for r in range(size)]
     else:
         layer_bytes, end_bytes = layer_and_end_bytes(stored, num_layers)
         counts = parse_split(split, num_layers, size) if split else proportional_split(layer_bytes, end_bytes, frees)
         runs = stages(counts)
         check_stages(config, runs, hosts)
         shares = [RankShare("pipeline", r, size, runs[r], group) for r in range(size)]
-    check_fits(shares, stored, frees, hosts)
+    check_fits(shares, stored, frees, hosts, config.text)
     progress = _environment_seconds("MLX_QWEN35_RANK_TIMEOUT", PROGRESS_TIMEOUT_S)
     neighbours = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
     stalled = (

@@ -314,8 +314,9 @@ Parallel = Annotated[
     str | None,
     typer.Option(
         "--parallel",
-        help="Under mlx.launch: pipeline (each Mac holds a run of layers: fits what one Mac cannot; the default) "
-        "or expert (each Mac holds 1/n of every expert: faster decode of an MoE model that fits each Mac's share).",
+        help="Under mlx.launch: pipeline (each Mac holds a run of layers: fits what one Mac cannot; the default), "
+        "tensor (each Mac holds 1/n of every expert or MLP and attention/DeltaNet head: the fastest decode over "
+        "RDMA) or expert (1/n of every expert only: one collective per layer, for slower links).",
         show_default=False,
     ),
 ]

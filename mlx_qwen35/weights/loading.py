@@ -144,7 +144,7 @@ def load_model(
     if share is not None:
         from .sharding import rank_quantization, rank_weights
 
-        weights, quantization = rank_weights(weights, share), rank_quantization(quantization, share)
+        weights, quantization = rank_weights(weights, share, config.text), rank_quantization(quantization, share)
     model = Qwen35Model(config, share)
     if quantization:
         stored = store.tensor_names() if store is not None else set()

@@ -3,25 +3,40 @@
 Pipeline: the layers split into contiguous runs in proportion to each host's free memory (rank 0's share
 less what its embedding, LM head and vision tower take), or as ``--split`` says; each rank keeps only its
 layers' tensors (renamed to its local layer numbers). Expert: every rank keeps every tensor but the experts',
-of which it keeps 1/n of each expert's intermediate rows — a contiguous copy, so the whole tensor is not kept.
+of which it keeps 1/n of each expert's intermediate rows — gathered into a new array, so the whole tensor is not
+kept. Tensor: as expert (a dense member's MLP likewise), and 1/n of each mixer's heads: the output rows of its
+in-projections (each of DeltaNet's q | k | v segments apart), their conv channels and per-head gate parameters,
+and o_proj / out_proj's input columns; and 1/n of the LM head's vocabulary rows.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, TextConfig
 from ..errors import Qwen35Error
-from ..model.parallel import RankShare
+from ..model.parallel import RankShare, kv_head_share
 from .memory_plan import GIB, stored_tensors_on_disk
 
 _LAYER = re.compile(r"^language_model\.layers\.(\d+)\.(.*)$")
 # Expert and shared-expert projections: gate/up hold the intermediate rows on axis −2, down on axis −1.
 _SLICED_ROWS = re.compile(r"\.mlp\.(experts|shared_expert)\.(gate_proj|up_proj)\.(weight|scales|biases)$")
 _SLICED_COLUMNS = re.compile(r"\.mlp\.(experts|shared_expert)\.down_proj\.(weight|scales|biases)$")
+# Tensor mode: the mixers' head-major tensors (the MTP head's attention is dropped, the vision tower's is named attn).
+_MIXER = re.compile(
+    r"^language_model\.layers\.\d+\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(?:weight|scales|biases)"
+    r"|linear_attn\.(in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj)\.(?:weight|scales|biases)"
+    r"|linear_attn\.(conv1d)\.weight|linear_attn\.(A_log|dt_bias))$"
+)
+# Tensor mode on a dense member: its MLP's intermediate rows (gate/up on axis −2, down on axis −1).
+_DENSE_ROWS = re.compile(r"^language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj)\.(weight|scales|biases)$")
+_DENSE_COLUMNS = re.compile(r"^language_model\.layers\.\d+\.mlp\.down_proj\.(weight|scales|biases)$")
+_LM_HEAD = re.compile(r"^language_model\.lm_head\.(weight|scales|biases)$")
 _DROPPED = re.compile(r"^mtp\.")  # the MTP head runs only in one-process runs
 # What a rank's process needs beside its weights: activations, its caches at a long context, the OS's share.
 HEADROOM_BYTES = 2 * GIB
@@ -96,30 +111,83 @@ def check_stages(config: ModelConfig, runs: list[range], hosts: list[str]) -> No
             )
 
 
-def held_bytes(stored: dict[str, int], share: RankShare) -> int:
-    """Stored bytes of the tensors ``share`` holds (``stored``: every tensor's bytes, by checkpoint name)."""
-    total = 0
+class _Cut(NamedTuple):
+    """How a rank slices one tensor: ``axis`` cut into ``parts`` equal parts, of which it keeps part ``index`` —
+    of each of ``segments`` (widths along the axis that add up to it) apart when given."""
+
+    axis: int
+    parts: int
+    index: int
+    segments: tuple[int, ...] = ()
+
+
+def _cut(name: str, share: RankShare, text: TextConfig | None) -> _Cut | None:
+    """The slice of tensor ``name`` that ``share`` holds (None: the whole tensor, in expert and tensor mode).
+
+    Contiguous slices are each rank's heads: attention's q_proj rows are per head [query | gate] and query head h
+    reads K/V head h·kv/heads; DeltaNet's q, k, v, z, b, a and conv channels are head-major and value head h reads
+    key head h·Hk/Hv (docs/architecture.md §4.1, §4.5, §5), so rank r's value heads read its own key heads.
+    """
+    n, r = share.size, share.rank
+    if _SLICED_ROWS.search(name):
+        return _Cut(-2, n, r)
+    if _SLICED_COLUMNS.search(name):
+        return _Cut(-1, n, r)
+    if share.slices_mixers and (_LM_HEAD.match(name) or _DENSE_ROWS.match(name)):
+        return _Cut(-2, n, r)  # vocabulary rows; a dense MLP's intermediate rows
+    if share.slices_mixers and _DENSE_COLUMNS.match(name):
+        return _Cut(-1, n, r)
+    match = _MIXER.match(name) if share.slices_mixers else None
+    if match is None:
+        return None
+    tensor = next(group for group in match.groups() if group)
+    if tensor in ("k_proj", "v_proj"):
+        return _Cut(-2, *kv_head_share(text.num_key_value_heads, n, r))
+    if tensor in ("in_proj_qkv", "conv1d"):  # channels [q | k | v]; conv1d.weight is [C, K, 1]
+        axis = -2 if tensor == "in_proj_qkv" else 0
+        return _Cut(axis, n, r, (text.linear_key_dim, text.linear_key_dim, text.linear_value_dim))
+    return _Cut(-1 if tensor in ("o_proj", "out_proj", "A_log", "dt_bias") else -2, n, r)
+
+
+def held_bytes(stored: dict[str, int], share: RankShare, text: TextConfig | None = None) -> int:
+    """Stored bytes of the tensors ``share`` holds (``stored``: every tensor's bytes, by checkpoint name).
+
+    ``text`` (the whole model's text config) tells the tensor layout its head counts and DeltaNet's segments."""
+    return sum(held_tensor_bytes(stored, share, text).values())
+
+
+def held_tensor_bytes(stored: dict[str, int], share: RankShare, text: TextConfig | None = None) -> dict[str, int]:
+    """Stored bytes of each tensor ``share`` holds (a slice: its share of the bytes), by checkpoint name."""
+    held = {}
     for name, size in stored.items():
         if _DROPPED.search(name):
             continue
         if share.mode == "pipeline":
             match = _LAYER.match(name)
-            total += size if (share.holds_ends if match is None else int(match.group(1)) in share.layers) else 0
+            if share.holds_ends if match is None else int(match.group(1)) in share.layers:
+                held[name] = size
         else:
-            total += size // share.size if _SLICED_ROWS.search(name) or _SLICED_COLUMNS.search(name) else size
-    return total
+            cut = _cut(name, share, text)
+            held[name] = size if cut is None else size // cut.parts
+    return held
 
 
-def check_fits(shares: list[RankShare], stored: dict[str, int], free_bytes: list[int], hosts: list[str]) -> None:
+def check_fits(
+    shares: list[RankShare],
+    stored: dict[str, int],
+    free_bytes: list[int],
+    hosts: list[str],
+    text: TextConfig | None = None,
+) -> None:
     """A rank whose share (plus ``HEADROOM_BYTES``) exceeds its free memory stops the run before anything loads."""
     for share, free in zip(shares, free_bytes):
-        need = held_bytes(stored, share) + HEADROOM_BYTES
+        need = held_bytes(stored, share, text) + HEADROOM_BYTES
         if need > free:
-            what = (
-                f"layers {share.layers.start}-{share.layers.stop - 1}"
-                if share.mode == "pipeline"
-                else f"its 1/{share.size} of the experts and all other weights"
-            )
+            what = {
+                "pipeline": f"layers {share.layers.start}-{share.layers.stop - 1}",
+                "expert": f"its 1/{share.size} of the experts and all other weights",
+                "tensor": f"its 1/{share.size} of the experts, mixer heads and LM head and the embedding and vision",
+            }[share.mode]
             fix = "move layers to another rank with --split" if share.mode == "pipeline" else "add ranks"
             raise Qwen35Error(
                 f"rank {share.rank} ({hosts[share.rank]}): {what} need {need / GIB:.2f} GiB with "
@@ -128,8 +196,10 @@ def check_fits(shares: list[RankShare], stored: dict[str, int], free_bytes: list
             )
 
 
-def rank_weights(weights: dict[str, mx.array], share: RankShare) -> dict[str, mx.array]:
-    """The tensors of ``weights`` (the whole checkpoint, lazy) that ``share`` holds, under its local names."""
+def rank_weights(weights: dict[str, mx.array], share: RankShare, text: TextConfig | None = None) -> dict[str, mx.array]:
+    """The tensors of ``weights`` (the whole checkpoint, lazy) that ``share`` holds, under its local names.
+
+    ``text``: the whole model's text config (the tensor layout's head counts)."""
     held = {}
     for name, array in weights.items():
         if _DROPPED.search(name):
@@ -143,12 +213,9 @@ def rank_weights(weights: dict[str, mx.array], share: RankShare) -> dict[str, mx
             index = int(match.group(1))
             if index in share.layers:
                 held[f"language_model.layers.{index - share.layers.start}.{match.group(2)}"] = array
-        elif _SLICED_ROWS.search(name):
-            held[name] = _slice(array, -2, share)
-        elif _SLICED_COLUMNS.search(name):
-            held[name] = _slice(array, -1, share)
         else:
-            held[name] = array
+            cut = _cut(name, share, text)
+            held[name] = array if cut is None else _slice(array, cut)
     return held
 
 
@@ -166,8 +233,16 @@ def rank_quantization(quantization: dict | None, share: RankShare) -> dict | Non
     return local
 
 
-def _slice(array: mx.array, axis: int, share: RankShare) -> mx.array:
-    """This rank's 1/n of ``axis``, copied so that evaluating it keeps only the slice, not the whole tensor."""
-    part = mx.split(array, share.size, axis=axis)[share.rank]
-    # A slice is a view of the whole buffer (kept alive with it); the product is a new array of the slice only.
-    return part * mx.array(1, dtype=part.dtype)
+def _slice(array: mx.array, cut: _Cut) -> mx.array:
+    """This rank's part of ``array``: a gather into a new array, so that evaluating it keeps only the slice.
+
+    (A basic slice is a view of the whole buffer; an elementwise copy of a contiguous one may take over that
+    buffer, whole, by donation: measured on the DeltaNet's small in_proj_a/b, A_log and dt_bias.)
+    """
+    segments = cut.segments or (array.shape[cut.axis],)
+    indices, start = [], 0
+    for width in segments:
+        part = width // cut.parts
+        indices.append(np.arange(start + cut.index * part, start + (cut.index + 1) * part))
+        start += width
+    return mx.take(array, mx.array(np.concatenate(indices).astype(np.int32)), axis=cut.axis)
