@@ -24,6 +24,7 @@ from mlx_qwen35.model.cache import make_cache
 from mlx_qwen35.model.expert_cache import ExpertCache, empty_experts
 from mlx_qwen35.model.inputs import ModelInputs
 from mlx_qwen35.runtime.generation import generate_tokens
+from mlx_qwen35.runtime.settings import PREFILL_STEP_SIZE
 from mlx_qwen35.weights.expert_repack import repack
 from mlx_qwen35.weights.expert_store import (
     ALIGNMENT,
@@ -318,7 +319,7 @@ def test_calibration_saves_each_experts_share_of_the_tokens_routed_to_it(
     store_dir = tmp_path / "calibrated"
     shutil.copytree(dirs["converted"], store_dir)
     reference, processor = load(str(dirs["resident"]))
-    text = processor.decode(tiny_moe_checkpoint.prompt_ids(64))
+    text = processor.decode(tiny_moe_checkpoint.prompt_ids(PREFILL_STEP_SIZE + 32))  # two prefill chunks
     tokens = processor.encode(text)
     routed: dict[int, np.ndarray] = {}
     original = SparseMoE.route

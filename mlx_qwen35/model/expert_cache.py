@@ -5,13 +5,14 @@ back to the host (the one sync per layer streaming needs), hits come from memory
 store's thread pool (``pread``), and the layer runs the same SwitchGLU gather matmuls over a stack of just the
 experts it uses, with the token–expert pairs renumbered into that stack: the same numbers as fully resident.
 
-Eviction keeps what is used often *and* lately: each expert's score is its routing count, decayed by
+Eviction keeps what is used often *and* lately: each expert's score is its decode routing count, decayed by
 ``DECAY`` per step (so old use fades) and seeded from a calibration run's shares (``priors``); the victim is
-the resident expert of lowest score that the current step does not use. The budget covers every expert in
-memory, the step's own and the prefetched ones included; a prefill chunk whose experts do not fit runs them
-in groups that do, each evaluated before the next is read. Prefetch applies the next layer's router to this
-layer's input (the residual stream changes little from one layer to the next) and reads its likely experts
-while this layer computes, when they score above what they would displace.
+the resident expert of lowest score ÷ MoE calls until its layer runs again that the current step does not use.
+The budget covers every expert in memory, the step's own and the prefetched ones included; a prefill chunk
+whose experts do not fit runs them in groups that do, each evaluated before the next is read. Prefetch applies
+the next layer's router to this layer's input (the residual stream changes little from one layer to the next)
+and reads its likely experts while this layer computes, where guesses as confident have lately been right.
+A budget that holds every expert runs each all-resident layer from one stack, without reading its routing back.
 """
 
 from __future__ import annotations
@@ -306,6 +307,11 @@ class ExpertCache:
             y = y.at[mx.array(tok), mx.array(slot)].add(part)
             mx.eval(y)  # the group's weights may be evicted by the next one
         return (y.reshape(*x.shape[:-1], k, H) * weights[..., None]).sum(axis=-2)
+
+    def routing_counts(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert of each layer so far, prompts included: what a calibration saves."""
+        self._count_unsynced()
+        return {layer: self.counts[self._row[layer]].tolist() for layer in self.layers}
 
     def as_dict(self) -> dict:
         """The counters and rates so far (``ExpertStats.as_dict``)."""

@@ -28,7 +28,7 @@ def calibrate(model_dir: Path, text: str, max_tokens: int = CALIBRATION_TOKENS) 
         raise Qwen35Error("--calibration: the file has no text; give prompts like the ones you will send")
     prefill(model, mx.array(tokens), make_cache(model))
     cache = model.expert_cache
-    write_priors(model_dir, {layer: cache.counts[cache._row[layer]].tolist() for layer in cache.layers})
+    write_priors(model_dir, cache.routing_counts())
     cache.store.close()
     return len(tokens)
 
