@@ -119,6 +119,10 @@ class ExpertCache:
         self.holds_everything = self.budget_bytes >= store.total_bytes
         self.slabs: dict[int, dict[str, mx.array]] = {}  # row → {``gate_proj.weight`` …: [E, ...]}
         self._unsynced: list[tuple[int, mx.array, bool]] = []  # (row, indices, decode) not yet counted
+        # layer → its SparseMoE (set by ``attach_expert_store``): once every layer has a slab, the slabs are handed
+        # to the layers, which then run as the fully resident model does (compiled decode) and stop calling the cache.
+        self.moes: dict[int, nn.Module] = {}
+        self.handed_over = False
         self.resident: dict[tuple[int, int], dict[str, mx.array]] = {}
         self.pending: dict[tuple[int, int], object] = {}  # prefetch futures, their bytes already reserved
         self.in_memory = np.zeros(shape, dtype=bool)  # resident or pending
@@ -254,7 +258,17 @@ class ExpertCache:
         else:
             out = self._routed_in_groups(layer, x, idx, used, weights, experts, fit)
         empty_experts(experts)  # the graph holds the stacks until it runs; the shell must not keep them after
+        if self.moes and len(self.slabs) == len(self.layers):
+            self._hand_over()
         return out
+
+    def _hand_over(self) -> None:
+        """Every expert resident, in slabs: the MoE layers hold them from now on and run as fully resident."""
+        self._count_unsynced()
+        for layer, moe in self.moes.items():
+            _holding(moe.experts, self.slabs[self._row[layer]])
+            moe.expert_cache = None
+        self.handed_over = True
 
     def _count(self, row: int, idx: np.ndarray, decode: bool) -> None:
         """Add a call's routing to the counts, to the scores (decode only), and judge the guesses made for it."""
@@ -307,6 +321,10 @@ class ExpertCache:
             y = y.at[mx.array(tok), mx.array(slot)].add(part)
             mx.eval(y)  # the group's weights may be evicted by the next one
         return (y.reshape(*x.shape[:-1], k, H) * weights[..., None]).sum(axis=-2)
+
+    def keep_counting(self) -> None:
+        """Keep every layer calling the cache even once all experts are in (no hand-over): a calibration counts all."""
+        self.moes.clear()
 
     def routing_counts(self) -> dict[int, list[int]]:
         """Tokens routed to each expert of each layer so far, prompts included: what a calibration saves."""

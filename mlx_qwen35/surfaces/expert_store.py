@@ -26,8 +26,9 @@ def calibrate(model_dir: Path, text: str, max_tokens: int = CALIBRATION_TOKENS) 
     tokens = processor.encode(text)[:max_tokens]
     if not tokens:
         raise Qwen35Error("--calibration: the file has no text; give prompts like the ones you will send")
-    prefill(model, mx.array(tokens), make_cache(model))
     cache = model.expert_cache
+    cache.keep_counting()
+    prefill(model, mx.array(tokens), make_cache(model))
     write_priors(model_dir, cache.routing_counts())
     cache.store.close()
     return len(tokens)
