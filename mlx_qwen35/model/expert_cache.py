@@ -12,7 +12,8 @@ The budget covers every expert in memory, the step's own and the prefetched ones
 whose experts do not fit runs them in groups that do, each evaluated before the next is read. Prefetch applies
 the next layer's router to this layer's input (the residual stream changes little from one layer to the next)
 and reads its likely experts while this layer computes, where guesses as confident have lately been right.
-A budget that holds every expert runs each all-resident layer from one stack, without reading its routing back.
+A budget that holds every expert reads each layer whole at its first call and runs it from one stack (a slab),
+without reading its routing back; once every layer has one, the layers hold them and run as fully resident.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class ExpertCache:
         self.guess_right = np.zeros((len(self.layers), PREFETCH_SHARE_EDGES.size + 1))
         self.guess_total = np.zeros_like(self.guess_right)
         self._guesses: dict[int, list[tuple[int, int]]] = {}  # row → the (expert, bucket) guessed for its next call
-        # A budget that holds every expert never evicts: a layer all resident keeps its experts in one stack (a
-        # slab) and runs without reading its routing back; the routing is counted a step later (``_unsynced``).
+        # A budget that holds every expert never evicts: each layer is read whole at its first call and its experts
+        # kept in one stack (a slab), run without reading the routing back; it is counted a step later (``_unsynced``).
         self.holds_everything = self.budget_bytes >= store.total_bytes
         self.slabs: dict[int, dict[str, mx.array]] = {}  # row → {``gate_proj.weight`` …: [E, ...]}
         self._unsynced: list[tuple[int, mx.array, bool]] = []  # (row, indices, decode) not yet counted
@@ -246,15 +247,18 @@ class ExpertCache:
         self._count(row, idx, one_token)
         pinned = np.zeros_like(self.in_memory)
         fit = int(self.budget_bytes // self.expert_bytes[row])
-        if len(used) <= fit:
+        if self.holds_everything:  # room for all: read the layer's other experts now, and run it from its slab
+            pinned[row] = True
+            self._fetch(layer, list(range(self.score.shape[1])), pinned)
+            self._make_slab(layer)
+            out = routed_experts(x, indices, weights, _holding(experts, self.slabs[row]))
+        elif len(used) <= fit:
             pinned[row, used] = True
             got = self._fetch(layer, [int(e) for e in used], pinned)
             if guess is not None:
                 self._prefetch(self.layers[row + 1], np.array(guess).reshape(-1), pinned)
             local = mx.array(np.searchsorted(used, idx), dtype=mx.uint32)
             out = routed_experts(x, local, weights, _stacked(experts, [got[int(e)] for e in used]))
-            if self.holds_everything and self.in_memory[row].all():
-                self._make_slab(layer)
         else:
             out = self._routed_in_groups(layer, x, idx, used, weights, experts, fit)
         empty_experts(experts)  # the graph holds the stacks until it runs; the shell must not keep them after
@@ -335,6 +339,7 @@ class ExpertCache:
         """The counters and rates so far (``ExpertStats.as_dict``)."""
         self._count_unsynced()
         return self.stats.as_dict(self.budget_bytes, self.resident_bytes) | {
+            "handed_over": self.handed_over,  # every expert resident, the layers run as resident: counting stopped
             "read_seconds": self.store.counters.seconds,  # inside pread, summed over the pool's threads
         }
 
