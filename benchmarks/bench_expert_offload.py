@@ -351,7 +351,8 @@ def main() -> None:
                     "decode_bytes_per_token": r["bytes_per_token"],
                     "request_bytes_per_token": r["request_bytes_per_token"],
                     "tok_s": r["tok_s"],
-                    "hit_rate": r["stats"].get("hit_rate"),
+                    # a full budget hands the experts to the layers after the first prompt: no lookups counted after
+                    "hit_rate": None if r["stats"].get("handed_over") else r["stats"].get("hit_rate"),
                     "bytes_vs_vlm": r["bytes_per_token"] / max(vlm["bytes_per_token"], 1e-9),
                     "request_bytes_vs_vlm": r["request_bytes_per_token"] / max(vlm["request_bytes_per_token"], 1e-9),
                     "tok_s_vs_vlm": statistics.median(a / b for a, b in zip(r["round_tok_s"], vlm["round_tok_s"])),
@@ -362,13 +363,16 @@ def main() -> None:
                     "resident_tok_s": resident["vlm" if runtime == "mlx-vlm" else "ours"]["tok_s"],
                 }
                 rows.append(row)
+                hit_rate = "—" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}"
                 print(
                     f"{budget:>6}% {runtime:>20} {row['decode_bytes_per_token']:>13,.0f} "
-                    f"{row['request_bytes_per_token']:>13,.0f} {row['tok_s']:>13.1f} {row['hit_rate'] or 0:>13.3f} "
+                    f"{row['request_bytes_per_token']:>13,.0f} {row['tok_s']:>13.1f} {hit_rate:>13} "
                     f"{row['bytes_vs_vlm']:>13.2f} {row['tok_s_vs_vlm']:>13.2f} "
                     f"{row['tok_s_vs_vlm_min']:>6.2f}–{row['tok_s_vs_vlm_max']:<6.2f} {row['replies_as_ours']:>13}",
                     flush=True,
                 )
+            if budget >= 100:
+                continue  # room for every expert: nothing for any policy to read after the first prompt
             slots = budget * total // 100 // expert_bytes
             trace = [(layer, np.array(idx).reshape(-1, idx.shape[-1]), decode) for layer, idx, decode in trace]
             lru = lru_reads(trace, slots, config["num_experts"])
