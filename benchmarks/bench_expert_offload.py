@@ -15,6 +15,15 @@ Measured per runtime, over the decode steps (after each prompt's first token):
   issued it; MLX reads safetensors with pread), so both runtimes are counted the same way;
 * tokens/s, and the hit rate each runtime reports;
 * whether the greedy tokens agree.
+The held-out prompts are run in ``--rounds`` rounds of ``--prompts`` each (different prompts; one session, so the
+caches carry over), the runtimes' order rotated each round; tokens/s ×mlx-vlm is the
+median of the rounds' ratios (min and max beside it), so a burst of load on the machine moves one round, not all.
+
+What any cache could do: the routing of our run without prefetch (prefill and decode, in order) is replayed
+through three policies at the same number of expert slots, counting the experts read in decode: mlx-vlm's LRU
+(its prefill bypass included), Belady's (evicts the expert used furthest in the future: the least any cache can
+read), and the static oracle (keeps the experts most used in this very decode: the best online policy for
+routing drawn i.i.d. from a fixed distribution; its misses read into room beside the budget, so it is optimistic).
 Before each prompt the expert files' pages are dropped from the OS page cache (``POSIX_FADV_DONTNEED``),
 so reads go to the disk rather than to memory (on this Linux box, a virtual disk; on a Mac, the SSD).
 
@@ -24,12 +33,15 @@ so reads go to the disk rather than to memory (on this Linux box, a virtual disk
 from __future__ import annotations
 
 import argparse
+import bisect
 import glob
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from mlx_qwen35.surfaces.demo import DEMO_WEIGHTS_DIR  # noqa: E402
 
@@ -91,7 +104,7 @@ def ours_runtime(model_dir: Path, budget: str | None, tokens: int, prefetch: boo
         return (r.token for r in stream_generate(model, processor, messages, max_tokens=tokens, enable_thinking=False))
 
     files = sorted(glob.glob(str(model_dir / "experts" / "*.bin")))
-    cache = model.expert_cache
+    cache = generate.cache = model.expert_cache
     return generate, files, cache.as_dict if cache else (lambda: {"hit_rate": None, "peak_resident_bytes": 0})
 
 
@@ -147,31 +160,46 @@ def vlm_store_runtime(model_dir: Path, offload_dir: Path, budget_bytes: int, tok
     return generate, files, adapter.store.stats
 
 
-def sessions(runtimes: dict[str, tuple], prompts: list[list[dict]]) -> dict[str, dict]:
-    """Each prompt through each runtime in turn (interleaved, so load on the machine hits both alike).
+def sessions(runtimes: dict[str, tuple], rounds: list[list[list[dict]]]) -> dict[str, dict]:
+    """Each round's prompts through each runtime in turn (interleaved, so load on the machine hits all alike).
 
-    Per runtime: decode bytes (rchar) and seconds, from each prompt's first token on; page cache dropped before.
+    Per runtime: decode bytes (rchar) and seconds, from each prompt's first token on; page cache dropped before;
+    tokens/s per round too, the runtimes' order rotated each round.
     """
-    totals = {name: {"bytes": 0, "request_bytes": 0, "seconds": 0.0, "tokens": 0, "replies": []} for name in runtimes}
-    for messages in prompts:
-        for name, (generate, files, _) in runtimes.items():
-            drop_cached_pages(files)
-            reply, request_start = [], rchar()
-            for token in generate(messages):
-                if not reply:
-                    start_bytes, start = rchar(), time.perf_counter()
-                reply.append(int(token))
-            t = totals[name]
-            t["seconds"] += time.perf_counter() - start
-            t["bytes"] += rchar() - start_bytes
-            t["request_bytes"] += rchar() - request_start
-            t["tokens"] += len(reply) - 1
-            t["replies"].append(reply)
+    totals = {
+        name: {"bytes": 0, "request_bytes": 0, "seconds": 0.0, "tokens": 0, "replies": [], "round_tok_s": []}
+        for name in runtimes
+    }
+    names = list(runtimes)
+    for round_, prompts in enumerate(rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        spent = {name: [0.0, 0] for name in names}
+        for messages in prompts:
+            for name in order:
+                generate, files, _ = runtimes[name]
+                drop_cached_pages(files)
+                reply, request_start = [], rchar()
+                for token in generate(messages):
+                    if not reply:
+                        start_bytes, start = rchar(), time.perf_counter()
+                    reply.append(int(token))
+                t = totals[name]
+                seconds = time.perf_counter() - start
+                t["seconds"] += seconds
+                t["bytes"] += rchar() - start_bytes
+                t["request_bytes"] += rchar() - request_start
+                t["tokens"] += len(reply) - 1
+                spent[name][0] += seconds
+                spent[name][1] += len(reply) - 1
+                t["replies"].append(reply)
+        for name in names:
+            totals[name]["round_tok_s"].append(spent[name][1] / spent[name][0])
     return {
         name: {
             "bytes_per_token": t["bytes"] / max(t["tokens"], 1),
             "request_bytes_per_token": t["request_bytes"] / max(t["tokens"], 1),
-            "tok_s": t["tokens"] / t["seconds"],
+            "tok_s": statistics.median(t["round_tok_s"]),
+            "round_tok_s": t["round_tok_s"],
             "tokens": t["tokens"],
             "replies": t["replies"],
             "stats": runtimes[name][2](),
@@ -180,12 +208,83 @@ def sessions(runtimes: dict[str, tuple], prompts: list[list[dict]]) -> dict[str,
     }
 
 
+# ---------------------------------------------------------------------------------------------- what any cache could do
+# A trace is the routing of every MoE call in order: (layer, expert indices [tokens, k], decode?); a policy replays it
+# with room for ``slots`` experts and returns the experts it reads in decode calls.
+
+
+def record_routing(cache) -> list:
+    """Wrap ``cache.routed`` to append each call's (layer, indices, decode) to the returned trace (indices stay lazy)."""
+    trace, routed = [], cache.routed
+
+    def recording(layer, x, indices, weights, experts):
+        trace.append((layer, indices, x.size == x.shape[-1]))
+        return routed(layer, x, indices, weights, experts)
+
+    cache.routed = recording
+    return trace
+
+
+def lru_reads(trace: list, slots: int, num_experts: int) -> int:
+    """mlx-vlm's ``ExpertStore``: LRU over (layer, expert); a call routed to over half the experts bypasses it."""
+    lru, reads = OrderedDict(), 0
+    for layer, idx, decode in trace:
+        used = np.unique(idx)
+        if 2 * len(used) > num_experts:
+            continue
+        for e in used:
+            if (layer, e) in lru:
+                lru.move_to_end((layer, e))
+            else:
+                lru[(layer, e)] = True
+                reads += decode
+        while len(lru) > slots:
+            lru.popitem(last=False)
+    return reads
+
+
+def belady_reads(trace: list, slots: int) -> int:
+    """Belady's MIN: on a miss evict the resident expert (not used by this call) whose next use is furthest away."""
+    uses: dict[tuple, list[int]] = {}
+    for t, (layer, idx, _) in enumerate(trace):
+        for e in np.unique(idx):
+            uses.setdefault((layer, e), []).append(t)
+
+    def next_use(key, t):
+        times = uses[key]
+        i = bisect.bisect_right(times, t)
+        return times[i] if i < len(times) else len(trace)
+
+    resident, reads = set(), 0
+    for t, (layer, idx, decode) in enumerate(trace):
+        needed = [(layer, e) for e in np.unique(idx)]
+        reads += decode * sum(key not in resident for key in needed)
+        if len(needed) > slots:  # a prefill chunk in groups: keep what is needed soonest
+            resident = set(sorted(resident | set(needed), key=lambda key: next_use(key, t))[:slots])
+            continue
+        for key in needed:
+            if key in resident:
+                continue
+            if len(resident) >= slots:
+                resident.remove(max(resident - set(needed), key=lambda v: next_use(v, t)))
+            resident.add(key)
+    return reads
+
+
+def static_reads(trace: list, slots: int) -> int:
+    """The static oracle: the ``slots`` experts used in most decode calls stay resident; every other use is a read."""
+    uses = Counter((layer, e) for layer, idx, decode in trace if decode for e in np.unique(idx))
+    kept = {key for key, _ in uses.most_common(slots)}
+    return sum(n for key, n in uses.items() if key not in kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-expert-offload"))
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of the prompts; tok/s is the rounds' median.")
     parser.add_argument("--models", nargs="+", default=["trained", "random"])
     parser.add_argument("--json", type=Path, help="Also write the rows here.")
     args = parser.parse_args()
@@ -194,8 +293,9 @@ def main() -> None:
     from mlx_qwen35.weights.random_checkpoint import write_random_hf_checkpoint
 
     docs = stdlib_docs()
-    held_out = [d for d in docs if d.held_out][: args.prompts]
+    held_out = [d for d in docs if d.held_out][: args.prompts * args.rounds]
     prompts = [[{"role": "user", "content": d.question}] for d in held_out]
+    rounds = [prompts[i : i + args.prompts] for i in range(0, len(prompts), args.prompts)]
     calibration = "\n\n".join(f"{d.question}\n{first_paragraph(d.text)}" for d in docs if not d.held_out)[:40000]
     args.workdir.mkdir(parents=True, exist_ok=True)
     sources = {"trained": DEMO_WEIGHTS_DIR}
@@ -216,14 +316,18 @@ def main() -> None:
         total = ExpertStore(dirs["ours"]).total_bytes
         resident = sessions(
             {"ours": ours_runtime(dirs["vlm"], None, args.tokens), "vlm": vlm_runtime(dirs["vlm"], None, args.tokens)},
-            prompts,
+            rounds,
         )
         print(
             f"fully resident (no store): ours {resident['ours']['tok_s']:.1f} tok/s, mlx-vlm "
             f"{resident['vlm']['tok_s']:.1f} tok/s (ratio {resident['ours']['tok_s'] / resident['vlm']['tok_s']:.2f})"
         )
+        store = ExpertStore(dirs["ours"])
+        expert_bytes = {store.expert_bytes(layer) for layer in store.layers}
+        assert len(expert_bytes) == 1, "the oracles count slots: every layer's experts the same size"
+        expert_bytes = expert_bytes.pop()
         head = ["budget", "runtime", "decode B/tok", "request B/tok", "tok/s", "hit rate", "bytes ×vlm", "tok/s ×vlm"]
-        head.append("same as ours")
+        head += ["(min–max)", "same as ours"]
         print(("{:>7} {:>20} " + "{:>13} " * (len(head) - 2)).format(*head))
         for budget in args.budgets:
             runtimes = {
@@ -234,7 +338,8 @@ def main() -> None:
                     dirs["ours"], dirs["vlm_offload"], budget * total // 100, args.tokens
                 ),
             }
-            measured = sessions(runtimes, prompts)
+            trace = record_routing(runtimes["ours, no prefetch"][0].cache)
+            measured = sessions(runtimes, rounds)
             vlm = measured["mlx-vlm"]
             for runtime, r in measured.items():
                 same = sum(a == b for a, b in zip(r["replies"], measured["ours"]["replies"]))
@@ -246,21 +351,49 @@ def main() -> None:
                     "decode_bytes_per_token": r["bytes_per_token"],
                     "request_bytes_per_token": r["request_bytes_per_token"],
                     "tok_s": r["tok_s"],
-                    "hit_rate": r["stats"].get("hit_rate"),
+                    # a full budget hands the experts to the layers after the first prompt: no lookups counted after
+                    "hit_rate": None if r["stats"].get("handed_over") else r["stats"].get("hit_rate"),
                     "bytes_vs_vlm": r["bytes_per_token"] / max(vlm["bytes_per_token"], 1e-9),
                     "request_bytes_vs_vlm": r["request_bytes_per_token"] / max(vlm["request_bytes_per_token"], 1e-9),
-                    "tok_s_vs_vlm": r["tok_s"] / vlm["tok_s"],
-                    "replies_as_ours": f"{same}/{len(prompts)}",
+                    "tok_s_vs_vlm": statistics.median(a / b for a, b in zip(r["round_tok_s"], vlm["round_tok_s"])),
+                    "tok_s_vs_vlm_min": min(a / b for a, b in zip(r["round_tok_s"], vlm["round_tok_s"])),
+                    "tok_s_vs_vlm_max": max(a / b for a, b in zip(r["round_tok_s"], vlm["round_tok_s"])),
+                    "replies_as_ours": f"{same}/{len(r['replies'])}",
                     "peak_resident_bytes": r["stats"].get("peak_resident_bytes"),
                     "resident_tok_s": resident["vlm" if runtime == "mlx-vlm" else "ours"]["tok_s"],
                 }
                 rows.append(row)
+                hit_rate = "—" if row["hit_rate"] is None else f"{row['hit_rate']:.3f}"
                 print(
                     f"{budget:>6}% {runtime:>20} {row['decode_bytes_per_token']:>13,.0f} "
-                    f"{row['request_bytes_per_token']:>13,.0f} {row['tok_s']:>13.1f} {row['hit_rate'] or 0:>13.3f} "
-                    f"{row['bytes_vs_vlm']:>13.2f} {row['tok_s_vs_vlm']:>13.2f} {row['replies_as_ours']:>13}",
+                    f"{row['request_bytes_per_token']:>13,.0f} {row['tok_s']:>13.1f} {hit_rate:>13} "
+                    f"{row['bytes_vs_vlm']:>13.2f} {row['tok_s_vs_vlm']:>13.2f} "
+                    f"{row['tok_s_vs_vlm_min']:>6.2f}–{row['tok_s_vs_vlm_max']:<6.2f} {row['replies_as_ours']:>13}",
                     flush=True,
                 )
+            if budget >= 100:
+                continue  # room for every expert: nothing for any policy to read after the first prompt
+            slots = budget * total // 100 // expert_bytes
+            trace = [(layer, np.array(idx).reshape(-1, idx.shape[-1]), decode) for layer, idx, decode in trace]
+            lru = lru_reads(trace, slots, config["num_experts"])
+            ours = measured["ours, no prefetch"]
+            bound = {
+                "model": name,
+                "budget_pct": budget,
+                "runtime": "bounds (ours' routing)",
+                "slots": slots,
+                "lru_reads": lru,
+                "belady_vs_lru": belady_reads(trace, slots) / max(lru, 1),
+                "static_oracle_vs_lru": static_reads(trace, slots) / max(lru, 1),
+                "ours_vs_lru": ours["bytes_per_token"] * ours["tokens"] / expert_bytes / max(lru, 1),
+            }
+            rows.append(bound)
+            print(
+                f"{'':>7} {'any cache, same routing':>20}: {slots} slots; experts read in decode ×LRU's ({lru}): "
+                f"Belady {bound['belady_vs_lru']:.2f}, static oracle {bound['static_oracle_vs_lru']:.2f}, "
+                f"ours (no prefetch, measured) {bound['ours_vs_lru']:.2f}",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

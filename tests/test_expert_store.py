@@ -19,10 +19,12 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from PIL import Image
 
 from mlx_qwen35.errors import Qwen35Error
+from mlx_qwen35.model import expert_cache
 from mlx_qwen35.model.cache import make_cache
 from mlx_qwen35.model.expert_cache import ExpertCache, empty_experts
 from mlx_qwen35.model.inputs import ModelInputs
 from mlx_qwen35.runtime.generation import generate_tokens
+from mlx_qwen35.runtime.settings import PREFILL_STEP_SIZE
 from mlx_qwen35.weights.expert_repack import repack
 from mlx_qwen35.weights.expert_store import (
     ALIGNMENT,
@@ -113,7 +115,10 @@ def budget_watch(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("store", ["converted", "repacked"])
-def test_greedy_text_at_25_percent_is_token_identical_to_resident(dirs, tiny_moe_checkpoint, store, budget_watch):
+def test_greedy_text_at_25_percent_is_token_identical_to_resident(
+    dirs, tiny_moe_checkpoint, store, budget_watch, monkeypatch
+):
+    monkeypatch.setattr(expert_cache, "PREFETCH_MIN_PRECISION", 0.0)  # every guess prefetched: the path runs
     prompt = ModelInputs(tiny_moe_checkpoint.prompt_ids(PROMPT_TOKENS))
     reference, _ = load(str(dirs["resident"]))
     streamed, _ = load(str(dirs[store]), expert_memory="25%")
@@ -314,7 +319,7 @@ def test_calibration_saves_each_experts_share_of_the_tokens_routed_to_it(
     store_dir = tmp_path / "calibrated"
     shutil.copytree(dirs["converted"], store_dir)
     reference, processor = load(str(dirs["resident"]))
-    text = processor.decode(tiny_moe_checkpoint.prompt_ids(64))
+    text = processor.decode(tiny_moe_checkpoint.prompt_ids(PREFILL_STEP_SIZE + 32))  # two prefill chunks
     tokens = processor.encode(text)
     routed: dict[int, np.ndarray] = {}
     original = SparseMoE.route
@@ -427,3 +432,78 @@ def test_the_experts_of_the_layer_about_to_run_are_kept_where_lru_evicts_them(tm
     for layer, expert in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0)]:
         cache.routed(layer, x, mx.array([[[expert]]]), mx.ones((1, 1, 1)), shells[layer])
     assert cache.stats.hits == 1 and (0, 0) in cache.resident and (1, 0) not in cache.resident
+
+
+def _call(cache: ExpertCache, shells: dict, layer: int, experts: list[int], x: mx.array | None = None) -> None:
+    """One MoE call of ``layer`` routing its tokens to ``experts`` (one token: decode; more: a prefill chunk)."""
+    x = mx.zeros((1, len(experts), H)) if x is None else x
+    idx = mx.array(experts).reshape(1, len(experts), 1)
+    cache.routed(layer, x, idx, mx.ones((1, len(experts), 1)), shells[layer])
+
+
+def test_a_prompts_routing_does_not_displace_what_decode_reuses(one_layer_store):
+    """Decode alternates 0 and 1 around a 16-token prompt routed to 2 and 3: counting the prompt's tokens made 2 and 3
+    outscore 0 and 1, so every decode call after it missed; the scores count decode only, and 0 and 1 hit again."""
+    store, _ = one_layer_store
+    cache = ExpertCache(store, 2 * store.expert_bytes(0), top_k=1, prefetch=False)
+    shells = {0: _shell()}
+    for e in [0, 1, 0, 1]:
+        _call(cache, shells, 0, [e])
+    _call(cache, shells, 0, [2] * 8 + [3] * 8)
+    hits = cache.stats.hits
+    for e in [0, 1, 0, 1]:
+        _call(cache, shells, 0, [e])
+    assert cache.stats.hits - hits == 2
+
+
+def _two_layer_cache(tmp_path: Path, budget_experts: int, prefetch: bool = True) -> ExpertCache:
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"{p}.weight": mx.array(rng.standard_normal(shape).astype(np.float32))
+        for p, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I)))
+    }
+    if not (tmp_path / STORE_DIR).exists():
+        write_store(tmp_path, {0: tensors, 1: tensors})
+    store = ExpertStore(tmp_path)
+    return ExpertCache(store, budget_experts * store.expert_bytes(0), top_k=1, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_prefetch_runs_only_where_its_guesses_have_been_right(tmp_path, right):
+    """Layer 1 cycles through its experts; the next-layer guess is always right or always wrong (and confident).
+    Wrong guesses are never read (prefetch-on reads what prefetch-off reads); right ones are, once they prove right."""
+    steps, shells = 60, {0: _shell(), 1: _shell()}
+    read = {}
+    for prefetch in (True, False):
+        cache = _two_layer_cache(tmp_path, 3, prefetch)
+        cache.next_router[0] = lambda x: mx.softmax(20 * x[..., :E], axis=-1)  # the expert x's first E dims point at
+        for t in range(steps):
+            upcoming = t % E
+            x = mx.zeros((1, 1, H)).at[..., upcoming if right else (upcoming + 1) % E].add(1.0)
+            _call(cache, shells, 0, [0], x)
+            _call(cache, shells, 1, [upcoming], x)
+        read[prefetch] = cache.stats
+    on, off = read[True], read[False]
+    if right:
+        assert on.prefetched == on.prefetch_used > steps // 2  # on once 18 right guesses gave 0.9 precision
+    else:
+        assert on.prefetched == 0 and on.bytes_read == off.bytes_read
+
+
+def test_a_budget_that_holds_every_expert_reads_nothing_and_syncs_no_layer_after_warm_up(dirs, tiny_moe_checkpoint):
+    """At 100% each layer, once all its experts are in, runs from one stack without reading its routing back; once
+    every layer's are, the layers hold them and run as the resident model (compiled decode): token-identical,
+    no bytes read and no host sync in a second request."""
+    prompt = ModelInputs(tiny_moe_checkpoint.prompt_ids(PROMPT_TOKENS))
+    reference, _ = load(str(dirs["resident"]))
+    streamed, _ = load(str(dirs["converted"]), expert_memory="100%")
+    cache = streamed.expert_cache
+    expected = _greedy(reference, prompt)
+    assert _greedy(streamed, prompt) == expected  # warm-up: the prompt's prefill routes to every expert
+    before = cache.as_dict()
+    assert _greedy(streamed, prompt) == expected
+    after = cache.as_dict()
+    assert after["bytes_read"] == before["bytes_read"] and after["misses"] == before["misses"]
+    assert after["sync_seconds"] == before["sync_seconds"]  # not one layer waited for its routing
+    assert cache.handed_over and not any(layer.mlp.streams_experts for layer in streamed.language_model.layers)
+    assert cache.resident_bytes == cache.store.total_bytes == _measured_resident_bytes(cache)

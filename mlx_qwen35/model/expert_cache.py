@@ -5,13 +5,15 @@ back to the host (the one sync per layer streaming needs), hits come from memory
 store's thread pool (``pread``), and the layer runs the same SwitchGLU gather matmuls over a stack of just the
 experts it uses, with the token–expert pairs renumbered into that stack: the same numbers as fully resident.
 
-Eviction keeps what is used often *and* lately: each expert's score is its routing count, decayed by
+Eviction keeps what is used often *and* lately: each expert's score is its decode routing count, decayed by
 ``DECAY`` per step (so old use fades) and seeded from a calibration run's shares (``priors``); the victim is
-the resident expert of lowest score that the current step does not use. The budget covers every expert in
-memory, the step's own and the prefetched ones included; a prefill chunk whose experts do not fit runs them
-in groups that do, each evaluated before the next is read. Prefetch applies the next layer's router to this
-layer's input (the residual stream changes little from one layer to the next) and reads its likely experts
-while this layer computes, when they score above what they would displace.
+the resident expert of lowest score ÷ MoE calls until its layer runs again that the current step does not use.
+The budget covers every expert in memory, the step's own and the prefetched ones included; a prefill chunk
+whose experts do not fit runs them in groups that do, each evaluated before the next is read. Prefetch applies
+the next layer's router to this layer's input (the residual stream changes little from one layer to the next)
+and reads its likely experts while this layer computes, where guesses as confident have lately been right.
+A budget that holds every expert reads each layer whole at its first call and runs it from one stack (a slab),
+without reading its routing back; once every layer has one, the layers hold them and run as fully resident.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ import numpy as np
 from ..errors import Qwen35Error
 from ..kernels.expert_dispatch import routed_experts
 
-DECAY = 0.99  # per step: an expert's count halves in ~70 steps without use
-PRIOR_WEIGHT = 32.0  # a calibration share of 1.0 counts as this many uses
+DECAY = 0.999  # per step: an expert's count halves in ~700 steps without use (routing frequencies drift slowly)
+PRIOR_WEIGHT = 256.0  # a calibration share of 1.0 counts as this many uses
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# Prefetch a guessed expert only if the next router gives it this many times a uniform share: on the trained
-# demo model the guesses above 1.5/E were right 80% of the time, those below about half (a wrong one is wasted bytes).
-PREFETCH_MIN_SHARE = 1.5
+# Prefetch guesses are judged by their confidence: the next router's probability, in multiples of a uniform share,
+# falls in one of these buckets, and each layer's guesses of a bucket are prefetched only while that bucket's recent
+# precision is at least PREFETCH_MIN_PRECISION (a wrong prefetch is bytes read for nothing). On the trained demo
+# model the guesses below 3/E were right about half the time, those above 3/E 90-100%; on a random model less.
+PREFETCH_SHARE_EDGES = np.array([1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
+PREFETCH_MIN_PRECISION = 0.9
+PREFETCH_EVIDENCE = 2.0  # pessimism: precision = right / (guesses + this), so a bucket starts off
+PRECISION_DECAY = 0.99  # per step: "recent" precision remembers ~100 steps
 
 
 @dataclass
@@ -104,6 +111,19 @@ class ExpertCache:
                 if layer in self._row:
                     self.score[self._row[layer], : len(shares)] = PRIOR_WEIGHT * np.asarray(shares)
         self.counts = np.zeros(shape, dtype=np.int64)  # tokens routed to each expert: what a calibration saves
+        # Prefetch's recent record per layer and confidence bucket (every guess is judged, prefetched or not).
+        self.guess_right = np.zeros((len(self.layers), PREFETCH_SHARE_EDGES.size + 1))
+        self.guess_total = np.zeros_like(self.guess_right)
+        self._guesses: dict[int, list[tuple[int, int]]] = {}  # row → the (expert, bucket) guessed for its next call
+        # A budget that holds every expert never evicts: each layer is read whole at its first call and its experts
+        # kept in one stack (a slab), run without reading the routing back; it is counted a step later (``_unsynced``).
+        self.holds_everything = self.budget_bytes >= store.total_bytes
+        self.slabs: dict[int, dict[str, mx.array]] = {}  # row → {``gate_proj.weight`` …: [E, ...]}
+        self._unsynced: list[tuple[int, mx.array, bool]] = []  # (row, indices, decode) not yet counted
+        # layer → its SparseMoE (set by ``attach_expert_store``): once every layer has a slab, the slabs are handed
+        # to the layers, which then run as the fully resident model does (compiled decode) and stop calling the cache.
+        self.moes: dict[int, nn.Module] = {}
+        self.handed_over = False
         self.resident: dict[tuple[int, int], dict[str, mx.array]] = {}
         self.pending: dict[tuple[int, int], object] = {}  # prefetch futures, their bytes already reserved
         self.in_memory = np.zeros(shape, dtype=bool)  # resident or pending
@@ -151,7 +171,7 @@ class ExpertCache:
         start = time.perf_counter()
         prefetched = {e for (lay, e) in self.pending if lay == layer}
         self._settle(layer)
-        got, futures = {}, {}
+        got, missing = {}, []
         for e in experts:
             key = (layer, e)
             if key in self.resident:
@@ -167,19 +187,27 @@ class ExpertCache:
                 self._settle(None)  # reads in flight for the next layer: resident now, so evictable
                 if not self._admit(layer, e, pinned):
                     raise AssertionError("the budget check keeps one layer's experts admissible")
-            futures[e] = self.store.submit(layer, e)
-        for e, future in futures.items():
-            got[e] = self.resident[(layer, e)] = self.store.tensors(layer, future.result())
+            missing.append(e)
+        # All but one on the pool, that one on this thread: it would only wait, and a thread hop costs (measured)
+        blobs = {e: self.store.submit(layer, e) for e in missing[:-1]}
+        if missing:
+            blobs[missing[-1]] = self.store.read(layer, missing[-1])
+        for e, blob in blobs.items():
+            blob = blob if isinstance(blob, bytes) else blob.result()
+            got[e] = self.resident[(layer, e)] = self.store.tensors(layer, blob)
         self.stats.read_wait_seconds += time.perf_counter() - start
         self.stats.bytes_read = self.store.counters.bytes
         return got
 
     def _prefetch(self, layer: int, probs: np.ndarray, pinned: np.ndarray) -> None:
-        """Read ``layer``'s likely experts ahead: its router's top-k on this input, those it gives a clear share."""
+        """Read ``layer``'s likely experts ahead: its router's top-k on this input, where guesses like them are right."""
         row = self._row[layer]
-        top = np.argsort(-probs)[: self.top_k]
-        for e in (int(e) for e in top if probs[e] >= PREFETCH_MIN_SHARE / probs.size):
-            if self.in_memory[row, e]:
+        top = [int(e) for e in np.argsort(-probs)[: self.top_k]]
+        buckets = np.searchsorted(PREFETCH_SHARE_EDGES, probs[top] * probs.size, side="right")
+        self._guesses[row] = list(zip(top, buckets.tolist()))
+        precision = self.guess_right[row] / (self.guess_total[row] + PREFETCH_EVIDENCE)
+        for e, bucket in self._guesses[row]:
+            if precision[bucket] < PREFETCH_MIN_PRECISION or self.in_memory[row, e]:
                 continue
             if not self._admit(layer, e, pinned, score=self.score[row, e] + 1):
                 continue
@@ -196,8 +224,19 @@ class ExpertCache:
     def routed(self, layer: int, x: mx.array, indices: mx.array, weights: mx.array, experts: nn.Module) -> mx.array:
         """Σ_j weights[..., j] · expert_{indices[..., j]}(x) with the experts streamed; ``experts`` is the layer's SwitchGLU shell."""
         row = self._row[layer]
-        guess = None
         one_token = x.size == x.shape[-1]  # decode: prefetch pays; a prefill chunk reads what it routes to anyway
+        if layer == self.layers[0]:
+            self._count_unsynced()
+            self.score *= self.decay
+            self.guess_right *= PRECISION_DECAY
+            self.guess_total *= PRECISION_DECAY
+            self.stats.steps += 1
+        if row in self.slabs:
+            self._unsynced.append((row, indices, one_token))
+            out = routed_experts(x, indices, weights, _holding(experts, self.slabs[row]))
+            empty_experts(experts)
+            return out
+        guess = None
         following = self.next_router.get(layer) if self.prefetch and one_token else None
         if following is not None and self.in_memory[row + 1].all():
             following = None  # nothing of the next layer left to read ahead (a budget that holds it all)
@@ -208,17 +247,17 @@ class ExpertCache:
         else:
             mx.eval(indices)
         self.stats.sync_seconds += time.perf_counter() - start
-        if layer == self.layers[0]:
-            self.score *= self.decay
-            self.stats.steps += 1
         idx = np.array(indices)  # [..., k]
         used = np.unique(idx)
-        routed_tokens = np.bincount(idx.reshape(-1), minlength=self.score.shape[1])
-        self.score[row] += routed_tokens
-        self.counts[row] += routed_tokens
+        self._count(row, idx, one_token)
         pinned = np.zeros_like(self.in_memory)
         fit = int(self.budget_bytes // self.expert_bytes[row])
-        if len(used) <= fit:
+        if self.holds_everything:  # room for all: read the layer's other experts now, and run it from its slab
+            pinned[row] = True
+            self._fetch(layer, list(range(self.score.shape[1])), pinned)
+            self._make_slab(layer)
+            out = routed_experts(x, indices, weights, _holding(experts, self.slabs[row]))
+        elif len(used) <= fit:
             pinned[row, used] = True
             got = self._fetch(layer, [int(e) for e in used], pinned)
             if guess is not None:
@@ -228,7 +267,48 @@ class ExpertCache:
         else:
             out = self._routed_in_groups(layer, x, idx, used, weights, experts, fit)
         empty_experts(experts)  # the graph holds the stacks until it runs; the shell must not keep them after
+        if self.moes and len(self.slabs) == len(self.layers):
+            self._hand_over()
         return out
+
+    def _hand_over(self) -> None:
+        """Every expert resident, in slabs: the MoE layers hold them from now on and run as fully resident."""
+        self._count_unsynced()
+        for layer, moe in self.moes.items():
+            _holding(moe.experts, self.slabs[self._row[layer]])
+            moe.expert_cache = None
+        self.handed_over = True
+
+    def _count(self, row: int, idx: np.ndarray, decode: bool) -> None:
+        """Add a call's routing to the counts, to the scores (decode only), and judge the guesses made for it."""
+        routed_tokens = np.bincount(idx.reshape(-1), minlength=self.score.shape[1])
+        self.counts[row] += routed_tokens
+        if not decode:
+            return  # a prompt routes unlike a reply: counting its tokens evicts what decode reuses (measured)
+        self.score[row] += routed_tokens
+        used = set(np.unique(idx).tolist())
+        for e, bucket in self._guesses.pop(row, []):
+            self.guess_total[row, bucket] += 1
+            self.guess_right[row, bucket] += e in used
+
+    def _count_unsynced(self) -> None:
+        """Count the slabs' calls of the last step: their routing is on the host by now (the step was evaluated)."""
+        for row, indices, decode in self._unsynced:
+            idx = np.array(indices)
+            self.stats.hits += len(np.unique(idx))
+            self._count(row, idx, decode)
+        self._unsynced.clear()
+
+    def _make_slab(self, layer: int) -> None:
+        """Stack an all-resident layer's experts once; the resident entries become views of the stack (same bytes)."""
+        row = self._row[layer]
+        names = list(self.resident[(layer, 0)])
+        experts = range(self.score.shape[1])
+        slab = {t: mx.stack([self.resident[(layer, e)][t] for e in experts]) for t in names}
+        mx.eval(slab)
+        for e in experts:
+            self.resident[(layer, e)] = {t: slab[t][e] for t in names}
+        self.slabs[row] = slab
 
     def _routed_in_groups(
         self, layer: int, x: mx.array, idx: np.ndarray, used: np.ndarray, weights: mx.array, experts, fit: int
@@ -251,9 +331,20 @@ class ExpertCache:
             mx.eval(y)  # the group's weights may be evicted by the next one
         return (y.reshape(*x.shape[:-1], k, H) * weights[..., None]).sum(axis=-2)
 
+    def keep_counting(self) -> None:
+        """Keep every layer calling the cache even once all experts are in (no hand-over): a calibration counts all."""
+        self.moes.clear()
+
+    def routing_counts(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert of each layer so far, prompts included: what a calibration saves."""
+        self._count_unsynced()
+        return {layer: self.counts[self._row[layer]].tolist() for layer in self.layers}
+
     def as_dict(self) -> dict:
         """The counters and rates so far (``ExpertStats.as_dict``)."""
+        self._count_unsynced()
         return self.stats.as_dict(self.budget_bytes, self.resident_bytes) | {
+            "handed_over": self.handed_over,  # every expert resident, the layers run as resident: counting stopped
             "read_seconds": self.store.counters.seconds,  # inside pread, summed over the pool's threads
         }
 
@@ -278,10 +369,15 @@ class ExpertCache:
 
 
 def _stacked(experts: nn.Module, chosen: list[dict[str, mx.array]]) -> nn.Module:
-    """The layer's SwitchGLU shell holding just ``chosen``'s tensors, stacked [len(chosen), ...] in its own dtypes."""
+    """The layer's SwitchGLU shell holding just ``chosen``'s tensors, stacked [len(chosen), ...]."""
+    return _holding(experts, {t: mx.stack([c[t] for c in chosen]) for t in chosen[0]})
+
+
+def _holding(experts: nn.Module, stacks: dict[str, mx.array]) -> nn.Module:
+    """The layer's SwitchGLU shell holding ``stacks`` ({``gate_proj.weight`` …: [n, ...]}) in its compute dtypes."""
     for (projection, name), empty in experts._stream_empty.items():
-        tensor = f"{projection}.{name}"
-        getattr(experts, projection)[name] = mx.stack([c[tensor] for c in chosen]).astype(empty.dtype)
+        a = stacks[f"{projection}.{name}"]
+        getattr(experts, projection)[name] = a if a.dtype == empty.dtype else a.astype(empty.dtype)
     return experts
 
 

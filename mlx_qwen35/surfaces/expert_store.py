@@ -26,9 +26,10 @@ def calibrate(model_dir: Path, text: str, max_tokens: int = CALIBRATION_TOKENS) 
     tokens = processor.encode(text)[:max_tokens]
     if not tokens:
         raise Qwen35Error("--calibration: the file has no text; give prompts like the ones you will send")
-    prefill(model, mx.array(tokens), make_cache(model))
     cache = model.expert_cache
-    write_priors(model_dir, {layer: cache.counts[cache._row[layer]].tolist() for layer in cache.layers})
+    cache.keep_counting()
+    prefill(model, mx.array(tokens), make_cache(model))
+    write_priors(model_dir, cache.routing_counts())
     cache.store.close()
     return len(tokens)
 

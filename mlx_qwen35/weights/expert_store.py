@@ -333,6 +333,7 @@ def attach_expert_store(model, store: ExpertStore, budget_bytes: int, *, compute
             dtypes[name] = mx.float32 if compute_fp32 and mx.issubdtype(stored, mx.floating) else stored
         empty_experts(moe.experts, dtypes)
         moe.expert_cache, moe.layer_index = cache, i
+        cache.moes[i] = moe
         if i + 1 in store.layers:
             following = layers[i + 1].mlp
             cache.next_router[i] = lambda x, moe=following: mx.softmax(moe.gate(x).astype(mx.float32), axis=-1)
