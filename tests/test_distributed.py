@@ -229,9 +229,10 @@ def _replies(out: str) -> list[tuple[str, int, int, int]]:
 
 
 def test_chat_on_two_ranks_gives_the_one_process_replies_and_stops_a_reply_on_every_rank(model_dir, tmp_path):
-    """``mlx-qwen35 chat --parallel pipeline`` in mlx.launch's environment, rank 0 reading piped lines: two turns (the
+    """``mlx-qwen35 chat --parallel expert`` in mlx.launch's environment, rank 0 reading piped lines: two turns (the
     second from the prompt cache) as one process gives them, /save refused, a long reply stopped by Ctrl-C on
-    every rank, and the next reply still right; only rank 0 prints or reads, and /exit ends both ranks."""
+    every rank, and the next reply still right; only rank 0 prints or reads, and /exit ends both ranks. Expert mode:
+    the other tests cover text prompts in pipeline mode and image prompts in every mode."""
     from typer.testing import CliRunner
 
     from mlx_qwen35.surfaces.cli import app
@@ -243,7 +244,7 @@ def test_chat_on_two_ranks_gives_the_one_process_replies_and_stops_a_reply_on_ev
     assert len(single) == 2 and single[1][3] > 0  # the second turn reuses the first's cache
 
     env = _ring_env(tmp_path, 2)
-    argv = [sys.executable, "-m", "mlx_qwen35", *command, "--parallel", "pipeline"]
+    argv = [sys.executable, "-m", "mlx_qwen35", *command, "--parallel", "expert"]
     procs = [
         subprocess.Popen(
             argv, env=env | {"MLX_RANK": str(rank)}, stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
