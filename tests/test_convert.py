@@ -196,7 +196,8 @@ def test_output_dir_has_config_index_and_side_files(tiny_moe_fp8_checkpoint, tmp
     tensors = converted(tiny_moe_fp8_checkpoint.path, out, "4bit")
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config  # we dequantised the FP8 source
-    assert config["mlx_qwen35"] == {"format_version": 1, "recipe": "4bit", "source": str(tiny_moe_fp8_checkpoint.path)}
+    source = str(tiny_moe_fp8_checkpoint.path)
+    assert config["mlx_qwen35"] == {"format_version": 1, "recipe": "4bit", "source": source, "dtype": "float32"}
     assert config["text_config"]["layer_types"] == tiny_moe_fp8_checkpoint.config["text_config"]["layer_types"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
