@@ -34,8 +34,9 @@ from ..kernels.expert_dispatch import routed_experts
 DECAY = 0.999  # per step: an expert's count halves in ~700 steps without use (routing frequencies drift slowly)
 PRIOR_WEIGHT = 256.0  # a calibration share of 1.0 counts as this many uses
 # A decode miss is kept only if ADMISSION_MARGIN × its score ÷ calls until its layer runs again exceeds the victim's:
-# replaying the demo model's decode routing at 10/25/50%, 1.25 read 0.70/0.78/0.71 of LRU's experts where always
-# admitting read 0.75/0.80/0.72 (random model 0.87/0.92/0.83 vs 0.90/0.93/0.84); 1.0 lost at 25-50% on random.
+# replaying the benchmark's decode routing at 10/25/50%, 1.25 read 0.701/0.781/0.708 of LRU's experts where always
+# admitting read 0.750/0.804/0.722 (random model: 0.871/0.915/0.827 vs 0.897/0.928/0.835), and no more on 12 other
+# prompts; 1.0 read more than always admitting on the random model at 25% (and at 50% on the other prompts).
 ADMISSION_MARGIN = 1.25
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Prefetch guesses are judged by their confidence: the next router's probability, in multiples of a uniform share,
