@@ -297,6 +297,18 @@ def test_a_frequently_used_expert_outlives_a_recent_one_where_lru_would_drop_it(
     assert set(cache.resident) == {(0, 0), (0, 2)}
 
 
+def test_a_decode_miss_scoring_well_below_the_victim_is_computed_and_dropped(one_layer_store):
+    """Two experts' room, 0 and 1 used thrice each, then 2 once: admitting 2 evicted 0 (scores ≈3 vs 1) and the next
+    0 missed; 2 is computed from its read copy and dropped, so 0 and 1 stay and hit; the same numbers throughout."""
+    store, tensors = one_layer_store
+    cache = ExpertCache(store, 2 * store.expert_bytes(0), top_k=1, prefetch=False)
+    _run(cache, _shell(), [0, 0, 0, 1, 1, 1, 2], tensors)
+    assert set(cache.resident) == {(0, 0), (0, 1)} and cache.stats.not_admitted == 1
+    assert cache.resident_bytes == cache.stats.peak_resident_bytes == 2 * store.expert_bytes(0)
+    _run(cache, _shell(), [0, 1], tensors)
+    assert (cache.stats.hits, cache.stats.misses) == (6, 3)
+
+
 def test_calibration_priors_keep_a_hot_expert_through_its_first_gap(one_layer_store):
     """One expert's room beyond the top-1: without priors 0 (older) goes for 2; with 0 hot in the priors, 1 goes."""
     store, tensors = one_layer_store
