@@ -163,8 +163,7 @@ def held_tensor_bytes(stored: dict[str, int], share: RankShare, text: TextConfig
         if _DROPPED.search(name):
             continue
         if share.mode == "pipeline":
-            match = _LAYER.match(name)
-            if share.holds_ends if match is None else int(match.group(1)) in share.layers:
+            if _pipeline_name(name, share) is not None:
                 held[name] = size
         else:
             cut = _cut(name, share, text)
@@ -205,14 +204,8 @@ def rank_weights(weights: dict[str, mx.array], share: RankShare, text: TextConfi
         if _DROPPED.search(name):
             continue
         if share.mode == "pipeline":
-            match = _LAYER.match(name)
-            if match is None:
-                if share.holds_ends:
-                    held[name] = array
-                continue
-            index = int(match.group(1))
-            if index in share.layers:
-                held[f"language_model.layers.{index - share.layers.start}.{match.group(2)}"] = array
+            if (local := _pipeline_name(name, share)) is not None:
+                held[local] = array
         else:
             cut = _cut(name, share, text)
             held[name] = array if cut is None else _slice(array, cut)
@@ -225,12 +218,20 @@ def rank_quantization(quantization: dict | None, share: RankShare) -> dict | Non
         return quantization
     local = {}
     for path, spec in quantization.items():
-        match = _LAYER.match(path)
-        if match is None:
-            local[path] = spec
-        elif int(match.group(1)) in share.layers:
-            local[f"language_model.layers.{int(match.group(1)) - share.layers.start}.{match.group(2)}"] = spec
+        if _LAYER.match(path) is None:
+            local[path] = spec  # kept whether or not the rank holds the module: a map entry alone quantises nothing
+        elif (name := _pipeline_name(path, share)) is not None:
+            local[name] = spec
     return local
+
+
+def _pipeline_name(name: str, share: RankShare) -> str | None:
+    """A pipeline rank's local name for the checkpoint's ``name`` (its layers renumbered from 0), None if not held."""
+    match = _LAYER.match(name)
+    if match is None:
+        return name if share.holds_ends else None
+    index = int(match.group(1))
+    return f"language_model.layers.{index - share.layers.start}.{match.group(2)}" if index in share.layers else None
 
 
 def _slice(array: mx.array, cut: _Cut) -> mx.array:
