@@ -146,15 +146,16 @@ class ExpertCache:
     def _admit(self, layer: int, expert: int, pinned: np.ndarray, score: float | None = None) -> bool:
         """Make room for one expert by evicting the lowest-scoring unpinned ones; False if nothing may go."""
         need = int(self.expert_bytes[self._row[layer]])
+        steps = self._steps_to_next_use(layer)
         while self.resident_bytes + need > self.budget_bytes:
             candidates = self.in_memory & ~pinned
             for key in self.pending:  # a read in flight cannot be dropped mid-way
                 candidates[self._row[key[0]], key[1]] = False
             if not candidates.any():
                 return False
-            keyed = np.where(candidates, self.score / self._steps_to_next_use(layer)[:, None], np.inf)
+            keyed = np.where(candidates, self.score / steps[:, None], np.inf)
             row, victim = np.unravel_index(np.argmin(keyed), keyed.shape)
-            if score is not None and keyed[row, victim] >= score / self._steps_to_next_use(layer)[self._row[layer]]:
+            if score is not None and keyed[row, victim] >= score / steps[self._row[layer]]:
                 return False
             self._evict(self.layers[row], int(victim))
         self.resident_bytes += need
@@ -196,10 +197,10 @@ class ExpertCache:
                 continue
             self.stats.misses += 1
             missing.append(e)
-            if decode and not self._admit(layer, e, pinned, score=ADMISSION_MARGIN * self.score[row, e]):
-                self.stats.not_admitted += 1
-                continue
-            if not decode and not self._admit(layer, e, pinned):
+            if decode:
+                if not self._admit(layer, e, pinned, score=ADMISSION_MARGIN * self.score[row, e]):
+                    self.stats.not_admitted += 1
+            elif not self._admit(layer, e, pinned):
                 self._settle(None)  # reads in flight for the next layer: resident now, so evictable
                 if not self._admit(layer, e, pinned):
                     raise AssertionError("the budget check keeps one layer's experts admissible")
